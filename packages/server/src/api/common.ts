@@ -1,0 +1,187 @@
+/**
+ * Types and constants shared by every version of the plugin and filter interfaces.
+ * This folder imports nothing from the server, so plugin authors can depend on it alone.
+ */
+
+export type MaybePromise<T> = T | Promise<T>;
+
+/** Flags passed to data callbacks (API version 2). The values match nbdkit's. */
+export const FLAG_MAY_TRIM = 1 << 0;
+export const FLAG_FUA = 1 << 1;
+export const FLAG_REQ_ONE = 1 << 2;
+export const FLAG_FAST_ZERO = 1 << 3;
+
+/** Extent type bits, the same as the `base:allocation` metadata context. 0 = allocated data. */
+export const EXTENT_HOLE = 1;
+export const EXTENT_ZERO = 2;
+
+export interface Extent {
+  offset: number;
+  length: number;
+  /** Bitmask of EXTENT_HOLE and EXTENT_ZERO; 0 means allocated data. */
+  type: number;
+}
+
+/** What `extents` may hand back: an array, any iterable, or an async iterable (a generator). */
+export type ExtentSource = Iterable<Extent> | AsyncIterable<Extent>;
+
+/**
+ * A part of a read buffer that reads as zeroes, relative to the start of the buffer.
+ * `pread` may return a list of these instead of filling those bytes: the core then answers
+ * that part of the read with a hole chunk (or zero-fills it itself when the client cannot take
+ * holes). Returning nothing means "the buffer is filled", so ordinary reads cost nothing extra.
+ */
+export interface ZeroSpan {
+  start: number;
+  length: number;
+}
+export type ReadResult = void | undefined | readonly ZeroSpan[];
+
+/** Thread models, from the strictest to the most permissive. */
+export type ThreadModel =
+  | 'serialize_connections'
+  | 'serialize_all_requests'
+  | 'serialize_requests'
+  | 'parallel';
+
+export const THREAD_MODELS: readonly ThreadModel[] = [
+  'serialize_connections',
+  'serialize_all_requests',
+  'serialize_requests',
+  'parallel',
+];
+
+/** How FUA is handled: not at all, by a flush after the write, or by the layer itself. */
+export type FuaMode = 'none' | 'emulate' | 'native';
+/** How CACHE is handled: not at all, by reading and discarding, or by the layer itself. */
+export type CacheMode = 'none' | 'emulate' | 'native';
+
+export interface BlockSize {
+  minimum: number;
+  preferred: number;
+  maximum: number;
+}
+
+export interface ExportEntry {
+  name: string;
+  description?: string;
+}
+
+export const Errno = {
+  EPERM: 1,
+  EIO: 5,
+  ENOMEM: 12,
+  EINVAL: 22,
+  ENOSPC: 28,
+  EOVERFLOW: 75,
+  ENOTSUP: 95,
+  ESHUTDOWN: 108,
+} as const;
+
+/** Throw this (or any Error with a Node `code`) from a callback to choose the NBD error. */
+export class NbdError extends Error {
+  readonly errno: number;
+  constructor(errno: number, message?: string) {
+    super(message ?? errnoName(errno));
+    this.name = 'NbdError';
+    this.errno = errno;
+  }
+}
+
+const ERRNO_NAMES: Record<number, string> = {
+  1: 'EPERM',
+  5: 'EIO',
+  12: 'ENOMEM',
+  22: 'EINVAL',
+  28: 'ENOSPC',
+  75: 'EOVERFLOW',
+  95: 'ENOTSUP',
+  108: 'ESHUTDOWN',
+};
+
+export function errnoName(errno: number): string {
+  return ERRNO_NAMES[errno] ?? `errno ${errno}`;
+}
+
+const CODE_TO_ERRNO: Record<string, number> = {
+  EPERM: 1,
+  EROFS: 1,
+  EACCES: 1,
+  EIO: 5,
+  ENOMEM: 12,
+  EINVAL: 22,
+  ENOSPC: 28,
+  EDQUOT: 28,
+  EFBIG: 28,
+  EOVERFLOW: 75,
+  ENOTSUP: 95,
+  EOPNOTSUPP: 95,
+  ESHUTDOWN: 108,
+};
+
+/** The NBD error number for anything a callback threw: NbdError, a Node system error, or EIO. */
+export function toErrno(err: unknown): number {
+  if (err instanceof NbdError) return err.errno;
+  const code = (err as { code?: unknown } | null)?.code;
+  if (typeof code === 'string' && code in CODE_TO_ERRNO) return CODE_TO_ERRNO[code]!;
+  return Errno.EIO;
+}
+
+/** True when a callback said "not supported", which makes the core fall back (zero → writes). */
+export function isNotSupported(err: unknown): boolean {
+  return toErrno(err) === Errno.ENOTSUP;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging: the server installs the sink; plugins call debug()/log() without importing the server.
+
+export type LogSink = (level: 'debug' | 'info' | 'error', source: string, message: string) => void;
+let sink: LogSink = (level, source, message) => {
+  if (level !== 'debug') process.stderr.write(`nbdx: ${source}: ${message}\n`);
+};
+
+export function setLogSink(next: LogSink): void {
+  sink = next;
+}
+
+/** Debug output, shown with `-v`. `source` is usually the plugin or filter name. */
+export function debug(source: string, message: string): void {
+  sink('debug', source, message);
+}
+
+export function logError(source: string, message: string): void {
+  sink('error', source, message);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Parsing helpers every plugin needs, so sizes and booleans mean the same everywhere.
+
+const SIZE_SUFFIX: Record<string, number> = {
+  '': 1,
+  b: 1,
+  k: 2 ** 10,
+  m: 2 ** 20,
+  g: 2 ** 30,
+  t: 2 ** 40,
+  p: 2 ** 50,
+  e: 2 ** 60,
+  s: 512,
+};
+
+/** Parse `1G`, `512M`, `4k`, `100` (bytes), `2s` (512-byte sectors); also `1GiB`/`1GB`. */
+export function parseSize(text: string, what = 'size'): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*([bkmgtpes]?)(?:i?b)?\s*$/i.exec(text);
+  if (!m) throw new NbdError(Errno.EINVAL, `${what}: could not parse '${text}' as a size`);
+  const value = Number(m[1]) * SIZE_SUFFIX[m[2]!.toLowerCase()]!;
+  if (!Number.isSafeInteger(value)) {
+    throw new NbdError(Errno.EINVAL, `${what}: '${text}' is not a whole number of bytes below 2^53`);
+  }
+  return value;
+}
+
+export function parseBool(text: string, what = 'value'): boolean {
+  const t = text.trim().toLowerCase();
+  if (['1', 'true', 'yes', 'on', 'y'].includes(t)) return true;
+  if (['0', 'false', 'no', 'off', 'n'].includes(t)) return false;
+  throw new NbdError(Errno.EINVAL, `${what}: could not parse '${text}' as a boolean`);
+}

@@ -1,0 +1,77 @@
+import type {
+  BlockSize,
+  CacheMode,
+  Extent,
+  ExportEntry,
+  FuaMode,
+  ReadResult,
+} from '../common.js';
+
+/**
+ * The layer below a filter, as one open context: every capability and data method, already
+ * bound to the context, always returning promises. Capabilities are computed once per context
+ * and cached. Calls made through `Next` get the core's rules (bounds checks, FUA/zero/cache
+ * emulation, extent normalisation) just like client requests do.
+ */
+export interface Next {
+  readonly exportName: string;
+  readonly readonly: boolean;
+  getSize(): Promise<number>;
+  blockSize(): Promise<BlockSize | undefined>;
+  exportDescription(): Promise<string | undefined>;
+  canWrite(): Promise<boolean>;
+  canFlush(): Promise<boolean>;
+  isRotational(): Promise<boolean>;
+  canTrim(): Promise<boolean>;
+  canZero(): Promise<boolean>;
+  canFastZero(): Promise<boolean>;
+  canExtents(): Promise<boolean>;
+  canFua(): Promise<FuaMode>;
+  canMultiConn(): Promise<boolean>;
+  canCache(): Promise<CacheMode>;
+
+  pread(buf: Uint8Array, offset: number, flags?: number): Promise<ReadResult>;
+  pwrite(buf: Uint8Array, offset: number, flags?: number): Promise<void>;
+  flush(flags?: number): Promise<void>;
+  trim(count: number, offset: number, flags?: number): Promise<void>;
+  zero(count: number, offset: number, flags?: number): Promise<void>;
+  /**
+   * Sorted, merged extents starting exactly at `offset`, contiguous, clipped to the request.
+   * They may stop before `offset + count` (the layer below answered for less); never empty.
+   */
+  extents(count: number, offset: number, flags?: number): Promise<Extent[]>;
+  cache(count: number, offset: number, flags?: number): Promise<void>;
+}
+
+/** A context a filter opened itself (see LayerBelow.openContext); close it when done. */
+export interface OwnedContext extends Next {
+  close(): Promise<void>;
+}
+
+export interface OpenContextOptions {
+  readonly?: boolean;
+  exportName?: string;
+  isTls?: boolean;
+}
+
+/**
+ * The layer below a filter outside of any one connection: listing exports, and opening contexts
+ * that live as long as the filter wants (the shared filter opens one for the whole server).
+ */
+export interface LayerBelow {
+  listExports(readonly: boolean, isTls: boolean): Promise<ExportEntry[]>;
+  defaultExport(readonly: boolean, isTls: boolean): Promise<string>;
+  openContext(options?: OpenContextOptions): Promise<OwnedContext>;
+}
+
+/**
+ * Given to a filter's `open`. Call `open()` to open the per-connection context below (with other
+ * arguments if the filter wants: a read-only overlay opens below read-only), or `use(ctx)` to
+ * serve this connection from a context the filter opened itself, in which case the core opens
+ * nothing below for this connection. If the filter does neither, the core opens below with the
+ * connection's own arguments.
+ */
+export interface NextOpener extends LayerBelow {
+  open(readonly?: boolean, exportName?: string): Promise<void>;
+  use(context: Next): void;
+}
