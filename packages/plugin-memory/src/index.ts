@@ -1,1 +1,108 @@
-export {};
+import {
+  EXTENT_HOLE,
+  EXTENT_ZERO,
+  Errno,
+  NbdError,
+  definePlugin,
+  parseSize,
+  type Extent,
+} from '@nbdx/server/api';
+import { SparseArray } from './sparse.js';
+
+type Allocator = 'sparse' | 'malloc';
+
+interface Disk {
+  read(buf: Uint8Array, offset: number): ReturnType<SparseArray['read']>;
+  write(buf: Uint8Array, offset: number): void;
+  zero(count: number, offset: number): void;
+  extents(count: number, offset: number): Iterable<Extent>;
+}
+
+/** allocator=malloc: one flat buffer, allocated (and zeroed) at start-up. */
+class FlatDisk implements Disk {
+  readonly bytes: Buffer;
+  constructor(size: number) {
+    this.bytes = Buffer.alloc(size);
+  }
+  read(buf: Uint8Array, offset: number) {
+    this.bytes.copy(buf, 0, offset, offset + buf.length);
+    return undefined;
+  }
+  write(buf: Uint8Array, offset: number) {
+    this.bytes.set(buf, offset);
+  }
+  zero(count: number, offset: number) {
+    this.bytes.fill(0, offset, offset + count);
+  }
+  extents(count: number, offset: number) {
+    return [{ offset, length: count, type: 0 }];
+  }
+}
+
+/**
+ * A RAM disk shared by every connection. Everything is in-process and synchronous, so requests
+ * never interleave inside one call and the plugin can be fully parallel.
+ */
+export function createMemoryPlugin() {
+  let size: number | undefined;
+  let allocator: Allocator = 'sparse';
+  let disk: Disk;
+
+  return definePlugin({
+    apiVersion: 2,
+    name: 'memory',
+    version: '0.1.0',
+    longname: 'nbdx memory plugin',
+    description: 'A RAM disk: sparse (default) or one flat buffer.',
+    magicConfigKey: 'size',
+    configHelp: [
+      'size=SIZE            (required) size of the disk: 1G, 512M, 1T, or bytes',
+      'allocator=sparse     pages allocated on first write, freed by trim/zero (default)',
+      'allocator=malloc     one buffer of the whole size, allocated at start',
+    ].join('\n'),
+    threadModel: 'parallel',
+
+    config(key, value) {
+      if (key === 'size') size = parseSize(value, 'size');
+      else if (key === 'allocator') {
+        if (value !== 'sparse' && value !== 'malloc') {
+          throw new NbdError(Errno.EINVAL, `allocator: '${value}' is not one of sparse, malloc`);
+        }
+        allocator = value;
+      } else throw new NbdError(Errno.EINVAL, `unknown parameter '${key}'`);
+    },
+    configComplete() {
+      if (size === undefined) throw new NbdError(Errno.EINVAL, 'size is required: nbdx memory SIZE (e.g. 1G)');
+    },
+    getReady() {
+      disk = allocator === 'sparse' ? new SparseArray(size!) : new FlatDisk(size!);
+    },
+    dumpPlugin() {
+      return { memory_allocators: 'sparse,malloc' };
+    },
+
+    open: () => ({}),
+    getSize: () => size!,
+    canWrite: () => true,
+    canFlush: () => true,
+    canTrim: () => true,
+    canZero: () => true,
+    canFastZero: () => true,
+    canExtents: () => true,
+    canFua: () => 'native',
+    canMultiConn: () => true,
+    canCache: () => 'native',
+
+    pread: (_h, buf, offset) => disk.read(buf, offset),
+    pwrite: (_h, buf, offset) => disk.write(buf, offset),
+    // RAM is as durable as it gets: flush and FUA have nothing to do.
+    flush: () => {},
+    trim: (_h, count, offset) => disk.zero(count, offset),
+    zero: (_h, count, offset) => disk.zero(count, offset),
+    extents: (_h, count, offset) => disk.extents(count, offset),
+    cache: () => {},
+  });
+}
+
+export default createMemoryPlugin();
+export { SparseArray, EXTENT_HOLE, EXTENT_ZERO };

@@ -20,6 +20,8 @@ export function writeU64(buf: Uint8Array, value: number, at: number): void {
  * A queue of received chunks from which whole messages are taken. Taking bytes that lie in one
  * chunk returns a view without copying; only messages split across chunks are copied.
  */
+const EMPTY = Buffer.alloc(0);
+
 export class ChunkQueue {
   private chunks: Buffer[] = [];
   private head = 0; // offset into chunks[0]
@@ -33,6 +35,7 @@ export class ChunkQueue {
 
   /** Take exactly n bytes (caller checks `length >= n`). */
   take(n: number): Buffer {
+    if (n === 0) return EMPTY;
     const first = this.chunks[0]!;
     const left = first.length - this.head;
     if (n <= left) {

@@ -403,12 +403,59 @@ export function decodeBlockStatus(b: Buffer, extended: boolean): { contextId: nu
   const contextId = b.readUInt32BE(0);
   const extents: StatusDescriptor[] = [];
   if (extended) {
-    const count = b.readUInt32BE(4);
+    if (b.length < 8 || (b.length - 8) % 16 !== 0) throw new Error('BLOCK_STATUS_EXT payload length is not 8 + 16n');
+    // A descriptor count of 0 means "count from the length" (the spec allows either form).
+    const count = b.readUInt32BE(4) || (b.length - 8) / 16;
     if (8 + 16 * count !== b.length) throw new Error('BLOCK_STATUS_EXT count does not match its length');
     for (let i = 0; i < count; i++) extents.push({ length: readU64(b, 8 + 16 * i), flags: readU64(b, 16 + 16 * i) });
   } else {
-    if ((b.length - 4) % 8 !== 0) throw new Error('BLOCK_STATUS payload length is not 4 + 8n');
+    if (b.length < 4 || (b.length - 4) % 8 !== 0) throw new Error('BLOCK_STATUS payload length is not 4 + 8n');
     for (let at = 4; at < b.length; at += 8) extents.push({ length: b.readUInt32BE(at), flags: b.readUInt32BE(at + 4) });
   }
   return { contextId, extents };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client-side decoders (used by @nbdx/client)
+
+/** `cliserv_magic`: bytes 8..15 of an oldstyle greeting (instead of IHAVEOPT). */
+export const OLDSTYLE_MAGIC = 0x00420281861253n;
+/** Oldstyle greeting: NBDMAGIC, cliserv magic, size u64, flags u32, 124 zero bytes. */
+export const OLDSTYLE_GREETING_SIZE = 152;
+
+export type GreetingStyle = { style: 'newstyle'; flags: number } | { style: 'oldstyle' };
+
+/**
+ * Decode the first 18 bytes a server sends. Returns null for a wrong NBDMAGIC or an unknown
+ * second magic. For oldstyle, the rest of the greeting is decoded by decodeOldstyleGreeting.
+ */
+export function decodeGreeting(b: Buffer): GreetingStyle | null {
+  if (b.length < C.GREETING_SIZE || b.readBigUInt64BE(0) !== C.NBDMAGIC) return null;
+  const second = b.readBigUInt64BE(8);
+  if (second === C.IHAVEOPT) return { style: 'newstyle', flags: b.readUInt16BE(16) };
+  if (second === OLDSTYLE_MAGIC) return { style: 'oldstyle' };
+  return null;
+}
+
+/** The whole 152-byte oldstyle greeting: size and the low 16 bits of the flags (transmission flags). */
+export function decodeOldstyleGreeting(b: Buffer): { size: number; flags: number } {
+  return { size: readU64(b, 16), flags: b.readUInt32BE(24) & 0xffff };
+}
+
+/** The 4-byte client flags sent after a newstyle greeting. */
+export function encodeClientFlags(flags: number): Buffer {
+  const b = Buffer.allocUnsafe(4);
+  b.writeUInt32BE(flags >>> 0, 0);
+  return b;
+}
+
+/** EXPORT_NAME success: size u64 and transmission flags u16 (the 124 zero bytes are not looked at). */
+export function decodeExportNameReply(b: Buffer): { size: number; flags: number } {
+  return { size: readU64(b, 0), flags: b.readUInt16BE(8) };
+}
+
+/** OFFSET_HOLE payload (exactly 12 bytes): offset u64, hole length u32. Null when the length is wrong. */
+export function decodeOffsetHole(b: Buffer): { offset: number; length: number } | null {
+  if (b.length !== 12) return null;
+  return { offset: readU64(b, 0), length: b.readUInt32BE(8) };
 }

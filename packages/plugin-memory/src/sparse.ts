@@ -1,0 +1,127 @@
+import { EXTENT_HOLE, EXTENT_ZERO, type Extent, type ZeroSpan } from '@nbdx/server/api';
+
+/** Bytes per page: the unit of allocation. */
+export const PAGE_SIZE = 32 * 1024;
+/** Pages per directory: whole directories that were never written are skipped in one step. */
+const DIR_PAGES = 32 * 1024; // 1 GiB of address space per directory
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+
+/**
+ * A sparse byte array: pages are allocated on first write and freed again by trim/zero, so a
+ * 1 TiB disk costs nothing until written. Two levels (directory → page) keep extent queries over
+ * huge unwritten ranges cheap.
+ */
+export class SparseArray {
+  private dirs = new Map<number, Map<number, Buffer>>();
+  allocatedPages = 0;
+
+  constructor(readonly size: number) {}
+
+  private page(index: number): Buffer | undefined {
+    return this.dirs.get(Math.floor(index / DIR_PAGES))?.get(index % DIR_PAGES);
+  }
+
+  private pageForWrite(index: number): Buffer {
+    const d = Math.floor(index / DIR_PAGES);
+    let dir = this.dirs.get(d);
+    if (!dir) this.dirs.set(d, (dir = new Map()));
+    let p = dir.get(index % DIR_PAGES);
+    if (!p) {
+      p = Buffer.alloc(PAGE_SIZE);
+      dir.set(index % DIR_PAGES, p);
+      this.allocatedPages++;
+    }
+    return p;
+  }
+
+  private freePage(index: number): void {
+    const d = Math.floor(index / DIR_PAGES);
+    const dir = this.dirs.get(d);
+    if (dir?.delete(index % DIR_PAGES)) {
+      this.allocatedPages--;
+      if (dir.size === 0) this.dirs.delete(d);
+    }
+  }
+
+  /** Fill `buf`; unallocated parts are reported as zero spans instead of being written. */
+  read(buf: Uint8Array, offset: number): ZeroSpan[] | undefined {
+    let holes: ZeroSpan[] | undefined;
+    let done = 0;
+    while (done < buf.length) {
+      const pos = offset + done;
+      const index = Math.floor(pos / PAGE_SIZE);
+      const inPage = pos - index * PAGE_SIZE;
+      const n = Math.min(PAGE_SIZE - inPage, buf.length - done);
+      const p = this.page(index);
+      if (p) {
+        p.copy(buf, done, inPage, inPage + n);
+      } else {
+        const last = holes?.[holes.length - 1];
+        if (last && last.start + last.length === done) last.length += n;
+        else (holes ??= []).push({ start: done, length: n });
+      }
+      done += n;
+    }
+    return holes;
+  }
+
+  write(buf: Uint8Array, offset: number): void {
+    let done = 0;
+    while (done < buf.length) {
+      const pos = offset + done;
+      const index = Math.floor(pos / PAGE_SIZE);
+      const inPage = pos - index * PAGE_SIZE;
+      const n = Math.min(PAGE_SIZE - inPage, buf.length - done);
+      this.pageForWrite(index).set(buf.subarray(done, done + n), inPage);
+      done += n;
+    }
+  }
+
+  /** Zero a range: whole pages are freed, partial pages cleared. */
+  zero(count: number, offset: number): void {
+    let done = 0;
+    while (done < count) {
+      const pos = offset + done;
+      const index = Math.floor(pos / PAGE_SIZE);
+      const inPage = pos - index * PAGE_SIZE;
+      const n = Math.min(PAGE_SIZE - inPage, count - done);
+      if (n === PAGE_SIZE) this.freePage(index);
+      else {
+        const p = this.page(index);
+        if (p) {
+          p.fill(0, inPage, inPage + n);
+          if (p.equals(ZERO_PAGE)) this.freePage(index);
+        }
+      }
+      done += n;
+      // Skip directories that hold nothing.
+      const nextPos = offset + done;
+      const d = Math.floor(nextPos / (PAGE_SIZE * DIR_PAGES));
+      if (done < count && nextPos % (PAGE_SIZE * DIR_PAGES) === 0 && !this.dirs.has(d)) {
+        done = Math.min(count, (d + 1) * PAGE_SIZE * DIR_PAGES - offset);
+      }
+    }
+  }
+
+  /** Extents: never written = HOLE|ZERO, written pages of zeroes = ZERO, the rest data. */
+  *extents(count: number, offset: number): Generator<Extent> {
+    const end = offset + count;
+    const dirBytes = PAGE_SIZE * DIR_PAGES;
+    let pos = offset;
+    while (pos < end) {
+      const d = Math.floor(pos / dirBytes);
+      if (!this.dirs.has(d)) {
+        const to = Math.min(end, (d + 1) * dirBytes);
+        yield { offset: pos, length: to - pos, type: EXTENT_HOLE | EXTENT_ZERO };
+        pos = to;
+        continue;
+      }
+      const index = Math.floor(pos / PAGE_SIZE);
+      const to = Math.min(end, (index + 1) * PAGE_SIZE);
+      const p = this.page(index);
+      const type = !p ? EXTENT_HOLE | EXTENT_ZERO : p.equals(ZERO_PAGE) ? EXTENT_ZERO : 0;
+      yield { offset: pos, length: to - pos, type };
+      pos = to;
+    }
+  }
+}

@@ -1,0 +1,269 @@
+import {
+  Errno,
+  FLAG_FAST_ZERO,
+  FLAG_FUA,
+  FLAG_MAY_TRIM,
+  FLAG_REQ_ONE,
+  NbdError,
+  isNotSupported,
+  type BlockSize,
+  type CacheMode,
+  type Extent,
+  type ExtentSource,
+  type FuaMode,
+  type ReadResult,
+} from '../api/common.js';
+import type { OwnedContext } from '../api/filter/next.js';
+import { normalizeExtents } from './extents.js';
+import type { Mutex } from './mutex.js';
+
+/** Zeroes written when a layer cannot zero natively. Never handed to anything that writes into it. */
+const ZERO_CHUNK_SIZE = 1024 * 1024;
+let zeroChunk: Buffer | undefined;
+function zeroes(n: number): Buffer {
+  zeroChunk ??= Buffer.alloc(ZERO_CHUNK_SIZE);
+  return zeroChunk.subarray(0, n);
+}
+
+export type ZeroMode = 'none' | 'emulate' | 'native';
+
+/**
+ * One open context of one layer (plugin or filter). This is where the core's rules live, so every
+ * layer gets them whether a client or a filter above is calling: bounds checks, read-only
+ * enforcement, capabilities computed once, FUA emulated by flush, zero emulated by writes, cache
+ * emulated by reads, extents normalised, and the thread-model lock for contexts shared between
+ * connections.
+ */
+export abstract class Context implements OwnedContext {
+  /** Size in bytes, fetched once when the context is opened. */
+  size = 0;
+  /** Set for contexts shared between connections when the thread model serialises requests. */
+  lock: Mutex | null = null;
+  private caps = new Map<string, Promise<unknown>>();
+  private closed = false;
+
+  constructor(
+    readonly who: string,
+    readonly readonly: boolean,
+    readonly exportName: string,
+  ) {}
+
+  // ---- what each kind of layer provides ------------------------------------------------------
+  protected abstract implGetSize(): Promise<number | bigint> | number | bigint;
+  protected abstract implBlockSize(): Promise<BlockSize | undefined> | BlockSize | undefined;
+  protected abstract implExportDescription(): Promise<string | undefined> | string | undefined;
+  protected abstract implCanWrite(): Promise<boolean> | boolean;
+  protected abstract implCanFlush(): Promise<boolean> | boolean;
+  protected abstract implIsRotational(): Promise<boolean> | boolean;
+  protected abstract implCanTrim(): Promise<boolean> | boolean;
+  /** Whether zero requests may be sent at all, and whether this layer does them itself. */
+  protected abstract implZeroMode(): Promise<ZeroMode> | ZeroMode;
+  protected abstract implCanFastZero(zeroMode: ZeroMode): Promise<boolean> | boolean;
+  protected abstract implCanExtents(): Promise<boolean> | boolean;
+  protected abstract implCanFua(): Promise<FuaMode> | FuaMode;
+  protected abstract implCanMultiConn(): Promise<boolean> | boolean;
+  protected abstract implCanCache(): Promise<CacheMode> | CacheMode;
+  protected abstract implPread(buf: Uint8Array, offset: number, flags: number): Promise<ReadResult> | ReadResult;
+  protected abstract implPwrite(buf: Uint8Array, offset: number, flags: number): Promise<void> | void;
+  protected abstract implFlush(flags: number): Promise<void> | void;
+  protected abstract implTrim(count: number, offset: number, flags: number): Promise<void> | void;
+  protected abstract implZero(count: number, offset: number, flags: number): Promise<void> | void;
+  protected abstract implExtents(count: number, offset: number, flags: number): Promise<ExtentSource> | ExtentSource;
+  protected abstract implCache(count: number, offset: number, flags: number): Promise<void> | void;
+  protected abstract implClose(): Promise<void>;
+
+  /** Called once after open: fetch and check the size. */
+  async prepare(): Promise<void> {
+    const raw = await this.implGetSize();
+    const size = typeof raw === 'bigint' ? Number(raw) : raw;
+    if (typeof size !== 'number' || !Number.isSafeInteger(size) || size < 0) {
+      throw new NbdError(
+        Errno.EIO,
+        `${this.who}: get_size returned ${String(raw)}; sizes must be whole numbers from 0 to 2^53-1`,
+      );
+    }
+    this.size = size;
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.implClose();
+  }
+
+  // ---- capabilities, each computed once per context ----------------------------------------
+  private cap<T>(key: string, compute: () => Promise<T> | T): Promise<T> {
+    let p = this.caps.get(key) as Promise<T> | undefined;
+    if (!p) {
+      p = Promise.resolve().then(compute);
+      this.caps.set(key, p);
+    }
+    return p;
+  }
+
+  getSize(): Promise<number> {
+    return Promise.resolve(this.size);
+  }
+  blockSize(): Promise<BlockSize | undefined> {
+    return this.cap('blockSize', () => this.implBlockSize());
+  }
+  exportDescription(): Promise<string | undefined> {
+    return this.cap('description', () => this.implExportDescription());
+  }
+  canWrite(): Promise<boolean> {
+    return this.cap('write', async () => !this.readonly && !!(await this.implCanWrite()));
+  }
+  canFlush(): Promise<boolean> {
+    return this.cap('flush', async () => !!(await this.implCanFlush()));
+  }
+  isRotational(): Promise<boolean> {
+    return this.cap('rotational', async () => !!(await this.implIsRotational()));
+  }
+  canTrim(): Promise<boolean> {
+    return this.cap('trim', async () => (await this.canWrite()) && !!(await this.implCanTrim()));
+  }
+  zeroMode(): Promise<ZeroMode> {
+    return this.cap('zeroMode', async () => ((await this.canWrite()) ? await this.implZeroMode() : 'none'));
+  }
+  async canZero(): Promise<boolean> {
+    return (await this.zeroMode()) !== 'none';
+  }
+  canFastZero(): Promise<boolean> {
+    return this.cap('fastZero', async () => {
+      const mode = await this.zeroMode();
+      return mode !== 'none' && !!(await this.implCanFastZero(mode));
+    });
+  }
+  canExtents(): Promise<boolean> {
+    return this.cap('extents', async () => !!(await this.implCanExtents()));
+  }
+  canFua(): Promise<FuaMode> {
+    return this.cap('fua', async () => {
+      if (!(await this.canWrite())) return 'none';
+      const mode = await this.implCanFua();
+      if (mode === 'emulate' && !(await this.canFlush())) return 'none';
+      return mode;
+    });
+  }
+  canMultiConn(): Promise<boolean> {
+    return this.cap('multiConn', async () => !!(await this.implCanMultiConn()));
+  }
+  canCache(): Promise<CacheMode> {
+    return this.cap('cache', () => this.implCanCache());
+  }
+
+  // ---- data calls ------------------------------------------------------------------------------
+  private locked<T>(fn: () => Promise<T>): Promise<T> {
+    return this.lock ? this.lock.run(fn) : fn();
+  }
+
+  private checkRange(count: number, offset: number, errno: number, what: string): void {
+    if (!(offset >= 0 && count >= 0 && offset + count <= this.size)) {
+      throw new NbdError(errno, `${what} beyond the end: offset ${offset} + ${count} > size ${this.size}`);
+    }
+  }
+
+  private async checkWritable(what: string): Promise<void> {
+    if (!(await this.canWrite())) throw new NbdError(Errno.EPERM, `${what}: the export is read-only`);
+  }
+
+  async pread(buf: Uint8Array, offset: number, flags = 0): Promise<ReadResult> {
+    this.checkRange(buf.length, offset, Errno.EINVAL, 'read');
+    if (this.lock) return this.lock.run(async () => this.implPread(buf, offset, flags));
+    return this.implPread(buf, offset, flags);
+  }
+
+  async pwrite(buf: Uint8Array, offset: number, flags = 0): Promise<void> {
+    await this.checkWritable('write');
+    this.checkRange(buf.length, offset, Errno.ENOSPC, 'write');
+    return this.locked(() => this.pwriteUnlocked(buf, offset, flags));
+  }
+
+  private async pwriteUnlocked(buf: Uint8Array, offset: number, flags: number): Promise<void> {
+    const fua = await this.splitFua(flags);
+    await this.implPwrite(buf, offset, fua.flags);
+    if (fua.flushAfter) await this.implFlush(0);
+  }
+
+  /** FUA is passed on where the layer does it natively, otherwise replaced by a flush after. */
+  private async splitFua(flags: number): Promise<{ flags: number; flushAfter: boolean }> {
+    if (!(flags & FLAG_FUA)) return { flags, flushAfter: false };
+    const mode = await this.canFua();
+    if (mode === 'native') return { flags, flushAfter: false };
+    return { flags: flags & ~FLAG_FUA, flushAfter: mode === 'emulate' };
+  }
+
+  async flush(flags = 0): Promise<void> {
+    if (!(await this.canFlush())) throw new NbdError(Errno.EINVAL, 'flush: not supported by this export');
+    return this.locked(async () => this.implFlush(flags));
+  }
+
+  async trim(count: number, offset: number, flags = 0): Promise<void> {
+    await this.checkWritable('trim');
+    if (!(await this.canTrim())) throw new NbdError(Errno.EINVAL, 'trim: not supported by this export');
+    this.checkRange(count, offset, Errno.EINVAL, 'trim');
+    return this.locked(async () => {
+      const fua = await this.splitFua(flags);
+      await this.implTrim(count, offset, fua.flags);
+      if (fua.flushAfter) await this.implFlush(0);
+    });
+  }
+
+  async zero(count: number, offset: number, flags = 0): Promise<void> {
+    await this.checkWritable('zero');
+    const mode = await this.zeroMode();
+    if (mode === 'none') throw new NbdError(Errno.EINVAL, 'zero: not supported by this export');
+    this.checkRange(count, offset, Errno.ENOSPC, 'zero');
+    const fast = (flags & FLAG_FAST_ZERO) !== 0;
+    if (fast && !(await this.canFastZero())) {
+      throw new NbdError(Errno.ENOTSUP, 'zero: a fast zero is not possible here');
+    }
+    return this.locked(async () => {
+      const fua = await this.splitFua(flags);
+      if (mode === 'native') {
+        try {
+          await this.implZero(count, offset, fua.flags);
+          if (fua.flushAfter) await this.implFlush(0);
+          return;
+        } catch (err) {
+          if (!isNotSupported(err) || fast) throw err;
+        }
+      }
+      // Emulation by writes is never fast.
+      if (fast) throw new NbdError(Errno.ENOTSUP, 'zero: a fast zero is not possible here');
+      const writeFlags = fua.flags & ~(FLAG_MAY_TRIM | FLAG_FAST_ZERO | FLAG_FUA);
+      for (let done = 0; done < count; ) {
+        const n = Math.min(ZERO_CHUNK_SIZE, count - done);
+        await this.implPwrite(zeroes(n), offset + done, writeFlags);
+        done += n;
+      }
+      if ((flags & FLAG_FUA) && (await this.canFlush())) await this.implFlush(0);
+    });
+  }
+
+  async extents(count: number, offset: number, flags = 0): Promise<Extent[]> {
+    this.checkRange(count, offset, Errno.EINVAL, 'extents');
+    const reqOne = (flags & FLAG_REQ_ONE) !== 0;
+    if (count === 0) return [];
+    if (!(await this.canExtents())) return [{ offset, length: count, type: 0 }];
+    return this.locked(async () =>
+      normalizeExtents(await this.implExtents(count, offset, flags), offset, count, reqOne, this.who),
+    );
+  }
+
+  async cache(count: number, offset: number, flags = 0): Promise<void> {
+    this.checkRange(count, offset, Errno.EINVAL, 'cache');
+    const mode = await this.canCache();
+    if (mode === 'none') return;
+    return this.locked(async () => {
+      if (mode === 'native') return this.implCache(count, offset, flags);
+      // Emulate by reading and discarding, in bounded pieces.
+      const scratch = Buffer.allocUnsafe(Math.min(count, 4 * 1024 * 1024));
+      for (let done = 0; done < count; ) {
+        const n = Math.min(scratch.length, count - done);
+        await this.implPread(scratch.subarray(0, n), offset + done, 0);
+        done += n;
+      }
+    });
+  }
+}

@@ -1,0 +1,206 @@
+import { Errno, NbdError, type ExportEntry } from '../api/common.js';
+import { FILTER_API_VERSIONS, type Filter } from '../api/define.js';
+import type { LayerBelow, Next, NextOpener, OpenContextOptions, OwnedContext } from '../api/filter/next.js';
+import type { FilterV2 } from '../api/filter/v2.js';
+import { Context, type ZeroMode } from './context.js';
+import { Mutex } from './mutex.js';
+import { toExportEntries, type PluginLayer } from './plugin-layer.js';
+
+export type Layer = FilterLayer | PluginLayer;
+
+/**
+ * A filter in the chain. Filters of API version 1 know nothing of zero, extents or cache: for
+ * them those methods are never passed through (see FilterContext).
+ */
+export class FilterLayer {
+  readonly kind = 'filter';
+  readonly filter: FilterV2;
+  readonly declaredVersion: number;
+  /** Set by the backend once the thread model is known: contexts opened by filters get a lock. */
+  ownedContextLock = false;
+
+  constructor(
+    readonly original: Filter,
+    readonly below: Layer,
+  ) {
+    const version = original.apiVersion ?? 1;
+    if (!(FILTER_API_VERSIONS as readonly number[]).includes(version)) {
+      throw new NbdError(
+        Errno.EINVAL,
+        `filter '${original.name}' asks for filter API version ${version}, but this nbdx supports versions ` +
+          `${FILTER_API_VERSIONS[0]} to ${FILTER_API_VERSIONS[FILTER_API_VERSIONS.length - 1]}`,
+      );
+    }
+    this.declaredVersion = version;
+    this.filter = original as FilterV2;
+  }
+
+  get name(): string {
+    return this.filter.name;
+  }
+
+  /** The layer below as seen from outside any connection. */
+  readonly belowApi: LayerBelow = {
+    listExports: (readonly, isTls) => this.below.listExports(readonly, isTls),
+    defaultExport: (readonly, isTls) => this.below.defaultExport(readonly, isTls),
+    openContext: (options?: OpenContextOptions) => this.openOwned(options ?? {}),
+  };
+
+  private async openOwned(options: OpenContextOptions): Promise<OwnedContext> {
+    const readonly = options.readonly ?? false;
+    const isTls = options.isTls ?? false;
+    const exportName = options.exportName ?? (await this.below.defaultExport(readonly, isTls));
+    const ctx = await this.below.open(readonly, exportName, isTls);
+    // A context shared by many connections needs its own lock when requests must be serialised.
+    if (this.ownedContextLock) ctx.lock = new Mutex();
+    return ctx;
+  }
+
+  async listExports(readonly: boolean, isTls: boolean): Promise<ExportEntry[]> {
+    if (this.filter.listExports) {
+      return toExportEntries(await this.filter.listExports(this.belowApi, readonly, isTls));
+    }
+    return this.below.listExports(readonly, isTls);
+  }
+
+  async defaultExport(readonly: boolean, isTls: boolean): Promise<string> {
+    if (this.filter.defaultExport) return this.filter.defaultExport(this.belowApi, readonly, isTls);
+    return this.below.defaultExport(readonly, isTls);
+  }
+
+  async open(readonly: boolean, exportName: string, isTls: boolean): Promise<Context> {
+    let next: Context | Next | undefined;
+    let owned = false;
+    const opener: NextOpener = {
+      ...this.belowApi,
+      open: async (ro = readonly, name = exportName) => {
+        if (next) throw new NbdError(Errno.EINVAL, `${this.name}: the layer below is already open`);
+        next = await this.below.open(ro, name, isTls);
+        owned = true;
+      },
+      use: (ctx: Next) => {
+        if (next) throw new NbdError(Errno.EINVAL, `${this.name}: the layer below is already open`);
+        next = ctx;
+      },
+    };
+    let h: unknown = {};
+    try {
+      if (this.filter.open) h = await this.filter.open(opener, readonly, exportName, isTls);
+      if (!next) await opener.open();
+      const ctx = new FilterContext(this, h, next!, owned, readonly, exportName);
+      try {
+        await this.filter.prepare?.(next!, h, readonly);
+        await ctx.prepare();
+      } catch (err) {
+        await ctx.close();
+        throw err;
+      }
+      return ctx;
+    } catch (err) {
+      // Closing is idempotent, so this is safe even when the filter context already closed it.
+      if (next && owned) await (next as Context).close().catch(() => {});
+      throw err;
+    }
+  }
+}
+
+export class FilterContext extends Context {
+  private readonly f: FilterV2;
+  private readonly v2: boolean;
+
+  constructor(
+    private readonly layer: FilterLayer,
+    private readonly h: unknown,
+    readonly next: Next,
+    private readonly ownsNext: boolean,
+    readonly: boolean,
+    exportName: string,
+  ) {
+    super(layer.name, readonly, exportName);
+    this.f = layer.filter;
+    this.v2 = layer.declaredVersion >= 2;
+  }
+
+  protected implGetSize() {
+    return this.f.getSize ? this.f.getSize(this.next, this.h) : this.next.getSize();
+  }
+  protected implBlockSize() {
+    return this.f.blockSize ? this.f.blockSize(this.next, this.h) : this.next.blockSize();
+  }
+  protected implExportDescription() {
+    return this.f.exportDescription ? this.f.exportDescription(this.next, this.h) : this.next.exportDescription();
+  }
+  protected implCanWrite() {
+    return this.f.canWrite ? this.f.canWrite(this.next, this.h) : this.next.canWrite();
+  }
+  protected implCanFlush() {
+    return this.f.canFlush ? this.f.canFlush(this.next, this.h) : this.next.canFlush();
+  }
+  protected implIsRotational() {
+    return this.f.isRotational ? this.f.isRotational(this.next, this.h) : this.next.isRotational();
+  }
+  protected implCanTrim() {
+    return this.f.canTrim ? this.f.canTrim(this.next, this.h) : this.next.canTrim();
+  }
+  protected async implZeroMode(): Promise<ZeroMode> {
+    // A version-1 filter does not know zero: emulate it with writes through the filter.
+    if (!this.v2) return 'emulate';
+    const can = this.f.canZero ? await this.f.canZero(this.next, this.h) : await this.next.canZero();
+    if (!can) return 'none';
+    return 'native';
+  }
+  protected implCanFastZero(zeroMode: ZeroMode) {
+    if (zeroMode === 'emulate') return true;
+    return this.f.canFastZero ? this.f.canFastZero(this.next, this.h) : this.next.canFastZero();
+  }
+  protected implCanExtents() {
+    // Masked for version-1 filters: extents passed through unshifted would describe other bytes.
+    if (!this.v2) return false;
+    return this.f.canExtents ? this.f.canExtents(this.next, this.h) : this.next.canExtents();
+  }
+  protected implCanFua() {
+    return this.f.canFua ? this.f.canFua(this.next, this.h) : this.next.canFua();
+  }
+  protected implCanMultiConn() {
+    return this.f.canMultiConn ? this.f.canMultiConn(this.next, this.h) : this.next.canMultiConn();
+  }
+  protected async implCanCache() {
+    if (this.v2 && this.f.canCache) return this.f.canCache(this.next, this.h);
+    const below = await this.next.canCache();
+    // A version-1 filter would pass cache through unshifted: read through it instead.
+    if (!this.v2 && below !== 'none') return 'emulate';
+    return below;
+  }
+  protected implPread(buf: Uint8Array, offset: number, flags: number) {
+    return this.f.pread ? this.f.pread(this.next, this.h, buf, offset, flags) : this.next.pread(buf, offset, flags);
+  }
+  protected implPwrite(buf: Uint8Array, offset: number, flags: number) {
+    return this.f.pwrite ? this.f.pwrite(this.next, this.h, buf, offset, flags) : this.next.pwrite(buf, offset, flags);
+  }
+  protected implFlush(flags: number) {
+    return this.f.flush ? this.f.flush(this.next, this.h, flags) : this.next.flush(flags);
+  }
+  protected implTrim(count: number, offset: number, flags: number) {
+    return this.f.trim ? this.f.trim(this.next, this.h, count, offset, flags) : this.next.trim(count, offset, flags);
+  }
+  protected implZero(count: number, offset: number, flags: number) {
+    return this.f.zero ? this.f.zero(this.next, this.h, count, offset, flags) : this.next.zero(count, offset, flags);
+  }
+  protected implExtents(count: number, offset: number, flags: number) {
+    return this.f.extents ? this.f.extents(this.next, this.h, count, offset, flags) : this.next.extents(count, offset, flags);
+  }
+  protected implCache(count: number, offset: number, flags: number) {
+    return this.f.cache ? this.f.cache(this.next, this.h, count, offset, flags) : this.next.cache(count, offset, flags);
+  }
+  protected async implClose() {
+    try {
+      await this.f.finalize?.(this.next, this.h);
+    } finally {
+      try {
+        await this.f.close?.(this.h);
+      } finally {
+        if (this.ownsNext) await (this.next as Context).close();
+      }
+    }
+  }
+}

@@ -1,0 +1,285 @@
+import * as tls from 'node:tls';
+import type { Duplex } from 'node:stream';
+import { toErrno } from '../api/common.js';
+import type { Context } from '../backend/context.js';
+import * as C from '../wire/constants.js';
+import {
+  decodeInfoRequest,
+  decodeMetaContextRequest,
+  decodeOptionHeader,
+  encodeExportNameReply,
+  encodeGreeting,
+  encodeInfoBlockSize,
+  encodeInfoExport,
+  encodeInfoString,
+  encodeMetaContextReply,
+  encodeOptionReply,
+  encodeServerReply,
+} from '../wire/codec.js';
+import type { ReplyWriter } from './reply-writer.js';
+import type { ProtocolSettings } from './settings.js';
+import type { SocketReader } from './socket-reader.js';
+
+/** The id we give `base:allocation` when a client selects it. */
+export const BASE_ALLOCATION_ID = 1;
+
+export interface Negotiated {
+  ctx: Context;
+  structured: boolean;
+  extended: boolean;
+  /** Context id of base:allocation, when selected. */
+  baseAllocation: number | null;
+  /** Transmission flags as sent to the client. */
+  flags: number;
+  stream: Duplex;
+  isTls: boolean;
+}
+
+/** Thrown to end the handshake by closing the connection (after an optional last reply). */
+export class HandshakeClose extends Error {}
+
+/** Transmission flags for an open context. */
+export async function exportFlags(ctx: Context, structured: boolean): Promise<number> {
+  let f = C.TF_HAS_FLAGS;
+  const canWrite = await ctx.canWrite();
+  if (!canWrite) f |= C.TF_READ_ONLY;
+  if (await ctx.canFlush()) f |= C.TF_SEND_FLUSH;
+  if ((await ctx.canFua()) !== 'none') f |= C.TF_SEND_FUA;
+  if (await ctx.isRotational()) f |= C.TF_ROTATIONAL;
+  if (await ctx.canTrim()) f |= C.TF_SEND_TRIM;
+  if (await ctx.canZero()) {
+    f |= C.TF_SEND_WRITE_ZEROES;
+    if (await ctx.canFastZero()) f |= C.TF_SEND_FAST_ZERO;
+  }
+  if (structured) f |= C.TF_SEND_DF;
+  if (await ctx.canMultiConn()) f |= C.TF_CAN_MULTI_CONN;
+  if ((await ctx.canCache()) !== 'none') f |= C.TF_SEND_CACHE;
+  return f;
+}
+
+/** Block sizes to advertise: the layers' own, capped by the server's payload limit. */
+export async function blockSizes(ctx: Context, maxPayload: number) {
+  const b = await ctx.blockSize();
+  const minimum = b?.minimum ?? 1;
+  const preferred = b?.preferred ?? Math.max(4096, minimum);
+  const maximum = Math.min(b?.maximum ?? maxPayload, maxPayload);
+  return { minimum, preferred, maximum };
+}
+
+/**
+ * Run fixed-newstyle negotiation until the client enters transmission (GO or EXPORT_NAME).
+ * Returns null when the client aborted or went away.
+ */
+export async function negotiate(
+  settings: ProtocolSettings,
+  reader: SocketReader,
+  writer: ReplyWriter,
+): Promise<Negotiated | null> {
+  const { backend } = settings;
+  const offered = (C.FLAG_FIXED_NEWSTYLE | C.FLAG_NO_ZEROES) & settings.handshakeMask;
+  writer.writeNow(encodeGreeting(offered));
+  const clientFlags = (await reader.read(4)).readUInt32BE(0);
+  if (clientFlags & ~offered) {
+    throw new HandshakeClose(`client flags 0x${clientFlags.toString(16)} include bits we did not offer`);
+  }
+  const noZeroes = (clientFlags & C.FLAG_C_NO_ZEROES) !== 0;
+
+  let stream: Duplex = reader.stream;
+  let isTls = false;
+  let structured = false;
+  let extended = false;
+  let metaExport: string | null = null;
+  let baseAllocation: number | null = null;
+
+  const reply = (option: number, type: number, data?: Uint8Array) =>
+    writer.writeNow(encodeOptionReply(option, type, data));
+  const replyError = (option: number, type: number, message: string) => {
+    settings.debug(`option ${C.OPTION_NAMES[option] ?? option}: ${message}`);
+    reply(option, type, Buffer.from(message, 'utf8'));
+  };
+  const canonicalName = async (name: string) =>
+    name === '' ? backend.defaultExport(settings.readonly, isTls) : name;
+
+  for (;;) {
+    const header = decodeOptionHeader(await reader.read(C.OPTION_HEADER_SIZE));
+    if (!header) throw new HandshakeClose('bad option magic');
+    const { option, length } = header;
+    if (length > settings.maxOptionLength) {
+      replyError(option, C.REP_ERR_TOO_BIG, `option length ${length} exceeds the limit of ${settings.maxOptionLength}`);
+      throw new HandshakeClose('oversized option');
+    }
+    const data = await reader.read(length);
+    const name = C.OPTION_NAMES[option] ?? `unknown option ${option}`;
+    settings.debug(`client option ${name} (length ${length})`);
+
+    if (settings.tls.mode === 'require' && !isTls && option !== C.OPT_STARTTLS && option !== C.OPT_ABORT) {
+      if (option === C.OPT_EXPORT_NAME) throw new HandshakeClose('EXPORT_NAME before TLS');
+      replyError(option, C.REP_ERR_TLS_REQD, 'TLS is required: send STARTTLS first');
+      continue;
+    }
+
+    switch (option) {
+      case C.OPT_EXPORT_NAME: {
+        const exportName = await canonicalName(data.toString('utf8'));
+        let ctx: Context;
+        try {
+          ctx = await backend.open(settings.readonly, exportName, isTls);
+        } catch (err) {
+          throw new HandshakeClose(`cannot open export '${exportName}': ${(err as Error).message}`);
+        }
+        const flags = await exportFlags(ctx, structured);
+        writer.writeNow(encodeExportNameReply(ctx.size, flags, noZeroes));
+        return { ctx, structured, extended, baseAllocation: metaOk(exportName) ? baseAllocation : null, flags, stream, isTls };
+      }
+      case C.OPT_ABORT:
+        if (length === 0) reply(option, C.REP_ACK);
+        return null;
+      case C.OPT_LIST: {
+        if (length !== 0) {
+          replyError(option, C.REP_ERR_INVALID, 'LIST takes no data');
+          break;
+        }
+        try {
+          const list = await backend.listExports(settings.readonly, isTls);
+          for (const e of list) reply(option, C.REP_SERVER, encodeServerReply(e.name, e.description ?? ''));
+          reply(option, C.REP_ACK);
+        } catch (err) {
+          replyError(option, C.REP_ERR_PLATFORM, `cannot list exports: ${(err as Error).message}`);
+        }
+        break;
+      }
+      case C.OPT_STARTTLS: {
+        if (length !== 0) {
+          replyError(option, C.REP_ERR_INVALID, 'STARTTLS takes no data');
+          break;
+        }
+        if (settings.tls.mode === 'off') {
+          replyError(option, C.REP_ERR_POLICY, 'TLS is not configured on this server');
+          break;
+        }
+        if (isTls) {
+          replyError(option, C.REP_ERR_INVALID, 'TLS is already on');
+          break;
+        }
+        reply(option, C.REP_ACK);
+        stream = await startTls(settings, reader, writer);
+        isTls = true;
+        // Everything negotiated in clear is forgotten.
+        structured = extended = false;
+        metaExport = null;
+        baseAllocation = null;
+        break;
+      }
+      case C.OPT_STRUCTURED_REPLY:
+      case C.OPT_EXTENDED_HEADERS: {
+        if (length !== 0) replyError(option, C.REP_ERR_INVALID, `${name} takes no data`);
+        else if (settings.noStructuredReplies) replyError(option, C.REP_ERR_UNSUP, `${name} is disabled on this server`);
+        else if (option === C.OPT_STRUCTURED_REPLY && extended)
+          replyError(option, C.REP_ERR_EXT_HEADER_REQD, 'extended headers are already negotiated');
+        else if (option === C.OPT_STRUCTURED_REPLY ? structured : extended)
+          replyError(option, C.REP_ERR_INVALID, `${name} was already negotiated`);
+        else {
+          structured = true;
+          if (option === C.OPT_EXTENDED_HEADERS) extended = true;
+          reply(option, C.REP_ACK);
+        }
+        break;
+      }
+      case C.OPT_LIST_META_CONTEXT:
+      case C.OPT_SET_META_CONTEXT: {
+        const isSet = option === C.OPT_SET_META_CONTEXT;
+        if (!structured) {
+          replyError(option, C.REP_ERR_INVALID, `${name} needs structured replies first`);
+          break;
+        }
+        const req = decodeMetaContextRequest(data);
+        if (!req) {
+          replyError(option, C.REP_ERR_INVALID, `${name}: malformed request`);
+          break;
+        }
+        const wantsBase =
+          (!isSet && req.queries.length === 0) ||
+          req.queries.some((q) => q === 'base:' || q === C.CONTEXT_BASE_ALLOCATION);
+        if (isSet) {
+          metaExport = await canonicalName(req.exportName);
+          baseAllocation = wantsBase ? BASE_ALLOCATION_ID : null;
+        }
+        if (wantsBase) {
+          reply(option, C.REP_META_CONTEXT, encodeMetaContextReply(isSet ? BASE_ALLOCATION_ID : 0, C.CONTEXT_BASE_ALLOCATION));
+        }
+        reply(option, C.REP_ACK);
+        break;
+      }
+      case C.OPT_INFO:
+      case C.OPT_GO: {
+        const req = decodeInfoRequest(data);
+        if (!req) {
+          replyError(option, C.REP_ERR_INVALID, `${name}: malformed request`);
+          break;
+        }
+        const exportName = await canonicalName(req.name);
+        let ctx: Context;
+        try {
+          ctx = await backend.open(settings.readonly, exportName, isTls);
+        } catch (err) {
+          const message = (err as Error).message;
+          replyError(option, C.REP_ERR_UNKNOWN, `cannot open export '${exportName}': ${message}`);
+          break;
+        }
+        let keep = false;
+        try {
+          const flags = await exportFlags(ctx, structured);
+          reply(option, C.REP_INFO, encodeInfoExport(ctx.size, flags));
+          if (req.infos.includes(C.INFO_NAME)) reply(option, C.REP_INFO, encodeInfoString(C.INFO_NAME, exportName));
+          if (req.infos.includes(C.INFO_DESCRIPTION)) {
+            const d = await ctx.exportDescription();
+            if (d) reply(option, C.REP_INFO, encodeInfoString(C.INFO_DESCRIPTION, d));
+          }
+          const sizes = await blockSizes(ctx, settings.maxPayload);
+          if (req.infos.includes(C.INFO_BLOCK_SIZE) || sizes.minimum > 1) {
+            reply(option, C.REP_INFO, encodeInfoBlockSize(sizes.minimum, sizes.preferred, sizes.maximum));
+          }
+          reply(option, C.REP_ACK);
+          if (option === C.OPT_GO) {
+            keep = true;
+            return { ctx, structured, extended, baseAllocation: metaOk(exportName) ? baseAllocation : null, flags, stream, isTls };
+          }
+        } finally {
+          if (!keep) await ctx.close().catch(() => {});
+        }
+        break;
+      }
+      default:
+        replyError(option, C.REP_ERR_UNSUP, `option ${option} is not supported`);
+    }
+  }
+
+  function metaOk(exportName: string): boolean {
+    return metaExport === null || metaExport === exportName;
+  }
+}
+
+async function startTls(settings: ProtocolSettings, reader: SocketReader, writer: ReplyWriter): Promise<Duplex> {
+  await writer.drained();
+  reader.detach();
+  const raw = reader.stream;
+  const { requestCert, rejectUnauthorized, pskCallback, ...contextOptions } = settings.tls.socketOptions;
+  const secure = new tls.TLSSocket(raw as import('node:net').Socket, {
+    isServer: true,
+    secureContext: tls.createSecureContext(contextOptions),
+    requestCert: requestCert ?? false,
+    rejectUnauthorized: rejectUnauthorized ?? false,
+    ...(pskCallback ? { pskCallback: (_sock: tls.TLSSocket, id: string) => pskCallback(secure, id) } : {}),
+  } as tls.TLSSocketOptions);
+  await new Promise<void>((resolve, reject) => {
+    secure.once('secure', resolve);
+    secure.once('error', reject);
+    secure.once('close', () => reject(new Error('connection closed during the TLS handshake')));
+  });
+  if (requestCert && rejectUnauthorized !== false && !secure.authorized) {
+    throw new HandshakeClose(`client certificate rejected: ${secure.authorizationError}`);
+  }
+  reader.reattach(secure);
+  writer.setStream(secure);
+  return secure;
+}

@@ -1,0 +1,77 @@
+import type { Duplex } from 'node:stream';
+
+/**
+ * Collects reply buffers and hands them to the socket in batches: everything that completes in
+ * one turn of the event loop goes out in one corked write (one writev system call).
+ */
+export class ReplyWriter {
+  private pending: Uint8Array[] = [];
+  private scheduled = false;
+  private closed = false;
+  private idleWaiters: Array<() => void> = [];
+
+  constructor(private stream: Duplex) {}
+
+  setStream(stream: Duplex): void {
+    this.stream = stream;
+  }
+
+  /** Bytes accepted but not yet on the wire (queued here or in the socket). */
+  get backlog(): number {
+    let n = this.stream.writableLength;
+    for (const b of this.pending) n += b.length;
+    return n;
+  }
+
+  push(...buffers: Uint8Array[]): void {
+    if (this.closed) return;
+    for (const b of buffers) this.pending.push(b);
+    if (!this.scheduled) {
+      this.scheduled = true;
+      setImmediate(this.flush);
+    }
+  }
+
+  /** Write now, without waiting for the batch (used during the handshake). */
+  writeNow(buf: Uint8Array): void {
+    this.flush();
+    if (!this.closed) this.stream.write(buf);
+  }
+
+  readonly flush = (): void => {
+    this.scheduled = false;
+    const list = this.pending;
+    if (list.length === 0 || this.closed) {
+      this.notifyIdle();
+      return;
+    }
+    this.pending = [];
+    const s = this.stream;
+    if (list.length === 1) {
+      s.write(list[0]);
+    } else {
+      s.cork();
+      for (const b of list) s.write(b);
+      s.uncork();
+    }
+    this.notifyIdle();
+  };
+
+  private notifyIdle(): void {
+    const w = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const f of w) f();
+  }
+
+  /** Resolves once everything pushed so far has been handed to the socket. */
+  drained(): Promise<void> {
+    if (this.pending.length === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  close(): void {
+    this.closed = true;
+    this.pending = [];
+    this.notifyIdle();
+  }
+}

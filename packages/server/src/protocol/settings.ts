@@ -1,0 +1,49 @@
+import type { SecureContextOptions, TLSSocket } from 'node:tls';
+import type { Backend } from '../backend/backend.js';
+import type { Mutex } from '../backend/mutex.js';
+import { DEFAULT_MAX_PAYLOAD } from '../wire/constants.js';
+
+export type TlsMode = 'off' | 'on' | 'require';
+
+export interface TlsSettings {
+  mode: TlsMode;
+  /** Options for tls.createSecureContext / new TLSSocket: cert, key, ca, pskCallback, ... */
+  socketOptions: SecureContextOptions & {
+    requestCert?: boolean;
+    rejectUnauthorized?: boolean;
+    pskCallback?: (socket: TLSSocket, identity: string) => Buffer | null;
+    ciphers?: string;
+  };
+}
+
+/** Everything the protocol engine needs to know about the server it is part of. */
+export interface ProtocolSettings {
+  backend: Backend;
+  readonly: boolean;
+  /** --no-sr: refuse structured replies (and extended headers, which imply them). */
+  noStructuredReplies: boolean;
+  /** --mask-handshake: handshake flags to offer (bits of FIXED_NEWSTYLE | NO_ZEROES). */
+  handshakeMask: number;
+  /** Largest READ/WRITE payload accepted (advertised as the maximum block size). */
+  maxPayload: number;
+  /** Bytes of requests a connection may have in flight before we stop reading from it. */
+  maxInFlightBytes: number;
+  /** Longest option payload accepted during the handshake. */
+  maxOptionLength: number;
+  tls: TlsSettings;
+  /** Held around every request (serialize_all_requests and stricter). */
+  requestLock: Mutex | null;
+  /** One request at a time per connection (serialize_requests and stricter). */
+  perConnectionLock: boolean;
+  debug: (message: string) => void;
+  error: (message: string) => void;
+}
+
+export const DEFAULT_SETTINGS = {
+  readonly: false,
+  noStructuredReplies: false,
+  handshakeMask: 3,
+  maxPayload: DEFAULT_MAX_PAYLOAD,
+  maxInFlightBytes: 256 * 1024 * 1024,
+  maxOptionLength: 64 * 1024,
+};

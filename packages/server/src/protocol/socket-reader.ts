@@ -1,0 +1,105 @@
+import type { Duplex } from 'node:stream';
+import { ChunkQueue } from '../wire/bytes.js';
+
+/**
+ * Buffers what a socket sends. The handshake reads with `await read(n)`; the transmission phase
+ * switches to `onData`, a synchronous callback run whenever bytes arrive, and parses whole
+ * requests straight out of the queue.
+ */
+export class SocketReader {
+  readonly queue = new ChunkQueue();
+  private want = 0;
+  private waiter: { resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
+  private ended: Error | null = null;
+  onData: (() => void) | null = null;
+  onEnd: (() => void) | null = null;
+  private readonly dataListener = (chunk: Buffer) => this.push(chunk);
+  private readonly endListener = () => this.end(new Error('connection closed by the client'));
+  private readonly errorListener = (err: Error) => this.end(err);
+
+  constructor(public stream: Duplex) {
+    this.attach(stream);
+  }
+
+  private attach(stream: Duplex): void {
+    this.stream = stream;
+    stream.on('data', this.dataListener);
+    stream.on('end', this.endListener);
+    stream.on('close', this.endListener);
+    stream.on('error', this.errorListener);
+  }
+
+  /** Stop reading from the current stream (STARTTLS hands it to a TLS socket). */
+  detach(): void {
+    const s = this.stream;
+    s.off('data', this.dataListener);
+    s.off('end', this.endListener);
+    s.off('close', this.endListener);
+    s.off('error', this.errorListener);
+  }
+
+  /** Start reading from a new stream (the TLS socket that wraps the old one). */
+  reattach(stream: Duplex): void {
+    this.attach(stream);
+  }
+
+  private push(chunk: Buffer): void {
+    this.queue.push(chunk);
+    if (this.waiter && this.queue.length >= this.want) {
+      const w = this.waiter;
+      this.waiter = null;
+      w.resolve(this.queue.take(this.want));
+    } else if (this.onData) {
+      this.onData();
+    }
+  }
+
+  private end(err: Error): void {
+    if (this.ended) return;
+    this.ended = err;
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = null;
+      w.reject(err);
+    }
+    this.onEnd?.();
+  }
+
+  get isEnded(): boolean {
+    return this.ended !== null;
+  }
+
+  read(n: number): Promise<Buffer> {
+    if (this.queue.length >= n) return Promise.resolve(this.queue.take(n));
+    if (this.ended) return Promise.reject(this.ended);
+    this.want = n;
+    return new Promise((resolve, reject) => (this.waiter = { resolve, reject }));
+  }
+
+  /** Read and throw away n bytes without holding them all in memory. */
+  async discard(n: number): Promise<void> {
+    while (n > 0) {
+      if (this.queue.length === 0) await this.waitForData();
+      const m = Math.min(n, this.queue.length);
+      this.queue.skip(m);
+      n -= m;
+    }
+  }
+
+  private waitForData(): Promise<void> {
+    if (this.queue.length > 0) return Promise.resolve();
+    if (this.ended) return Promise.reject(this.ended);
+    this.want = 1;
+    return new Promise((resolve, reject) => {
+      this.waiter = {
+        resolve: (b) => {
+          // Put the byte back: discard() consumes from the queue itself.
+          const rest = this.queue.drain();
+          this.queue.push(Buffer.concat([b, rest]));
+          resolve();
+        },
+        reject,
+      };
+    });
+  }
+}

@@ -1,0 +1,442 @@
+import {
+  Errno,
+  FLAG_FAST_ZERO,
+  FLAG_FUA,
+  FLAG_MAY_TRIM,
+  FLAG_REQ_ONE,
+  NbdError,
+  errnoName,
+  toErrno,
+  type ReadResult,
+  type ZeroSpan,
+} from '../api/common.js';
+import type { Context } from '../backend/context.js';
+import { Mutex } from '../backend/mutex.js';
+import * as C from '../wire/constants.js';
+import {
+  chunkHeaderSize,
+  decodeRequest,
+  encodeBlockStatus,
+  encodeErrorPayload,
+  requestSize,
+  writeChunkHeader,
+  writeSimpleReplyHeader,
+  type Request,
+} from '../wire/codec.js';
+import { writeU64 } from '../wire/bytes.js';
+import type { Negotiated } from './handshake.js';
+import type { ReplyWriter } from './reply-writer.js';
+import type { ProtocolSettings } from './settings.js';
+import type { SocketReader } from './socket-reader.js';
+
+/** Holes smaller than this are sent as zero bytes: a hole chunk would cost more than it saves. */
+const MIN_HOLE_CHUNK = 4096;
+/** Hard cap on a WRITE payload we are willing to read and drop after rejecting the request. */
+const MAX_DROPPABLE_PAYLOAD = 0xffffffff;
+
+/** Which command flags each command accepts, before checking what the export advertises. */
+const VALID_FLAGS: Record<number, number> = {
+  [C.CMD_READ]: C.CMD_FLAG_DF,
+  [C.CMD_WRITE]: C.CMD_FLAG_FUA,
+  [C.CMD_DISC]: 0,
+  [C.CMD_FLUSH]: 0,
+  [C.CMD_TRIM]: C.CMD_FLAG_FUA,
+  [C.CMD_CACHE]: 0,
+  [C.CMD_WRITE_ZEROES]: C.CMD_FLAG_FUA | C.CMD_FLAG_NO_HOLE | C.CMD_FLAG_FAST_ZERO,
+  [C.CMD_BLOCK_STATUS]: C.CMD_FLAG_REQ_ONE,
+};
+
+/**
+ * The transmission phase of one connection: parse requests as bytes arrive, run them with many
+ * in flight, reply in completion order.
+ */
+export class Transmission {
+  private readonly ctx: Context;
+  private readonly extended: boolean;
+  private readonly structured: boolean;
+  private readonly headerSize: number;
+  private readonly connLock: Mutex | null;
+  private inFlight = 0;
+  private inFlightBytes = 0;
+  private paused = false;
+  private stopping = false;
+  /** WRITE payload still to arrive for the request being parsed. */
+  private pendingWrite: { req: Request; error: NbdError | null; buf: Buffer | null; got: number } | null = null;
+  private idleWaiters: Array<() => void> = [];
+  private finished!: () => void;
+  readonly done: Promise<void>;
+
+  constructor(
+    private readonly settings: ProtocolSettings,
+    private readonly n: Negotiated,
+    private readonly reader: SocketReader,
+    private readonly writer: ReplyWriter,
+  ) {
+    this.ctx = n.ctx;
+    this.extended = n.extended;
+    this.structured = n.structured;
+    this.headerSize = requestSize(n.extended);
+    this.connLock = settings.perConnectionLock ? new Mutex() : null;
+    this.done = new Promise((resolve) => (this.finished = resolve));
+    reader.onData = () => this.parse();
+    reader.onEnd = () => this.stop('client went away');
+    this.parse();
+  }
+
+  /** Stop reading requests; `done` resolves once in-flight requests have replied. */
+  stop(reason: string): void {
+    if (this.stopping) return;
+    this.stopping = true;
+    this.settings.debug(`connection ending: ${reason}`);
+    this.reader.onData = null;
+    this.whenIdle(() => this.finished());
+  }
+
+  private whenIdle(fn: () => void): void {
+    if (this.inFlight === 0) fn();
+    else this.idleWaiters.push(fn);
+  }
+
+  private parse(): void {
+    const q = this.reader.queue;
+    while (!this.stopping) {
+      if (this.pendingWrite) {
+        if (!this.takePayload()) return;
+        continue;
+      }
+      if (q.length < this.headerSize) return;
+      const req = decodeRequest(q.take(this.headerSize), this.extended);
+      if (!req) {
+        this.settings.error('bad request magic: closing the connection');
+        this.stop('broken framing');
+        this.reader.stream.destroy();
+        return;
+      }
+      if (!this.admit(req)) return;
+      if (this.paused) return;
+    }
+  }
+
+  /** Validate and start one request. Returns false when the connection must stop parsing. */
+  private admit(req: Request): boolean {
+    const { type, flags, length } = req;
+    const hasPayload =
+      type === C.CMD_WRITE || (this.extended && (flags & C.CMD_FLAG_PAYLOAD_LEN) !== 0);
+    if (type === C.CMD_DISC) {
+      this.stop('client sent DISC');
+      return false;
+    }
+    const error = this.validate(req);
+    if (hasPayload) {
+      if (length > MAX_DROPPABLE_PAYLOAD) {
+        this.settings.error(`request payload of ${length} bytes is impossible: closing the connection`);
+        this.stop('broken framing');
+        this.reader.stream.destroy();
+        return false;
+      }
+      const keep = !error && type === C.CMD_WRITE;
+      this.pendingWrite = { req, error, buf: null, got: 0 };
+      if (keep) {
+        // The payload is normally in the chunk we already hold: take a view, no copy.
+        if (this.reader.queue.length >= length) {
+          this.pendingWrite = null;
+          this.start(req, this.reader.queue.take(length), null);
+          return true;
+        }
+        this.pendingWrite.buf = Buffer.allocUnsafe(length);
+      }
+      return true;
+    }
+    this.start(req, null, error);
+    return true;
+  }
+
+  /** Move WRITE payload bytes out of the queue; true once the whole payload is in. */
+  private takePayload(): boolean {
+    const p = this.pendingWrite!;
+    const q = this.reader.queue;
+    const want = p.req.length - p.got;
+    const m = Math.min(want, q.length);
+    if (m === 0 && want > 0) return false;
+    if (p.buf) q.copyInto(p.buf, p.got, m);
+    else q.skip(m);
+    p.got += m;
+    if (p.got < p.req.length) return false;
+    this.pendingWrite = null;
+    this.start(p.req, p.buf, p.error ?? (p.req.type === C.CMD_WRITE ? null : this.unsupportedPayload()));
+    return true;
+  }
+
+  private unsupportedPayload(): NbdError {
+    return new NbdError(Errno.EINVAL, 'this command takes no payload');
+  }
+
+  /** The spec's checks, in the order that gives the most useful error. */
+  private validate(req: Request): NbdError | null {
+    const { type, flags, offset, length } = req;
+    const f = this.n.flags;
+    if (type > C.CMD_BLOCK_STATUS) return new NbdError(Errno.EINVAL, `unknown command ${type}`);
+    const name = C.CMD_NAMES[type];
+    let allowed = VALID_FLAGS[type]!;
+    if (this.extended && type === C.CMD_WRITE) allowed |= C.CMD_FLAG_PAYLOAD_LEN;
+    if (flags & ~allowed) return new NbdError(Errno.EINVAL, `${name}: flags 0x${flags.toString(16)} are not valid here`);
+    if (flags & C.CMD_FLAG_FUA && !(f & C.TF_SEND_FUA)) return new NbdError(Errno.EINVAL, `${name}: FUA was not advertised`);
+    if (flags & C.CMD_FLAG_DF && !(f & C.TF_SEND_DF)) return new NbdError(Errno.EINVAL, `${name}: DF was not negotiated`);
+    if (flags & C.CMD_FLAG_FAST_ZERO && !(f & C.TF_SEND_FAST_ZERO)) {
+      return new NbdError(Errno.EINVAL, `${name}: FAST_ZERO was not advertised`);
+    }
+    switch (type) {
+      case C.CMD_FLUSH:
+        if (!(f & C.TF_SEND_FLUSH)) return new NbdError(Errno.EINVAL, 'FLUSH is not supported by this export');
+        return null;
+      case C.CMD_TRIM:
+        if (f & C.TF_READ_ONLY) return new NbdError(Errno.EPERM, 'TRIM: the export is read-only');
+        if (!(f & C.TF_SEND_TRIM)) return new NbdError(Errno.EINVAL, 'TRIM is not supported by this export');
+        break;
+      case C.CMD_WRITE_ZEROES:
+        if (f & C.TF_READ_ONLY) return new NbdError(Errno.EPERM, 'WRITE_ZEROES: the export is read-only');
+        if (!(f & C.TF_SEND_WRITE_ZEROES)) return new NbdError(Errno.EINVAL, 'WRITE_ZEROES is not supported by this export');
+        break;
+      case C.CMD_WRITE:
+        if (f & C.TF_READ_ONLY) return new NbdError(Errno.EPERM, 'WRITE: the export is read-only');
+        break;
+      case C.CMD_CACHE:
+        if (!(f & C.TF_SEND_CACHE)) return new NbdError(Errno.EINVAL, 'CACHE is not supported by this export');
+        break;
+      case C.CMD_BLOCK_STATUS:
+        if (this.n.baseAllocation === null) {
+          return new NbdError(Errno.EINVAL, 'BLOCK_STATUS: no metadata context was selected');
+        }
+        break;
+    }
+    if (length === 0) return new NbdError(Errno.EINVAL, `${name}: zero-length request`);
+    if ((type === C.CMD_READ || type === C.CMD_WRITE) && length > this.settings.maxPayload) {
+      return new NbdError(Errno.EINVAL, `${name}: ${length} bytes exceeds the maximum payload of ${this.settings.maxPayload}`);
+    }
+    const size = this.ctx.size;
+    if (!(offset + length <= size)) {
+      const errno = type === C.CMD_WRITE || type === C.CMD_WRITE_ZEROES ? Errno.ENOSPC : Errno.EINVAL;
+      return new NbdError(errno, `${name}: offset ${offset} + length ${length} is beyond the end of the export (${size})`);
+    }
+    return null;
+  }
+
+  private start(req: Request, payload: Buffer | null, error: NbdError | null): void {
+    if (error) {
+      this.replyError(req, error);
+      return;
+    }
+    const cost = req.type === C.CMD_READ || req.type === C.CMD_WRITE ? req.length : 0;
+    this.inFlight++;
+    this.inFlightBytes += cost;
+    if (this.inFlightBytes > this.settings.maxInFlightBytes && !this.paused) {
+      this.paused = true;
+      this.reader.stream.pause();
+    }
+    const run = () => this.execute(req, payload);
+    const lock = this.settings.requestLock;
+    let p: Promise<void>;
+    if (this.connLock || lock) {
+      p = (this.connLock ?? lock!).run(() => (this.connLock && lock ? lock.run(run) : run()));
+    } else {
+      p = run();
+    }
+    p.then(
+      () => this.finish(cost),
+      (err) => {
+        this.settings.error(`internal error: ${(err as Error).stack ?? err}`);
+        this.finish(cost);
+      },
+    );
+  }
+
+  private finish(cost: number): void {
+    this.inFlight--;
+    this.inFlightBytes -= cost;
+    if (this.paused && this.inFlightBytes <= this.settings.maxInFlightBytes / 2) {
+      this.paused = false;
+      this.reader.stream.resume();
+      this.parse();
+    }
+    if (this.inFlight === 0 && this.idleWaiters.length) {
+      const w = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const fn of w) fn();
+    }
+  }
+
+  private async execute(req: Request, payload: Buffer | null): Promise<void> {
+    const ctx = this.ctx;
+    const fua = req.flags & C.CMD_FLAG_FUA ? FLAG_FUA : 0;
+    try {
+      switch (req.type) {
+        case C.CMD_READ:
+          return await this.read(req);
+        case C.CMD_WRITE:
+          await ctx.pwrite(payload!, req.offset, fua);
+          break;
+        case C.CMD_FLUSH:
+          await ctx.flush(0);
+          break;
+        case C.CMD_TRIM:
+          await ctx.trim(req.length, req.offset, fua);
+          break;
+        case C.CMD_CACHE:
+          await ctx.cache(req.length, req.offset, 0);
+          break;
+        case C.CMD_WRITE_ZEROES: {
+          let flags = fua;
+          if (!(req.flags & C.CMD_FLAG_NO_HOLE)) flags |= FLAG_MAY_TRIM;
+          if (req.flags & C.CMD_FLAG_FAST_ZERO) flags |= FLAG_FAST_ZERO;
+          await ctx.zero(req.length, req.offset, flags);
+          break;
+        }
+        case C.CMD_BLOCK_STATUS:
+          return await this.blockStatus(req);
+      }
+      this.replyOk(req);
+    } catch (err) {
+      this.replyError(req, err);
+    }
+  }
+
+  // ---- replies ---------------------------------------------------------------------------------
+
+  private replyOk(req: Request): void {
+    if (this.extended) {
+      const b = Buffer.allocUnsafe(C.EXTENDED_REPLY_SIZE);
+      writeChunkHeader(b, 0, true, C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, req.cookie, req.offset, 0);
+      this.writer.push(b);
+    } else {
+      const b = Buffer.allocUnsafe(C.SIMPLE_REPLY_SIZE);
+      writeSimpleReplyHeader(b, 0, 0, req.cookie);
+      this.writer.push(b);
+    }
+  }
+
+  private replyError(req: Request, err: unknown): void {
+    const errno = toErrno(err);
+    const message = err instanceof Error ? err.message : String(err);
+    const cmd = C.CMD_NAMES[req.type] ?? `command ${req.type}`;
+    this.settings.debug(`${cmd} at ${req.offset}+${req.length}: ${errnoName(errno)}: ${message}`);
+    if (!(err instanceof NbdError) && !(err as { code?: string })?.code) {
+      this.settings.error(`${cmd}: ${message}`);
+    }
+    if (this.structured) {
+      const payload = encodeErrorPayload(errno, message);
+      const h = Buffer.allocUnsafe(chunkHeaderSize(this.extended));
+      writeChunkHeader(h, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_ERROR, req.cookie, req.offset, payload.length);
+      this.writer.push(h, payload);
+    } else {
+      const b = Buffer.allocUnsafe(C.SIMPLE_REPLY_SIZE);
+      writeSimpleReplyHeader(b, 0, errno, req.cookie);
+      this.writer.push(b);
+    }
+  }
+
+  private async read(req: Request): Promise<void> {
+    const len = req.length;
+    if (!this.structured) {
+      // One buffer for header and data: the plugin fills the data in place.
+      const b = Buffer.allocUnsafe(C.SIMPLE_REPLY_SIZE + len);
+      const data = b.subarray(C.SIMPLE_REPLY_SIZE);
+      try {
+        fillHoles(data, await this.ctx.pread(data, req.offset, 0));
+      } catch (err) {
+        return this.replyError(req, err);
+      }
+      writeSimpleReplyHeader(b, 0, 0, req.cookie);
+      this.writer.push(b);
+      return;
+    }
+    const hs = chunkHeaderSize(this.extended);
+    const prefix = hs + 8;
+    const b = Buffer.allocUnsafe(prefix + len);
+    const data = b.subarray(prefix);
+    let result: ReadResult;
+    try {
+      result = await this.ctx.pread(data, req.offset, 0);
+    } catch (err) {
+      return this.replyError(req, err);
+    }
+    const holes = result && result.length ? bigHoles(data, result) : null;
+    if (!holes || holes.length === 0 || req.flags & C.CMD_FLAG_DF) {
+      if (result && result.length) fillHoles(data, result);
+      writeChunkHeader(b, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + len);
+      writeU64(b, req.offset, hs);
+      this.writer.push(b);
+      return;
+    }
+    // Data and hole chunks in order; the last one carries DONE.
+    const out: Uint8Array[] = [];
+    let pos = 0;
+    const pieces: Array<{ hole: boolean; start: number; length: number }> = [];
+    for (const h of holes) {
+      if (h.start > pos) pieces.push({ hole: false, start: pos, length: h.start - pos });
+      pieces.push({ hole: true, start: h.start, length: h.length });
+      pos = h.start + h.length;
+    }
+    if (pos < len) pieces.push({ hole: false, start: pos, length: len - pos });
+    pieces.forEach((p, i) => {
+      const last = i === pieces.length - 1 ? C.REPLY_FLAG_DONE : 0;
+      const off = req.offset + p.start;
+      if (p.hole) {
+        const c = Buffer.allocUnsafe(hs + 12);
+        writeChunkHeader(c, 0, this.extended, last, C.REPLY_TYPE_OFFSET_HOLE, req.cookie, off, 12);
+        writeU64(c, off, hs);
+        c.writeUInt32BE(p.length, hs + 8);
+        out.push(c);
+      } else {
+        const c = Buffer.allocUnsafe(hs + 8);
+        writeChunkHeader(c, 0, this.extended, last, C.REPLY_TYPE_OFFSET_DATA, req.cookie, off, 8 + p.length);
+        writeU64(c, off, hs);
+        out.push(c, data.subarray(p.start, p.start + p.length));
+      }
+    });
+    this.writer.push(...out);
+  }
+
+  private async blockStatus(req: Request): Promise<void> {
+    let extents;
+    try {
+      const flags = req.flags & C.CMD_FLAG_REQ_ONE ? FLAG_REQ_ONE : 0;
+      extents = await this.ctx.extents(req.length, req.offset, flags);
+    } catch (err) {
+      return this.replyError(req, err);
+    }
+    // Compact replies carry 32-bit lengths; extended ones 64-bit.
+    const descriptors = extents.map((e) => ({ length: e.length, flags: e.type }));
+    const payload = encodeBlockStatus(this.n.baseAllocation!, descriptors, this.extended);
+    const h = Buffer.allocUnsafe(chunkHeaderSize(this.extended));
+    const type = this.extended ? C.REPLY_TYPE_BLOCK_STATUS_EXT : C.REPLY_TYPE_BLOCK_STATUS;
+    writeChunkHeader(h, 0, this.extended, C.REPLY_FLAG_DONE, type, req.cookie, req.offset, payload.length);
+    this.writer.push(h, payload);
+  }
+}
+
+/** Zero the spans a plugin reported as holes, for replies that must carry every byte. */
+function fillHoles(data: Uint8Array, result: ReadResult): void {
+  if (!result) return;
+  for (const h of result) data.fill(0, h.start, h.start + h.length);
+}
+
+/** Sorted, merged, bounds-checked holes worth a hole chunk; small ones are zero-filled. */
+function bigHoles(data: Uint8Array, spans: readonly ZeroSpan[]): ZeroSpan[] {
+  const sorted = spans
+    .map((s) => ({ start: Math.max(0, s.start), length: Math.min(s.start + s.length, data.length) - Math.max(0, s.start) }))
+    .filter((s) => s.length > 0)
+    .sort((a, b) => a.start - b.start);
+  const merged: ZeroSpan[] = [];
+  for (const s of sorted) {
+    const last = merged[merged.length - 1];
+    if (last && s.start <= last.start + last.length) {
+      last.length = Math.max(last.length, s.start + s.length - last.start);
+    } else merged.push({ ...s });
+  }
+  const out: ZeroSpan[] = [];
+  for (const s of merged) {
+    if (s.length >= MIN_HOLE_CHUNK) out.push(s);
+    else data.fill(0, s.start, s.start + s.length);
+  }
+  return out;
+}

@@ -1,0 +1,179 @@
+import type { Duplex } from 'node:stream';
+import type * as net from 'node:net';
+import { setLogSink, type ThreadModel } from './api/common.js';
+import type { Filter, Plugin } from './api/define.js';
+import { Backend } from './backend/backend.js';
+import { Mutex } from './backend/mutex.js';
+import { Connection } from './protocol/connection.js';
+import { DEFAULT_SETTINGS, type ProtocolSettings, type TlsSettings } from './protocol/settings.js';
+import { bind, type BoundListener, type ListenTarget } from './listeners/listen.js';
+
+export interface ServeOptions {
+  plugin: Plugin;
+  /** Outermost first, like repeated --filter. */
+  filters?: readonly Filter[];
+  /** key=value parameters, routed through the filters to the plugin (like the command line). */
+  config?: Iterable<readonly [string, string]> | Record<string, string>;
+  /** Where to listen; defaults to a private temporary Unix socket. Ignored with `streams`. */
+  listen?: ListenTarget;
+  readonly?: boolean;
+  /** Name shown in URIs (-e). */
+  exportName?: string;
+  noStructuredReplies?: boolean;
+  handshakeMask?: number;
+  maxPayload?: number;
+  maxInFlightBytes?: number;
+  tls?: TlsSettings;
+  /** Called with debug lines (-v). */
+  debug?: (message: string) => void;
+  error?: (message: string) => void;
+}
+
+export interface ServerAddress {
+  /** nbd:// or nbd+unix:// URI a client can use. */
+  uri: string;
+  port?: number;
+  host?: string;
+  path?: string;
+}
+
+/**
+ * A running NBD server: the embedding API. Create with `serve()`, stop with `close()`, which lets
+ * in-flight requests finish, closes every connection and unloads the plugin and filters.
+ */
+export class NbdServer {
+  readonly backend: Backend;
+  readonly settings: ProtocolSettings;
+  readonly threadModel: ThreadModel;
+  private listeners: BoundListener[] = [];
+  private connections = new Set<Connection>();
+  private connectionLock: Mutex | null;
+  private closing: Promise<void> | null = null;
+  exportName = '';
+
+  private constructor(backend: Backend, options: ServeOptions) {
+    this.backend = backend;
+    this.threadModel = backend.threadModel();
+    const serializeAll = this.threadModel === 'serialize_all_requests' || this.threadModel === 'serialize_connections';
+    this.connectionLock = this.threadModel === 'serialize_connections' ? new Mutex() : null;
+    this.settings = {
+      ...DEFAULT_SETTINGS,
+      backend,
+      readonly: options.readonly ?? false,
+      noStructuredReplies: options.noStructuredReplies ?? false,
+      handshakeMask: options.handshakeMask ?? DEFAULT_SETTINGS.handshakeMask,
+      maxPayload: options.maxPayload ?? DEFAULT_SETTINGS.maxPayload,
+      maxInFlightBytes: options.maxInFlightBytes ?? DEFAULT_SETTINGS.maxInFlightBytes,
+      tls: options.tls ?? { mode: 'off', socketOptions: {} },
+      requestLock: serializeAll ? new Mutex() : null,
+      perConnectionLock: this.threadModel !== 'parallel',
+      debug: options.debug ?? (() => {}),
+      error: options.error ?? ((m) => process.stderr.write(`nbdx: ${m}\n`)),
+    };
+    this.exportName = options.exportName ?? '';
+  }
+
+  /** Load, configure and get the backend ready, without listening (the CLI's first half). */
+  static async prepare(options: ServeOptions): Promise<NbdServer> {
+    if (options.debug || options.error) {
+      const dbg = options.debug;
+      const err = options.error ?? ((m: string) => process.stderr.write(`nbdx: ${m}\n`));
+      setLogSink((level, source, message) => {
+        if (level === 'debug') dbg?.(`${source}: ${message}`);
+        else err(`${source}: ${message}`);
+      });
+    }
+    const backend = new Backend(options.plugin, options.filters ?? []);
+    await backend.load();
+    try {
+      const config = options.config ?? [];
+      const pairs = Symbol.iterator in Object(config) ? (config as Iterable<[string, string]>) : Object.entries(config);
+      for (const [k, v] of pairs) await backend.config(k, v);
+      await backend.configComplete();
+      await backend.getReady();
+    } catch (err) {
+      await backend.unload();
+      throw err;
+    }
+    return new NbdServer(backend, options);
+  }
+
+  /** Start listening on a target; may be called more than once. */
+  async listen(target: ListenTarget): Promise<ServerAddress[]> {
+    const bound = await bind(target, (s) => this.accept(s));
+    this.listeners.push(...bound);
+    return bound.map((b) => this.addressOf(b));
+  }
+
+  private addressOf(b: BoundListener): ServerAddress {
+    const name = encodeURIComponent(this.exportName).replace(/%2F/g, '/');
+    if (b.path) return { uri: `nbd+unix:///${name}?socket=${encodeURI(b.path)}`, path: b.path };
+    const host = b.host && b.host !== '::' && b.host !== '0.0.0.0' ? b.host : 'localhost';
+    const h = host.includes(':') ? `[${host}]` : host;
+    return { uri: `nbd://${h}:${b.port}/${name}`, port: b.port, host };
+  }
+
+  get addresses(): ServerAddress[] {
+    return this.listeners.map((b) => this.addressOf(b));
+  }
+
+  /** Serve one connection on a pair of streams (-s uses stdin and stdout). */
+  serveStreams(input: Duplex, output: Duplex = input): Promise<void> {
+    return this.track(() => new Connection(this.settings, input, output));
+  }
+
+  private accept(socket: net.Socket): void {
+    if (this.closing) {
+      socket.destroy();
+      return;
+    }
+    socket.setNoDelay(true);
+    void this.track(() => new Connection(this.settings, socket));
+  }
+
+  private async track(make: () => Connection): Promise<void> {
+    const go = async () => {
+      const c = make();
+      this.connections.add(c);
+      try {
+        await c.closed;
+      } finally {
+        this.connections.delete(c);
+      }
+    };
+    return this.connectionLock ? this.connectionLock.run(go) : go();
+  }
+
+  async afterStart(): Promise<void> {
+    await this.backend.afterStart();
+  }
+
+  get connectionCount(): number {
+    return this.connections.size;
+  }
+
+  /** Stop listening, let in-flight requests finish, close connections, unload. Idempotent. */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.server.close(() => r()))));
+      for (const l of this.listeners) l.cleanup();
+      for (const c of this.connections) c.shutdown();
+      await Promise.all([...this.connections].map((c) => c.closed));
+      await this.backend.unload();
+    })();
+    return this.closing;
+  }
+}
+
+/** Embedding API: load, configure and serve a plugin (and filters) from inside a Node program. */
+export async function serve(options: ServeOptions): Promise<NbdServer & { uri: string }> {
+  const server = await NbdServer.prepare(options);
+  try {
+    await server.listen(options.listen ?? { kind: 'unix-temp' });
+    await server.afterStart();
+  } catch (err) {
+    await server.close();
+    throw err;
+  }
+  return Object.assign(server, { uri: server.addresses[0]!.uri });
+}
