@@ -1,0 +1,252 @@
+/**
+ * nbdkit's command-line grammar: `nbdx [OPTIONS] PLUGIN [KEY=VALUE | VALUE]... [OPTIONS]`.
+ * Options may come before or after the plugin; the first bare value after the plugin goes to
+ * the plugin's magic key.
+ */
+
+export class UsageError extends Error {}
+
+export interface CliOptions {
+  port?: string;
+  ipaddr?: string;
+  unix?: string;
+  single: boolean;
+  readonly: boolean;
+  exportName?: string;
+  foreground: boolean;
+  pidfile?: string;
+  threads?: number;
+  verbose: boolean;
+  debugFlags: string[];
+  run?: string;
+  filters: string[];
+  tls: 'off' | 'on' | 'require';
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsVerifyPeer: boolean;
+  exitWithParent: boolean;
+  maskHandshake?: number;
+  noSr: boolean;
+  log: 'stderr' | 'syslog' | 'null';
+  printUri: boolean;
+  dumpPlugin: boolean;
+  dumpConfig: boolean;
+  help: boolean;
+  version: boolean;
+  maxPayload?: string;
+  noInstall: boolean;
+  plugin?: string;
+  /** key=value pairs in order; bare values arrive as [null, value] until the magic key is known. */
+  params: Array<[string | null, string]>;
+}
+
+type Spec = { takesValue: boolean; set: (o: CliOptions, v: string) => void };
+
+const LONG: Record<string, Spec> = {
+  port: { takesValue: true, set: (o, v) => (o.port = v) },
+  ipaddr: { takesValue: true, set: (o, v) => (o.ipaddr = v) },
+  unix: { takesValue: true, set: (o, v) => (o.unix = v) },
+  single: { takesValue: false, set: (o) => (o.single = true) },
+  readonly: { takesValue: false, set: (o) => (o.readonly = true) },
+  'read-only': { takesValue: false, set: (o) => (o.readonly = true) },
+  exportname: { takesValue: true, set: (o, v) => (o.exportName = v) },
+  'export-name': { takesValue: true, set: (o, v) => (o.exportName = v) },
+  foreground: { takesValue: false, set: (o) => (o.foreground = true) },
+  'no-fork': { takesValue: false, set: (o) => (o.foreground = true) },
+  pidfile: { takesValue: true, set: (o, v) => (o.pidfile = v) },
+  threads: {
+    takesValue: true,
+    set: (o, v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 0) throw new UsageError(`--threads: '${v}' is not a number`);
+      o.threads = n;
+    },
+  },
+  verbose: { takesValue: false, set: (o) => (o.verbose = true) },
+  debug: { takesValue: true, set: (o, v) => o.debugFlags.push(v) },
+  run: { takesValue: true, set: (o, v) => (o.run = v) },
+  filter: { takesValue: true, set: (o, v) => o.filters.push(v) },
+  tls: {
+    takesValue: true,
+    set: (o, v) => {
+      const t = v === 'off' || v === 'on' || v === 'require' ? v : null;
+      if (!t) throw new UsageError(`--tls: '${v}' is not one of off, on, require`);
+      o.tls = t;
+    },
+  },
+  'tls-certificates': { takesValue: true, set: (o, v) => (o.tlsCertificates = v) },
+  'tls-psk': { takesValue: true, set: (o, v) => (o.tlsPsk = v) },
+  'tls-verify-peer': { takesValue: false, set: (o) => (o.tlsVerifyPeer = true) },
+  'exit-with-parent': { takesValue: false, set: (o) => (o.exitWithParent = true) },
+  'mask-handshake': {
+    takesValue: true,
+    set: (o, v) => {
+      const n = Number(v);
+      if (!Number.isInteger(n) || n < 0 || n > 0xffff) throw new UsageError(`--mask-handshake: '${v}' is not a number`);
+      o.maskHandshake = n;
+    },
+  },
+  'no-sr': { takesValue: false, set: (o) => (o.noSr = true) },
+  'no-structured-replies': { takesValue: false, set: (o) => (o.noSr = true) },
+  log: {
+    takesValue: true,
+    set: (o, v) => {
+      if (v !== 'stderr' && v !== 'syslog' && v !== 'null') throw new UsageError(`--log: '${v}' is not one of stderr, syslog, null`);
+      o.log = v;
+    },
+  },
+  'print-uri': { takesValue: false, set: (o) => (o.printUri = true) },
+  'dump-plugin': { takesValue: false, set: (o) => (o.dumpPlugin = true) },
+  'dump-config': { takesValue: false, set: (o) => (o.dumpConfig = true) },
+  help: { takesValue: false, set: (o) => (o.help = true) },
+  version: { takesValue: false, set: (o) => (o.version = true) },
+  'max-payload': { takesValue: true, set: (o, v) => (o.maxPayload = v) },
+  'no-install': { takesValue: false, set: (o) => (o.noInstall = true) },
+  newstyle: { takesValue: false, set: () => {} },
+  oldstyle: {
+    takesValue: false,
+    set: () => {
+      throw new UsageError('--oldstyle: the oldstyle protocol is not supported (it is obsolete); use newstyle');
+    },
+  },
+};
+
+const SHORT: Record<string, string> = {
+  p: 'port',
+  i: 'ipaddr',
+  U: 'unix',
+  s: 'single',
+  r: 'readonly',
+  e: 'exportname',
+  f: 'foreground',
+  P: 'pidfile',
+  t: 'threads',
+  v: 'verbose',
+  D: 'debug',
+  n: 'newstyle',
+  o: 'oldstyle',
+  h: 'help',
+  V: 'version',
+};
+
+export function parseArgs(argv: readonly string[]): CliOptions {
+  const o: CliOptions = {
+    single: false,
+    readonly: false,
+    foreground: false,
+    verbose: false,
+    debugFlags: [],
+    filters: [],
+    tls: 'off',
+    tlsVerifyPeer: false,
+    exitWithParent: false,
+    noSr: false,
+    log: 'stderr',
+    printUri: false,
+    dumpPlugin: false,
+    dumpConfig: false,
+    help: false,
+    version: false,
+    noInstall: false,
+    params: [],
+  };
+  let onlyParams = false;
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i]!;
+    if (!onlyParams && a === '--') {
+      onlyParams = true;
+      continue;
+    }
+    if (!onlyParams && a.startsWith('--')) {
+      const eq = a.indexOf('=');
+      const name = eq < 0 ? a.slice(2) : a.slice(2, eq);
+      const spec = LONG[name];
+      if (!spec) throw new UsageError(`unknown option '--${name}' (see nbdx --help)`);
+      if (spec.takesValue) {
+        let v: string | undefined = eq < 0 ? argv[++i] : a.slice(eq + 1);
+        if (v === undefined) throw new UsageError(`option '--${name}' needs a value`);
+        spec.set(o, v);
+      } else {
+        if (eq >= 0) throw new UsageError(`option '--${name}' takes no value`);
+        spec.set(o, '');
+      }
+      continue;
+    }
+    if (!onlyParams && a.startsWith('-') && a.length > 1) {
+      // Short options, bundled like getopt: -fv, -p10809, -p 10809, -U -.
+      for (let j = 1; j < a.length; j++) {
+        const long = SHORT[a[j]!];
+        if (!long) throw new UsageError(`unknown option '-${a[j]}' (see nbdx --help)`);
+        const spec = LONG[long]!;
+        if (spec.takesValue) {
+          const rest = a.slice(j + 1);
+          const v = rest !== '' ? rest : argv[++i];
+          if (v === undefined) throw new UsageError(`option '-${a[j]}' needs a value`);
+          spec.set(o, v);
+          break;
+        }
+        spec.set(o, '');
+      }
+      continue;
+    }
+    if (o.plugin === undefined) {
+      o.plugin = a;
+      continue;
+    }
+    const eq = a.indexOf('=');
+    if (eq > 0) o.params.push([a.slice(0, eq), a.slice(eq + 1)]);
+    else o.params.push([null, a]);
+  }
+  return o;
+}
+
+/** Give bare values to the plugin's magic key: only the first bare value may be bare. */
+export function applyMagicKey(params: CliOptions['params'], magicKey: string | undefined, plugin: string): Array<[string, string]> {
+  let used = false;
+  return params.map(([k, v]) => {
+    if (k !== null) return [k, v];
+    if (!magicKey) throw new UsageError(`plugin '${plugin}' needs key=value parameters; '${v}' has no key`);
+    if (used) throw new UsageError(`only the first parameter may leave out '${magicKey}='; '${v}' has no key`);
+    used = true;
+    return [magicKey, v];
+  });
+}
+
+export const USAGE = `Usage: nbdx [OPTIONS] PLUGIN [KEY=VALUE | VALUE]... [OPTIONS]
+
+Serve PLUGIN over the Network Block Device protocol. The first bare VALUE goes to the plugin's
+magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the plugin.
+
+  -p, --port=PORT           TCP port (default 10809)
+  -i, --ipaddr=ADDR         listen on this address only (default: every IPv4 and IPv6 address)
+  -U, --unix=PATH           listen on a Unix socket; '-U -' makes a private one, removed at exit
+  -s, --single              serve one connection on stdin/stdout, then exit
+  -r, --readonly            refuse writes
+  -e, --exportname=NAME     export name shown in URIs
+  -f, --foreground          stay in the foreground (default: detach once listening)
+  -P, --pidfile=FILE        write the server's PID here once listening
+  -t, --threads=N           accepted for nbdkit compatibility (Node runs callbacks on one thread)
+  -v, --verbose             debug messages on stderr
+  -D, --debug=NAME.FLAG=N   accepted for nbdkit compatibility; no debug flags are defined yet
+      --run=CMD             serve while CMD runs ($uri $nbd $port $unixsocket $exportname set),
+                            then exit with CMD's status
+      --filter=NAME         add a filter (the first is outermost); repeatable
+      --tls=off|on|require  TLS: off, optional, or required
+      --tls-certificates=DIR  ca-cert.pem, server-cert.pem, server-key.pem in DIR
+      --tls-psk=FILE        pre-shared keys, one 'identity:hexkey' per line
+      --tls-verify-peer     require a client certificate signed by the CA
+      --exit-with-parent    exit when the parent process exits
+      --mask-handshake=MASK handshake flags to offer (bits: 1 fixed newstyle, 2 no zeroes)
+      --no-sr               no structured replies (nor extended headers)
+      --max-payload=SIZE    largest read/write request (default 32M)
+      --log=stderr|syslog|null  where messages go (syslog is written to stderr)
+      --print-uri           print the URI clients can use
+      --no-install          never install missing first-party plugins (also NBDX_NO_INSTALL=1)
+      --dump-plugin         print information about PLUGIN and exit
+      --dump-config         print information about nbdx and exit
+      --help                this text; 'nbdx PLUGIN --help' shows PLUGIN's parameters
+      --version             print the version of nbdx (and of PLUGIN and filters)
+
+Plugins and filters are npm packages found by name: PLUGIN 'x' is @nbdx/plugin-x or nbdx-plugin-x,
+--filter=y is @nbdx/filter-y or nbdx-filter-y; a path (./my-plugin.js) is loaded directly.
+`;

@@ -1,0 +1,284 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import * as os from 'node:os';
+import { NbdError, parseSize } from '../api/common.js';
+import type { Filter, Plugin } from '../api/define.js';
+import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS } from '../api/define.js';
+import { socketActivationFds, type ListenTarget } from '../listeners/listen.js';
+import { LoadError, load, searchBases } from '../loader/resolve.js';
+import { NbdServer, type ServerAddress } from '../server.js';
+import { USAGE, UsageError, applyMagicKey, parseArgs, type CliOptions } from './args.js';
+import { dumpPlugin } from './dump.js';
+import { tlsSettings } from './tls-setup.js';
+
+/** Our own package.json, found by walking up (the bundler moves this code into a chunk). */
+function ownVersion(): string {
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    const p = path.join(dir, 'package.json');
+    if (fs.existsSync(p)) {
+      const pj = JSON.parse(fs.readFileSync(p, 'utf8'));
+      if (pj.name === '@nbdx/server') return pj.version;
+    }
+    const up = path.dirname(dir);
+    if (up === dir) return '0.0.0';
+    dir = up;
+  }
+}
+export const VERSION: string = ownVersion();
+
+/** Set in the background child so it reports readiness to the parent that spawned it. */
+const DAEMON_ENV = 'NBDX_DAEMON_CHILD';
+
+function fail(message: string): never {
+  throw new UsageError(message);
+}
+
+/** Entry point of the `nbdx` command. Resolves with the exit status. */
+export async function main(argv: readonly string[]): Promise<number> {
+  let o: CliOptions;
+  try {
+    o = parseArgs(argv);
+    return await run(o);
+  } catch (err) {
+    const msg = err instanceof UsageError || err instanceof LoadError || err instanceof NbdError
+      ? err.message
+      : ((err as Error).stack ?? String(err));
+    reportStartupError(msg);
+    return 1;
+  }
+}
+
+function reportStartupError(msg: string): void {
+  if (process.env[DAEMON_ENV] && process.send) process.send({ type: 'error', message: msg });
+  else process.stderr.write(`nbdx: ${msg}\n`);
+}
+
+async function run(o: CliOptions): Promise<number> {
+  if (o.dumpConfig) {
+    process.stdout.write(dumpConfig());
+    return 0;
+  }
+  if (!o.plugin) {
+    if (o.help) {
+      process.stdout.write(USAGE);
+      return 0;
+    }
+    if (o.version) {
+      process.stdout.write(`nbdx ${VERSION}\n`);
+      return 0;
+    }
+    fail('no plugin given. Usage: nbdx [OPTIONS] PLUGIN [KEY=VALUE]... (see nbdx --help)');
+  }
+
+  const { ensureInstalled } = await import('./install.js');
+  const reexec = await ensureInstalled(o, argv());
+  if (reexec !== null) return reexec;
+
+  const bases = searchBases();
+  const pluginMod = await load(o.plugin, 'plugin', bases);
+  const plugin = pluginMod.value as Plugin;
+  const filters: Filter[] = [];
+  for (const name of o.filters) filters.push((await load(name, 'filter', bases)).value as Filter);
+
+  if (o.help) {
+    process.stdout.write(pluginHelp(plugin, filters));
+    return 0;
+  }
+  if (o.version) {
+    process.stdout.write(`nbdx ${VERSION}\n`);
+    process.stdout.write(`${plugin.name} ${plugin.version ?? ''}`.trimEnd() + '\n');
+    for (const f of filters) process.stdout.write(`${f.name} ${f.version ?? ''}`.trimEnd() + '\n');
+    return 0;
+  }
+  if (o.dumpPlugin) {
+    process.stdout.write(await dumpPlugin(plugin, filters));
+    return 0;
+  }
+
+  const config = applyMagicKey(o.params, plugin.magicConfigKey, plugin.name);
+  const conflicts = [o.single && 'single', o.unix && 'unix', (o.port || o.ipaddr) && 'port'].filter(Boolean);
+  if (conflicts.length > 1 || (o.single && o.run)) fail(`--single cannot be combined with -p/-i/-U/--run`);
+  if (o.unix && (o.port || o.ipaddr)) fail('-U cannot be combined with -p or -i');
+
+  const background = !o.foreground && !o.single && !o.run && !o.exitWithParent && !process.env[DAEMON_ENV];
+  if (background) return detach();
+
+  const verbose = o.verbose && o.log !== 'null';
+  const server = await NbdServer.prepare({
+    plugin,
+    filters,
+    config,
+    readonly: o.readonly,
+    exportName: o.exportName ?? '',
+    noStructuredReplies: o.noSr,
+    handshakeMask: o.maskHandshake,
+    maxPayload: o.maxPayload ? parseSize(o.maxPayload, '--max-payload') : undefined,
+    tls: tlsSettings(o),
+    debug: verbose ? (m) => process.stderr.write(`nbdx: debug: ${m}\n`) : () => {},
+    error: o.log === 'null' ? () => {} : (m) => process.stderr.write(`nbdx: ${m}\n`),
+  });
+
+  let shuttingDown = false;
+  const cleanups: Array<() => void> = [];
+  const shutdown = async (status: number): Promise<number> => {
+    if (!shuttingDown) {
+      shuttingDown = true;
+      await server.close();
+      for (const c of cleanups) c();
+    }
+    return status;
+  };
+
+  if (o.single) {
+    await server.afterStart();
+    await server.serveStreams(process.stdin, process.stdout);
+    return shutdown(0);
+  }
+
+  let addresses: ServerAddress[];
+  try {
+    addresses = await server.listen(listenTarget(o));
+  } catch (err) {
+    await server.close();
+    fail(`cannot listen: ${(err as Error).message}`);
+  }
+  await server.afterStart();
+
+  if (o.pidfile) {
+    fs.writeFileSync(o.pidfile, `${process.pid}\n`);
+    const pidfile = o.pidfile;
+    cleanups.push(() => fs.rmSync(pidfile, { force: true }));
+  }
+  const uri = addresses[0]!.uri;
+  if (o.printUri) process.stdout.write(`${uri}\n`);
+  if (process.env[DAEMON_ENV] && process.send) {
+    process.send({ type: 'ready', uri });
+    process.disconnect?.();
+  }
+
+  const done = new Promise<number>((resolve) => {
+    const onSignal = (sig: NodeJS.Signals) => {
+      if (shuttingDown) process.exit(1); // a second signal: stop waiting
+      server.settings.debug(`${sig}: shutting down`);
+      void shutdown(0).then(resolve);
+    };
+    process.on('SIGINT', onSignal);
+    process.on('SIGTERM', onSignal);
+    if (o.exitWithParent) watchParent(() => void shutdown(0).then(resolve));
+    if (o.run) {
+      const child = runCaptive(o.run, addresses[0]!, o.exportName ?? '');
+      child.on('exit', (code, signal) => {
+        void shutdown(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1)).then(resolve);
+      });
+    }
+  });
+  return done;
+}
+
+function argv(): string[] {
+  return process.argv.slice(2);
+}
+
+function listenTarget(o: CliOptions): ListenTarget {
+  const fds = socketActivationFds();
+  if (fds) return { kind: 'fds', fds };
+  if (o.unix === '-') return { kind: 'unix-temp' };
+  if (o.unix) return { kind: 'unix', path: o.unix };
+  const port = o.port === undefined ? 10809 : Number(o.port);
+  if (!Number.isInteger(port) || port < 0 || port > 65535) fail(`-p: '${o.port}' is not a port number`);
+  return { kind: 'tcp', port, host: o.ipaddr };
+}
+
+/** --run: the command sees the server's address in its environment, like nbdkit's captive mode. */
+function runCaptive(cmd: string, addr: ServerAddress, exportName: string): ChildProcess {
+  const env: NodeJS.ProcessEnv = { ...process.env, uri: addr.uri, exportname: exportName };
+  if (addr.path) {
+    env.unixsocket = addr.path;
+    env.nbd = addr.uri;
+    env.port = '';
+  } else {
+    env.port = String(addr.port);
+    env.nbd = `nbd:${addr.host ?? 'localhost'}:${addr.port}`;
+    env.unixsocket = '';
+  }
+  delete env[DAEMON_ENV];
+  return spawn('/bin/sh', ['-c', cmd], { stdio: 'inherit', env });
+}
+
+/** Node cannot ask the kernel for a parent-death signal, so notice the re-parenting instead. */
+function watchParent(onExit: () => void): void {
+  const parent = process.ppid;
+  const timer = setInterval(() => {
+    if (process.ppid !== parent) {
+      clearInterval(timer);
+      onExit();
+    }
+  }, 500);
+  timer.unref();
+}
+
+/**
+ * nbdkit's default: detach once listening. Node cannot fork, so we start ourselves again as a
+ * detached child, wait until it says it is listening (or why it failed), and exit.
+ */
+function detach(): Promise<number> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...argv()], {
+      detached: true,
+      stdio: ['ignore', 'ignore', 'inherit', 'ipc'],
+      env: { ...process.env, [DAEMON_ENV]: '1' },
+    });
+    let settled = false;
+    child.on('message', (m: { type: string; message?: string; uri?: string }) => {
+      if (settled) return;
+      settled = true;
+      if (m.type === 'ready') {
+        if (argv().includes('--print-uri')) process.stdout.write(`${m.uri}\n`);
+        child.unref();
+        child.disconnect();
+        resolve(0);
+      } else {
+        process.stderr.write(`nbdx: ${m.message}\n`);
+        resolve(1);
+      }
+    });
+    child.on('exit', (code) => {
+      if (!settled) {
+        settled = true;
+        resolve(code || 1);
+      }
+    });
+  });
+}
+
+function pluginHelp(plugin: Plugin, filters: Filter[]): string {
+  let out = `${plugin.name}${plugin.version ? ` ${plugin.version}` : ''}: ${plugin.description ?? plugin.longname ?? ''}\n`;
+  if (plugin.magicConfigKey) out += `(the first bare value is ${plugin.magicConfigKey}=)\n`;
+  out += `${plugin.configHelp ?? '(no parameters)'}\n`;
+  for (const f of filters) {
+    out += `\nfilter ${f.name}${f.version ? ` ${f.version}` : ''}: ${f.description ?? f.longname ?? ''}\n`;
+    out += `${f.configHelp ?? '(no parameters)'}\n`;
+  }
+  return out;
+}
+
+function dumpConfig(): string {
+  const [major, minor] = VERSION.split('.');
+  return [
+    `binary=${process.argv[1] ?? ''}`,
+    `version=${VERSION}`,
+    `version_major=${major}`,
+    `version_minor=${minor}`,
+    `node_version=${process.versions.node}`,
+    `host_os=${process.platform}`,
+    `host_cpu=${process.arch}`,
+    `plugin_api_versions=${PLUGIN_API_VERSIONS.join(',')}`,
+    `filter_api_versions=${FILTER_API_VERSIONS.join(',')}`,
+    `search_paths=${searchBases().join(':')}`,
+    `tls=yes`,
+    '',
+  ].join('\n');
+}

@@ -1,0 +1,125 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS, type Filter, type Plugin } from '../api/define.js';
+
+export type Kind = 'plugin' | 'filter';
+
+/** A loader failure: one clear message for the command line. */
+export class LoadError extends Error {}
+
+/** Does this name point at a file rather than a package? */
+export function isPathName(name: string): boolean {
+  return name.startsWith('.') || name.startsWith('/') || /\.(m|c)?js$/.test(name);
+}
+
+/**
+ * Package names to try for a plugin or filter name, in order (DESIGN.md, "Finding plugins"):
+ * `@nbdx/plugin-NAME`, `nbdx-plugin-NAME`; `@scope/NAME` → `@scope/nbdx-plugin-NAME`;
+ * `@scope` → `@scope/nbdx-plugin`; a name already containing `nbdx-plugin` is used as is.
+ */
+export function candidatePackages(name: string, kind: Kind): string[] {
+  const tag = `nbdx-${kind}`;
+  if (name.includes(tag)) return [name];
+  if (name.startsWith('@')) {
+    const [scope, rest] = name.split('/', 2);
+    return rest ? [`${scope}/${tag}-${rest}`, name] : [`${scope}/${tag}`];
+  }
+  return [`@nbdx/${kind}-${name}`, `${tag}-${name}`];
+}
+
+/** Directories searched: the working directory first, then where the CLI itself is installed. */
+export function searchBases(cwd: string = process.cwd()): string[] {
+  const here = path.dirname(fileURLToPath(import.meta.url));
+  const bases = [cwd, here];
+  try {
+    bases.push(path.dirname(fs.realpathSync(process.argv[1] ?? here)));
+  } catch {}
+  return [...new Set(bases)];
+}
+
+/** Find `node_modules/<pkg>` walking up from `base`; returns the package directory. */
+export function findPackageDir(pkg: string, base: string): string | null {
+  let dir = path.resolve(base);
+  for (;;) {
+    const candidate = path.join(dir, 'node_modules', pkg);
+    if (fs.existsSync(path.join(candidate, 'package.json'))) return candidate;
+    const up = path.dirname(dir);
+    if (up === dir) return null;
+    dir = up;
+  }
+}
+
+/** The ESM entry of an installed package, from its `exports` (import/default) or `main`. */
+export function packageEntry(dir: string): string {
+  const pj = JSON.parse(fs.readFileSync(path.join(dir, 'package.json'), 'utf8'));
+  let target: unknown = pj.exports;
+  if (target && typeof target === 'object' && '.' in (target as object)) target = (target as Record<string, unknown>)['.'];
+  while (target && typeof target === 'object') {
+    const t = target as Record<string, unknown>;
+    target = t.import ?? t.node ?? t.default ?? null;
+  }
+  const rel = typeof target === 'string' ? target : (pj.module ?? pj.main ?? 'index.js');
+  return path.join(dir, rel);
+}
+
+export interface Located {
+  /** What was loaded: a path or a package name. */
+  spec: string;
+  file: string;
+}
+
+/** Locate a plugin or filter; throws LoadError naming everything tried and the install command. */
+export function locate(name: string, kind: Kind, bases = searchBases()): Located {
+  if (isPathName(name)) {
+    const file = path.resolve(bases[0]!, name);
+    if (!fs.existsSync(file)) throw new LoadError(`${kind} file not found: ${file}`);
+    return { spec: file, file };
+  }
+  const tried: string[] = [];
+  for (const pkg of candidatePackages(name, kind)) {
+    for (const base of bases) {
+      const dir = findPackageDir(pkg, base);
+      if (dir) return { spec: pkg, file: packageEntry(dir) };
+    }
+    tried.push(pkg);
+  }
+  const first = candidatePackages(name, kind)[0]!;
+  throw new LoadError(
+    `${kind} '${name}' not found; tried ${tried.join(', ')} from ${bases.join(', ')}. ` +
+      `Install it with: npm install ${first}   (or run: npx -p nbdx -p ${first} nbdx ...)`,
+  );
+}
+
+/** Import and validate a plugin or filter module. */
+export async function load(name: string, kind: Kind, bases?: string[]): Promise<{ value: Plugin | Filter; spec: string }> {
+  const where = locate(name, kind, bases);
+  let mod: Record<string, unknown>;
+  try {
+    mod = await import(pathToFileURL(where.file).href);
+  } catch (err) {
+    throw new LoadError(`cannot load ${kind} '${name}' from ${where.file}: ${(err as Error).message}`);
+  }
+  const value = (mod.default ?? mod[kind]) as Plugin | Filter | undefined;
+  validate(value, kind, `${kind} '${name}' (${where.spec})`);
+  return { value: value!, spec: where.spec };
+}
+
+export function validate(value: unknown, kind: Kind, what: string): void {
+  if (!value || typeof value !== 'object') throw new LoadError(`${what} has no default export object`);
+  const v = value as Record<string, unknown>;
+  if (v.kind !== undefined && v.kind !== kind) throw new LoadError(`${what} is a ${String(v.kind)}, not a ${kind}`);
+  if (typeof v.name !== 'string' || !v.name) throw new LoadError(`${what} has no name`);
+  const versions: readonly number[] = kind === 'plugin' ? PLUGIN_API_VERSIONS : FILTER_API_VERSIONS;
+  const version = v.apiVersion ?? 1;
+  if (!versions.includes(version as number)) {
+    throw new LoadError(
+      `${what} asks for ${kind} API version ${String(version)}, but this nbdx supports versions ${versions.join(' and ')}`,
+    );
+  }
+  if (kind === 'plugin') {
+    for (const m of ['getSize', 'pread']) {
+      if (typeof v[m] !== 'function') throw new LoadError(`${what} is not a plugin: it has no ${m}()`);
+    }
+  }
+}
