@@ -1,0 +1,118 @@
+import { Errno, NbdError, debug, type LayerBelow, type ZeroSpan } from '@nbdx/server/api';
+import { TarFormatError, scanTar, whyNotServable, findMember, type ScanResult, type TarMember } from './parse.js';
+
+/** What one scan of one archive found. */
+export interface ArchiveIndex {
+  /** The export of the layer below that holds the archive. */
+  exportName: string;
+  archiveSize: number;
+  scan: ScanResult;
+}
+
+export interface ScannerOptions {
+  /** With tar-entry: stop at the first member of that name. */
+  entry?: string;
+  limit?: number;
+}
+
+/** Bytes as a short human figure: 1.5 GiB, 512 KiB, 17 bytes. */
+export function humanSize(n: number): string {
+  const units = ['KiB', 'MiB', 'GiB', 'TiB', 'PiB'];
+  if (n < 1024) return `${n} bytes`;
+  let v = n;
+  let u = -1;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  const text = v >= 100 || Number.isInteger(v) ? v.toFixed(0) : v.toFixed(1);
+  return `${text} ${units[u]}`;
+}
+
+export function describeMember(m: TarMember): string {
+  return `${m.size} bytes (${humanSize(m.size)}) in tar archive`;
+}
+
+/**
+ * Scans archives through contexts the filter opens itself, once per export of the layer below,
+ * and remembers the result for the life of the server. A failed scan is forgotten so a later
+ * connection tries again (the error may have been transient below).
+ */
+export class ArchiveScanner {
+  private readonly cache = new Map<string, Promise<ArchiveIndex>>();
+  /** How many scans ran (tests check that it stays at one). */
+  scans = 0;
+
+  constructor(private readonly options: ScannerOptions) {}
+
+  index(below: LayerBelow, exportName: string): Promise<ArchiveIndex> {
+    let p = this.cache.get(exportName);
+    if (!p) {
+      p = this.run(below, exportName);
+      this.cache.set(exportName, p);
+      p.catch(() => {
+        if (this.cache.get(exportName) === p) this.cache.delete(exportName);
+      });
+    }
+    return p;
+  }
+
+  clear(): void {
+    this.cache.clear();
+  }
+
+  private async run(below: LayerBelow, exportName: string): Promise<ArchiveIndex> {
+    this.scans++;
+    const ctx = await below.openContext({ readonly: true, exportName });
+    try {
+      const archiveSize = await ctx.getSize();
+      const read = async (offset: number, length: number): Promise<Uint8Array> => {
+        const buf = Buffer.allocUnsafe(length);
+        const spans = await ctx.pread(buf, offset, 0);
+        // Parts the layer below reported as zero are not filled in.
+        if (spans) for (const s of spans as readonly ZeroSpan[]) buf.fill(0, s.start, s.start + s.length);
+        return buf;
+      };
+      const entry = this.options.entry;
+      const scan = await scanTar(read, {
+        size: archiveSize,
+        ...(this.options.limit !== undefined ? { limit: this.options.limit } : {}),
+        ...(entry !== undefined ? { stop: (m: TarMember) => findMember([m], entry) !== undefined } : {}),
+      });
+      debug(
+        'tar',
+        `scanned ${exportName === '' ? 'the archive' : `archive '${exportName}'`}: ${scan.members.length} members, ` +
+          `${scan.headerReads} header blocks read, stopped at offset ${scan.end} (${scan.reason})`,
+      );
+      return { exportName, archiveSize, scan };
+    } catch (err) {
+      if (err instanceof TarFormatError) throw new NbdError(Errno.EIO, `tar: ${err.message}`);
+      throw err;
+    } finally {
+      await ctx.close();
+    }
+  }
+}
+
+/** The member called `name`, ready to serve, or an NbdError saying why not. */
+export function pickMember(index: ArchiveIndex, name: string, limit: number | undefined, what: string): TarMember {
+  const m = findMember(index.scan.members, name);
+  if (!m) {
+    if (index.scan.reason === 'limit') {
+      throw new NbdError(
+        Errno.EINVAL,
+        `tar: ${what} '${name}' was not found within the first ${limit} bytes of the archive ` +
+          `(tar-limit=${limit}; the scan stopped at offset ${index.scan.end})`,
+      );
+    }
+    const regular = index.scan.members.filter((x) => x.kind === 'file').map((x) => `'${x.name}'`);
+    const shown = regular.slice(0, 8).join(', ') + (regular.length > 8 ? `, … (${regular.length} in all)` : '');
+    throw new NbdError(
+      Errno.EINVAL,
+      `tar: ${what} '${name}' is not in the archive` + (regular.length ? `; its files are ${shown}` : '; it holds no regular files'),
+    );
+  }
+  const why = whyNotServable(m);
+  if (why) throw new NbdError(Errno.EINVAL, `tar: ${why}`);
+  return m;
+}
