@@ -28,7 +28,7 @@ export class ReplyWriter {
     for (const b of buffers) this.pending.push(b);
     if (!this.scheduled) {
       this.scheduled = true;
-      setImmediate(this.flush);
+      queueMicrotask(this.flush);
     }
   }
 
