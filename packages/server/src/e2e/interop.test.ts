@@ -5,7 +5,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { needTools, runOk, startCli, tmpDir, type CliServer } from '../testing/tools.js';
+import { needTools, runOk, startCli, tmpDir, type CliServer } from '@nbdx/testkit';
 
 const have = needTools('nbdinfo', 'qemu-img', 'nbdcopy', 'qemu-nbd');
 const MiB = 1024 * 1024;

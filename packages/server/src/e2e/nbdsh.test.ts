@@ -6,7 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createMemoryPlugin } from '@nbdx/plugin-memory';
 import { definePlugin } from '../api/define.js';
 import { serve } from '../server.js';
-import { needTools, run } from '../testing/tools.js';
+import { needTools, run } from '@nbdx/testkit';
 
 const have = needTools('nbdsh');
 

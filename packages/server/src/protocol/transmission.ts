@@ -382,13 +382,13 @@ export class Transmission {
       const off = req.offset + p.start;
       if (p.hole) {
         const c = Buffer.allocUnsafe(hs + 12);
-        writeChunkHeader(c, 0, this.extended, last, C.REPLY_TYPE_OFFSET_HOLE, req.cookie, off, 12);
+        writeChunkHeader(c, 0, this.extended, last, C.REPLY_TYPE_OFFSET_HOLE, req.cookie, req.offset, 12);
         writeU64(c, off, hs);
         c.writeUInt32BE(p.length, hs + 8);
         out.push(c);
       } else {
         const c = Buffer.allocUnsafe(hs + 8);
-        writeChunkHeader(c, 0, this.extended, last, C.REPLY_TYPE_OFFSET_DATA, req.cookie, off, 8 + p.length);
+        writeChunkHeader(c, 0, this.extended, last, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + p.length);
         writeU64(c, off, hs);
         out.push(c, data.subarray(p.start, p.start + p.length));
       }

@@ -1,6 +1,6 @@
 /**
- * Test helpers shared by the suites: finding the real NBD tools, running them, starting nbdx as a
- * CLI process. Not part of the published API (nothing in src/index.ts imports this).
+ * Helpers for tests that drive the real NBD tools (nbdinfo, nbdsh, qemu-img, …) and the `nbdx`
+ * command.
  */
 import { execFile, spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -71,9 +71,19 @@ export function tmpDir(prefix = 'nbdx-test-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
 
-const here = path.dirname(fileURLToPath(import.meta.url));
-/** The built `nbdx` command (packages/nbdx/dist/bin.js). */
-export const NBDX_BIN = path.resolve(here, '../../../nbdx/dist/bin.js');
+/** The `nbdx` command: the installed `nbdx` package's bin (NBDX_BIN overrides). */
+export function nbdxBin(): string {
+  if (process.env.NBDX_BIN) return process.env.NBDX_BIN;
+  let dir = path.dirname(fileURLToPath(import.meta.url));
+  for (;;) {
+    for (const p of [path.join(dir, 'node_modules', 'nbdx', 'dist', 'bin.js'), path.join(dir, 'packages', 'nbdx', 'dist', 'bin.js')]) {
+      if (fs.existsSync(p)) return p;
+    }
+    const up = path.dirname(dir);
+    if (up === dir) throw new Error('cannot find the nbdx command: install the nbdx package or set NBDX_BIN');
+    dir = up;
+  }
+}
 
 export interface CliServer {
   uri: string;
@@ -85,7 +95,7 @@ export interface CliServer {
 /** Start `nbdx -f --print-uri ARGS` and wait for its URI. */
 export function startCli(args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}): Promise<CliServer> {
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, [NBDX_BIN, '-f', '--print-uri', ...args], {
+    const child = spawn(process.execPath, [nbdxBin(), '-f', '--print-uri', ...args], {
       cwd: opts.cwd,
       env: { ...TOOL_ENV, ...opts.env },
       stdio: ['ignore', 'pipe', 'pipe'],
