@@ -1,5 +1,5 @@
 import { Errno, NbdError, debug, type LayerBelow, type ZeroSpan } from '@nbdx/server/api';
-import { TarFormatError, scanTar, whyNotServable, findMember, type ScanResult, type TarMember } from './parse.js';
+import { TarFormatError, scanTar, whyNotServable, findMember, normalizeName, type ScanResult, type TarMember } from './parse.js';
 
 /** What one scan of one archive found. */
 export interface ArchiveIndex {
@@ -30,7 +30,13 @@ export function humanSize(n: number): string {
 }
 
 export function describeMember(m: TarMember): string {
-  return `${m.size} bytes (${humanSize(m.size)}) in tar archive`;
+  const bytes = m.size === 1 ? '1 byte' : `${m.size} bytes`;
+  return m.size < 1024 ? `${bytes} in tar archive` : `${bytes} (${humanSize(m.size)}) in tar archive`;
+}
+
+/** The name a member is listed under: without a leading `./` or `/` (as tar -x would create it). */
+export function exportNameOf(m: TarMember): string {
+  return normalizeName(m.name) || m.name;
 }
 
 /**
@@ -105,7 +111,7 @@ export function pickMember(index: ArchiveIndex, name: string, limit: number | un
           `(tar-limit=${limit}; the scan stopped at offset ${index.scan.end})`,
       );
     }
-    const regular = index.scan.members.filter((x) => x.kind === 'file').map((x) => `'${x.name}'`);
+    const regular = index.scan.members.filter((x) => x.kind === 'file').map((x) => `'${exportNameOf(x)}'`);
     const shown = regular.slice(0, 8).join(', ') + (regular.length > 8 ? `, … (${regular.length} in all)` : '');
     throw new NbdError(
       Errno.EINVAL,

@@ -9,7 +9,7 @@ import {
   type LayerBelow,
   type Next,
 } from '@nbdx/server/api';
-import { ArchiveScanner, describeMember, pickMember, type ArchiveIndex } from './archive.js';
+import { ArchiveScanner, describeMember, exportNameOf, pickMember, type ArchiveIndex } from './archive.js';
 import type { TarMember } from './parse.js';
 
 export {
@@ -60,10 +60,10 @@ export function createTarFilter(): TarFilter {
 
   /** Without tar-entry: the member served to a client that names no export. */
   const defaultMember = (index: ArchiveIndex): string => {
-    if (tarDefault !== undefined) return pickMember(index, tarDefault, limit, 'tar-default').name;
+    if (tarDefault !== undefined) return exportNameOf(pickMember(index, tarDefault, limit, 'tar-default'));
     const first = index.scan.members.find((m) => m.kind === 'file');
     if (!first) throw new NbdError(Errno.EINVAL, 'tar: the archive holds no regular files to serve');
-    return first.name;
+    return exportNameOf(first);
   };
 
   const check = (h: Handle, count: number, offset: number, errno: number, what: string): number => {
@@ -141,9 +141,10 @@ export function createTarFilter(): TarFilter {
       const seen = new Set<string>();
       const out: { name: string; description: string }[] = [];
       for (const m of index.scan.members) {
-        if (m.kind !== 'file' || seen.has(m.name)) continue;
-        seen.add(m.name);
-        out.push({ name: m.name, description: describeMember(m) });
+        const name = exportNameOf(m);
+        if (m.kind !== 'file' || seen.has(name)) continue;
+        seen.add(name);
+        out.push({ name, description: describeMember(m) });
       }
       return out;
     },
@@ -196,23 +197,23 @@ export function createTarFilter(): TarFilter {
       return b;
     },
 
-    pread(next, h, buf, offset, flags) {
+    async pread(next, h, buf, offset, flags) {
       return next.pread(buf, check(h, buf.length, offset, Errno.EINVAL, 'read'), flags);
     },
 
-    pwrite(next, h, buf, offset, flags) {
+    async pwrite(next, h, buf, offset, flags) {
       return next.pwrite(buf, check(h, buf.length, offset, Errno.ENOSPC, 'write'), flags);
     },
 
-    zero(next, h, count, offset, flags) {
+    async zero(next, h, count, offset, flags) {
       return next.zero(count, check(h, count, offset, Errno.ENOSPC, 'zero'), flags);
     },
 
-    trim(next, h, count, offset, flags) {
+    async trim(next, h, count, offset, flags) {
       return next.trim(count, check(h, count, offset, Errno.EINVAL, 'trim'), flags);
     },
 
-    cache(next, h, count, offset, flags) {
+    async cache(next, h, count, offset, flags) {
       return next.cache(count, check(h, count, offset, Errno.EINVAL, 'cache'), flags);
     },
 

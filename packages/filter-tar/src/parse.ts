@@ -523,13 +523,13 @@ export function normalizeName(name: string): string {
   return parts.join('/');
 }
 
-/** The first member whose name is `name`, or failing that whose normalised name matches. */
+/**
+ * The first member called `name`, comparing names as stored and normalised (so `disk.img` finds
+ * `./disk.img`). The first occurrence wins, as the archive is read front to back.
+ */
 export function findMember(members: readonly TarMember[], name: string): TarMember | undefined {
-  const exact = members.find((m) => m.name === name);
-  if (exact) return exact;
   const n = normalizeName(name);
-  if (n === '') return undefined;
-  return members.find((m) => normalizeName(m.name) === n);
+  return members.find((m) => m.name === name || (n !== '' && normalizeName(m.name) === n));
 }
 
 /** Why a member cannot be served, or undefined when it can (a regular file). */
