@@ -1,6 +1,6 @@
 import type { IncomingHttpHeaders } from 'node:http';
 import { Client, type Dispatcher } from 'undici';
-import { Errno, NbdError, debug } from '@nbdx/server/api';
+import { Errno, NbdError, debug, logError } from '@nbdx/server/api';
 import { isConnectionLost, transportError } from './errors.js';
 
 /** Where the HTTP connections go: the URL's host (TCP, maybe TLS) or a Unix socket. */
@@ -88,14 +88,20 @@ export class Connection {
       return await this.once(spec);
     } catch (err) {
       const first = (err as { [NOT_ANSWERED]?: boolean })[NOT_ANSWERED];
-      if (!first || !isConnectionLost(err)) throw transportError(what, err);
+      if (!first || !isConnectionLost(err)) throw this.failed(what, err);
       debug('imageio', `${what}: connection ${this.index} lost before an answer (${(err as Error).message}); retrying once`);
     }
     try {
       return await this.once(spec);
     } catch (err) {
-      throw transportError(what, err);
+      throw this.failed(what, err);
     }
+  }
+
+  private failed(what: string, err: unknown): NbdError {
+    const e = transportError(what, err);
+    logError('imageio', e.message);
+    return e;
   }
 
   private once(spec: RequestSpec): Promise<Response> {

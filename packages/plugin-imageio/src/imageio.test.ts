@@ -138,3 +138,324 @@ describe.skipIf(!have)('imageio plugin end to end', () => {
     expect(gets.every((r) => r.status === 206)).toBe(true);
   });
 });
+
+describe.skipIf(!have)('imageio plugin: flush, FUA and the connection pool', () => {
+  it('FUA writes send flush=y, FUA zeroes "flush": true, other writes flush=n', async () => {
+    const { srv, nbd } = await setup({ size: 4 * MiB });
+    await nbdsh(
+      nbd.uri,
+      `
+assert h.can_fua() and h.can_flush() and h.can_multi_conn() and h.can_zero()
+assert not h.can_trim()
+h.pwrite(b"a" * 4096, 0)
+h.pwrite(b"b" * 4096, 8192, nbd.CMD_FLAG_FUA)
+h.zero(65536, 65536, nbd.CMD_FLAG_FUA)
+h.zero(65536, 131072)
+`,
+    );
+    const puts = srv.requests.filter((r) => r.method === 'PUT').map((r) => r.url.split('?')[1]);
+    expect(puts).toEqual(['flush=n', 'flush=y']);
+    const zeroes = srv.requests.filter((r) => r.method === 'PATCH').map((r) => r.json);
+    expect(zeroes).toEqual([
+      { op: 'zero', offset: 65536, size: 65536, flush: true },
+      { op: 'zero', offset: 131072, size: 65536, flush: false },
+    ]);
+  });
+
+  it('NBD flush reaches every pooled connection that wrote, after in-flight writes, and only those', async () => {
+    const { srv, nbd } = await setup({ size: 16 * MiB, writeDelayMs: 20 }, [['connections', '4']]);
+    await nbdsh(
+      nbd.uri,
+      `
+# 16 writes in flight at once spread over the pool's 4 connections, then one flush
+for i in range(16):
+    h.aio_pwrite(bytes([i]) * 65536, i * 65536)
+wait_all()
+h.flush()
+`,
+    );
+    const wrote = srv.connections.filter((c) => c.writes > 0);
+    expect(wrote.length).toBe(4);
+    expect(srv.dirtyConnections()).toEqual([]);
+    for (const c of wrote) expect(c.flushes).toBe(1);
+    const flushesBefore = srv.requests.filter((r) => r.method === 'PATCH').length;
+    expect(flushesBefore).toBe(4);
+
+    // A write on one connection, then flush: only that connection is flushed.
+    await nbdsh(nbd.uri, 'h.pwrite(b"x" * 512, 0)\nh.flush()\nh.flush()');
+    const flushes = srv.requests.filter((r) => r.method === 'PATCH');
+    expect(flushes.length).toBe(flushesBefore + 1);
+    expect(srv.dirtyConnections()).toEqual([]);
+  });
+
+  it('the pool is min(max_readers, max_writers, connections=), shared by every NBD connection', async () => {
+    const { srv, nbd } = await setup({ size: 16 * MiB, maxReaders: 8, maxWriters: 3, writeDelayMs: 20 }, [['connections', '6']]);
+    const script = `
+for i in range(12):
+    h.aio_pwrite(bytes([i]) * 65536, i * 65536)
+wait_all()
+`;
+    // two NBD clients at once
+    await Promise.all([nbdsh(nbd.uri, script), nbdsh(nbd.uri, script)]);
+    // connection 0 was the start-up OPTIONS probe
+    const used = new Set(srv.requests.filter((r) => r.method !== 'OPTIONS').map((r) => r.conn));
+    expect(used.size).toBe(3);
+    expect(srv.requests.filter((r) => r.method === 'PUT').length).toBe(24);
+  });
+
+  it('a read-only ticket gives a read-only export', async () => {
+    const srv = await startImageio({ size: 2 * MiB, ops: ['read'] });
+    srv.store.write(0, Buffer.alloc(4096, 7));
+    const nbd = await startNbd([['url', srv.url]]);
+    await nbdsh(
+      nbd.uri,
+      `
+assert h.is_read_only()
+assert h.pread(4096, 0) == bytes([7]) * 4096
+expect_err("EPERM", lambda: h.pwrite(b"x", 0))
+`,
+    );
+    expect(srv.requests.some((r) => r.method === 'PUT')).toBe(false);
+  });
+});
+
+describe.skipIf(!have)('imageio plugin: old servers', () => {
+  for (const mode of ['old-405', 'old-204'] as const) {
+    it(`${mode}: one connection, zero emulated by writes, reads back as zeroes`, async () => {
+      const srv = await startImageio({ size: 4 * MiB, mode, hideSize: true, writeDelayMs: 5 });
+      // the size cannot be learnt from such a server
+      await expect(serve({ plugin: createImageioPlugin(), config: [['url', srv.url]] })).rejects.toThrow(/give size=SIZE/);
+      const first = srv.requests.length;
+      const nbd = await startNbd([
+        ['url', srv.url],
+        ['size', '4M'],
+      ]);
+      await nbdsh(
+        nbd.uri,
+        `
+assert h.get_size() == 4 * 1024 * 1024
+assert h.can_zero() and h.can_flush() and h.can_fua()
+h.pwrite(b"\\xff" * (1024 * 1024), 0)
+for i in range(8):
+    h.aio_pread(nbd.Buffer(65536), i * 65536)
+wait_all()
+h.zero(300000, 1000)
+buf = h.pread(1024 * 1024, 0)
+assert buf[:1000] == b"\\xff" * 1000
+assert buf[1000:301000] == bytes(300000)
+assert buf[301000:] == b"\\xff" * (1024 * 1024 - 301000)
+expect_err("ENOTSUP", lambda: h.zero(4096, 0, nbd.CMD_FLAG_FAST_ZERO))
+h.flush()
+`,
+      );
+      expect(srv.requests.some((r) => r.method === 'PATCH')).toBe(false);
+      expect(srv.requests.some((r) => r.url.endsWith('/extents'))).toBe(false);
+      // PUTs carry no flush= (the server flushes each one anyway)
+      const puts = srv.requests.filter((r) => r.method === 'PUT');
+      expect(puts.length).toBeGreaterThan(1);
+      expect(puts.every((r) => !r.url.includes('?'))).toBe(true);
+      expect(srv.store.read(1000, 300000).equals(Buffer.alloc(300000))).toBe(true);
+      // max one connection at a time (the failed start-up above used its own)
+      const used = new Set(srv.requests.slice(first).filter((r) => r.method !== 'OPTIONS').map((r) => r.conn));
+      expect(used.size).toBe(1);
+    });
+  }
+
+  it('a server without max_readers/max_writers gets one connection; without extents the size comes from Content-Range', async () => {
+    const { srv, nbd } = await setup({ size: 3 * MiB, omitMax: true, features: ['zero', 'flush'], writeDelayMs: 10 });
+    await nbdsh(
+      nbd.uri,
+      `
+assert h.get_size() == 3 * 1024 * 1024
+for i in range(8):
+    h.aio_pwrite(b"z" * 4096, i * 4096)
+wait_all()
+`,
+    );
+    expect(new Set(srv.requests.filter((r) => r.method === 'PUT').map((r) => r.conn)).size).toBe(1);
+    expect(srv.requests.some((r) => r.url.endsWith('/extents'))).toBe(false);
+  });
+});
+
+describe.skipIf(!have)('imageio plugin: server behaviour a user meets', () => {
+  it('an idle connection closed by the server does not fail the next request; its pending flush still happens', async () => {
+    const { srv, nbd } = await setup({ size: 4 * MiB, inactivityTimeoutMs: 200 });
+    await nbdsh(nbd.uri, 'h.pwrite(b"q" * 65536, 0)');
+    await new Promise((r) => setTimeout(r, 500));
+    expect(srv.connections.filter((c) => c.closedIdle).length).toBeGreaterThan(0);
+    await nbdsh(nbd.uri, 'assert h.pread(65536, 0) == b"q" * 65536\nh.flush()');
+    // the write's connection is gone; the flush went out on its replacement all the same
+    const flushes = srv.requests.filter((r) => r.method === 'PATCH' && (r.json as { op?: string }).op === 'flush');
+    expect(flushes.length).toBe(1);
+    expect(srv.requests.every((r) => r.status === 200 || r.status === 206)).toBe(true);
+  });
+
+  it('a request whose connection is closed before any answer is retried once on a fresh connection', async () => {
+    const { srv, nbd } = await setup({ size: 4 * MiB });
+    srv.dropNext(1);
+    await nbdsh(nbd.uri, 'h.pwrite(b"r" * 4096, 0)\nassert h.pread(4096, 0) == b"r" * 4096');
+    expect(srv.requests.filter((r) => r.dropped).length).toBe(1);
+    expect(srv.requests.filter((r) => r.method === 'PUT' && r.status === 200).length).toBe(1);
+    // twice in a row: the error comes back (EIO), no hang, and the next request works again
+    srv.dropNext(2);
+    await nbdsh(nbd.uri, 'expect_err("EIO", lambda: h.pread(4096, 0))\nassert h.pread(4096, 0) == b"r" * 4096');
+  });
+
+  it('an expired ticket gives EPERM with the server message, not a hang', async () => {
+    const errors: string[] = [];
+    const srv = await startImageio({ size: 4 * MiB });
+    const nbd = await serve({ plugin: createImageioPlugin(), config: [['url', srv.url]], error: (m) => errors.push(m) });
+    cleanups.push(() => nbd.close());
+    srv.expire();
+    const t0 = Date.now();
+    await nbdsh(
+      nbd.uri,
+      `
+expect_err("EPERM", lambda: h.pread(4096, 0))
+expect_err("EPERM", lambda: h.pwrite(b"x" * 4096, 0))
+expect_err("EPERM", lambda: h.zero(4096, 0))
+`,
+    );
+    expect(Date.now() - t0).toBeLessThan(5000);
+    expect(errors.join('\n')).toMatch(/expired/);
+  });
+
+  it('a server that never answers times out (timeout=) with EIO, and the pool recovers', async () => {
+    const { srv, nbd } = await setup({ size: 4 * MiB }, [['timeout', '1']]);
+    srv.stallNext(1);
+    const t0 = Date.now();
+    await nbdsh(nbd.uri, 'expect_err("EIO", lambda: h.pread(4096, 0))\nassert h.pread(4096, 0) == bytes(4096)');
+    const took = Date.now() - t0;
+    expect(took).toBeGreaterThan(900);
+    expect(took).toBeLessThan(6000);
+  });
+
+  it('5xx → EIO with the status and body; 416 → ENOSPC for writes, EINVAL for reads', async () => {
+    const errors: string[] = [];
+    const srv = await startImageio({ size: 4 * MiB });
+    // claim a bigger disk than the ticket allows, so the server answers 416 past 4M
+    const nbd = await serve({
+      plugin: createImageioPlugin(),
+      config: [
+        ['url', srv.url],
+        ['size', '5M'],
+      ],
+      error: (m) => errors.push(m),
+    });
+    cleanups.push(() => nbd.close());
+    srv.failNext(500, 'Server failed to perform the request, check logs');
+    await nbdsh(
+      nbd.uri,
+      `
+expect_err("EIO", lambda: h.pwrite(b"x" * 4096, 0))
+h.pwrite(b"x" * 4096, 0)
+expect_err("ENOSPC", lambda: h.pwrite(b"x" * 4096, 4 * 1024 * 1024 + 4096))
+expect_err("ENOSPC", lambda: h.zero(4096, 4 * 1024 * 1024))
+expect_err("EINVAL", lambda: h.pread(4096, 4 * 1024 * 1024))
+assert h.pread(4096, 0) == b"x" * 4096
+`,
+    );
+    const log = errors.join('\n');
+    expect(log).toMatch(/500.*Server failed to perform the request/);
+    expect(log).toMatch(/416/);
+  });
+
+  it('refuses to start with a clear error for a wrong ticket', async () => {
+    const srv = await startImageio({ size: MiB });
+    const bad = srv.url.replace(/[^/]+$/, 'nope');
+    await expect(serve({ plugin: createImageioPlugin(), config: [['url', bad]] })).rejects.toThrow(/No such ticket nope/);
+  });
+
+  it('extents are fetched once, looked up from the cache, and refetched after a write or zero', async () => {
+    const srv = await startImageio({ size: 8 * MiB });
+    srv.store.write(MiB, Buffer.alloc(MiB, 1));
+    const nbd = await startNbd([['url', srv.url]]);
+    const fetches = () => srv.requests.filter((r) => r.url.endsWith('/extents')).length;
+    expect(fetches()).toBe(1); // at start-up, for the size
+    let map = await nbdMap(nbd.uri);
+    map = await nbdMap(nbd.uri);
+    expect(fetches()).toBe(1);
+    expect(map.map((e) => [e.offset, e.length, e.type])).toEqual([
+      [0, MiB, 2],
+      [MiB, MiB, 0],
+      [2 * MiB, 6 * MiB, 2],
+    ]);
+    await nbdsh(nbd.uri, 'h.pwrite(b"d" * 65536, 4 * 1024 * 1024)');
+    map = await nbdMap(nbd.uri);
+    expect(fetches()).toBe(2);
+    expect(map.find((e) => e.offset === 4 * MiB)).toMatchObject({ length: 65536, type: 0 });
+    await nbdsh(nbd.uri, 'h.zero(1024 * 1024, 1024 * 1024)');
+    map = await nbdMap(nbd.uri);
+    expect(fetches()).toBe(3);
+    expect(map[0]).toEqual({ offset: 0, length: 4 * MiB, type: 2, description: 'zero' });
+  });
+});
+
+describe.skipIf(!have)('imageio plugin: TLS and the Unix socket', () => {
+  let certs: TestCerts;
+  beforeAll(async () => {
+    certs = await makeCerts(tmpDir('nbdx-imageio-tls-'));
+  });
+
+  it('https with cafile= works; without it the start-up error says what to do; insecure=true works', async () => {
+    const srv = await startImageio({ size: 2 * MiB, tls: { key: certs.key, cert: certs.cert } });
+    expect(srv.url).toMatch(/^https:/);
+    const nbd = await startNbd([
+      ['url', srv.url],
+      ['cafile', certs.caFile],
+    ]);
+    await nbdsh(nbd.uri, 'h.pwrite(b"t" * 4096, 0)\nassert h.pread(4096, 0) == b"t" * 4096');
+
+    await expect(serve({ plugin: createImageioPlugin(), config: [['url', srv.url]] })).rejects.toThrow(/cafile=FILE/);
+
+    const nbd2 = await startNbd([
+      ['url', srv.url],
+      ['insecure', 'true'],
+    ]);
+    await nbdsh(nbd2.uri, 'assert h.pread(4096, 0) == b"t" * 4096');
+  });
+
+  it('unix-socket=auto uses an advertised socket path on this host, never keeps TCP', async () => {
+    const sock = path.join(dir, 'imageio.sock');
+    const srv = await startImageio({ size: 2 * MiB, unixSocket: sock });
+    const nbd = await startNbd([['url', srv.url]]);
+    await nbdsh(nbd.uri, 'h.pwrite(b"u" * 4096, 0)\nassert h.pread(4096, 0) == b"u" * 4096');
+    const data = srv.requests.filter((r) => r.method !== 'OPTIONS');
+    expect(data.length).toBeGreaterThan(0);
+    expect(data.every((r) => r.transport === 'unix')).toBe(true);
+
+    const first = srv.requests.length;
+    const tcp = await startNbd([
+      ['url', srv.url],
+      ['unix-socket', 'never'],
+    ]);
+    await nbdsh(tcp.uri, 'assert h.pread(4096, 0) == b"u" * 4096');
+    expect(srv.requests.slice(first).every((r) => r.transport === 'tcp')).toBe(true);
+  });
+
+  it('falls back to TCP for an abstract socket or a path not on this host; unix-socket=PATH forces one', async () => {
+    for (const advertised of ['\0/org/ovirt/imageio', path.join(dir, 'not-here.sock')]) {
+      const srv = await startImageio({ size: MiB, advertiseUnixSocket: advertised });
+      const nbd = await startNbd([['url', srv.url]]);
+      await nbdsh(nbd.uri, 'h.pread(4096, 0)');
+      expect(srv.requests.every((r) => r.transport === 'tcp')).toBe(true);
+    }
+    const sock = path.join(dir, 'forced.sock');
+    const srv = await startImageio({ size: MiB, unixSocket: sock, advertiseUnixSocket: null });
+    const nbd = await startNbd([
+      ['url', srv.url],
+      ['unix-socket', sock],
+    ]);
+    await nbdsh(nbd.uri, 'h.pread(4096, 0)');
+    expect(srv.requests.filter((r) => r.method !== 'OPTIONS').every((r) => r.transport === 'unix')).toBe(true);
+    await expect(
+      serve({
+        plugin: createImageioPlugin(),
+        config: [
+          ['url', srv.url],
+          ['unix-socket', path.join(dir, 'missing.sock')],
+        ],
+      }),
+    ).rejects.toThrow(/missing\.sock/);
+  });
+});

@@ -6,6 +6,7 @@ import {
   NbdError,
   debug,
   definePlugin,
+  logError,
 } from '@nbdx/server/api';
 import { CONFIG_HELP, applyConfig, defaultSettings, type Settings } from './config.js';
 import { statusError, type Operation } from './errors.js';
@@ -40,8 +41,12 @@ const TLS_HINT_CODES = new Set([
   'ERR_TLS_CERT_ALTNAME_INVALID',
 ]);
 
+/** Check the status; anything else is logged (the user must see an expired ticket) and thrown. */
 function expect(r: Response, status: number, op: Operation, what: string): void {
-  if (r.status !== status) throw statusError(op, what, r.status, r.statusText, r.body);
+  if (r.status === status) return;
+  const err = statusError(op, what, r.status, r.statusText, r.body);
+  logError(NAME, err.message);
+  throw err;
 }
 
 /** Send OPTIONS for the ticket on a throw-away connection and interpret the answer. */

@@ -56,7 +56,7 @@ export async function runOk(cmd: string, args: string[], timeout?: number): Prom
 
 /**
  * Run a Python script in nbdsh connected to `uri`. `expect_err(name, f)` checks that f() fails
- * with that errno and returns the error string; the script must print "done" at the end.
+ * with that errno and returns the error string; `wait_all()` waits for every aio command.
  */
 export async function nbdsh(uri: string, body: string): Promise<string> {
   const script = `
@@ -70,6 +70,9 @@ def expect_err(name, f):
         assert got == name, "expected %s, got %s (%s)" % (name, got, ex.string)
         return ex.string
     raise AssertionError("expected %s, got success" % name)
+def wait_all():
+    while h.aio_in_flight() > 0:
+        h.poll(-1)
 ${body}
 print("done")
 `;
