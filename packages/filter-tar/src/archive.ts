@@ -1,6 +1,19 @@
 import { Errno, NbdError, debug, type LayerBelow, type ZeroSpan } from '@nbdx/server/api';
 import { TarFormatError, scanTar, whyNotServable, findMember, normalizeName, type ScanResult, type TarMember } from './parse.js';
 
+/** The layer below could not open the export said to hold the archive. */
+export class ArchiveOpenError extends NbdError {
+  constructor(
+    readonly exportName: string,
+    readonly below: unknown,
+  ) {
+    super(
+      (below as NbdError).errno ?? Errno.EIO,
+      `tar: cannot open the archive (export '${exportName}' of the layer below): ${(below as Error).message}`,
+    );
+  }
+}
+
 /** What one scan of one archive found. */
 export interface ArchiveIndex {
   /** The export of the layer below that holds the archive. */
@@ -69,7 +82,12 @@ export class ArchiveScanner {
 
   private async run(below: LayerBelow, exportName: string): Promise<ArchiveIndex> {
     this.scans++;
-    const ctx = await below.openContext({ readonly: true, exportName });
+    let ctx: Awaited<ReturnType<LayerBelow['openContext']>>;
+    try {
+      ctx = await below.openContext({ readonly: true, exportName });
+    } catch (err) {
+      throw new ArchiveOpenError(exportName, err);
+    }
     try {
       const archiveSize = await ctx.getSize();
       const read = async (offset: number, length: number): Promise<Uint8Array> => {

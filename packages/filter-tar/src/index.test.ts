@@ -207,6 +207,24 @@ describe('tar filter callbacks', () => {
     expect(g.scanCount).toBe(1);
   });
 
+  it('copes with a layer below whose default export cannot be opened (file dir=)', async () => {
+    const fake = fakeBelow();
+    delete fake.archives[''];
+    const f = createTarFilter();
+    await configure(f, [['tar-entry', 'disk.img']]);
+    await expect(f.afterStart!(fake.below)).resolves.toBeUndefined();
+    const { o, next } = fake.opener();
+    const h = await f.open!(o, false, 'other', false);
+    expect(await f.getSize!(next(), h)).toBe(1024);
+    expect(f.scanCount).toBe(2); // the failed attempt at start-up, then 'other'
+
+    const g = createTarFilter();
+    await configure(g, []);
+    await expect(g.afterStart!(fake.below)).rejects.toThrow(
+      /cannot open the archive \(export '' of the layer below\): no export ''; set tar-export=NAME/,
+    );
+  });
+
   it('refuses a member the archive no longer holds', async () => {
     const fake = fakeBelow();
     const f = createTarFilter();

@@ -2,6 +2,7 @@ import {
   Errno,
   FLAG_REQ_ONE,
   NbdError,
+  debug,
   defineFilter,
   parseSize,
   type Extent,
@@ -9,7 +10,7 @@ import {
   type LayerBelow,
   type Next,
 } from '@nbdx/server/api';
-import { ArchiveScanner, describeMember, exportNameOf, pickMember, type ArchiveIndex } from './archive.js';
+import { ArchiveOpenError, ArchiveScanner, describeMember, exportNameOf, pickMember, type ArchiveIndex } from './archive.js';
 import type { TarMember } from './parse.js';
 
 export {
@@ -55,8 +56,17 @@ export function createTarFilter(): TarFilter {
   };
 
   /** Without tar-entry: the export of the layer below that holds the archive. */
-  const archiveExport = async (below: LayerBelow, readonly: boolean, isTls: boolean): Promise<string> =>
-    tarExport ?? (await below.defaultExport(readonly, isTls));
+  const archiveExport = async (below: LayerBelow, readonly: boolean, isTls: boolean): Promise<string> => {
+    if (tarExport !== undefined) return tarExport;
+    try {
+      return await below.defaultExport(readonly, isTls);
+    } catch (err) {
+      throw new NbdError(
+        Errno.EINVAL,
+        `tar: the layer below has no default export to read the archive from (${(err as Error).message}); set tar-export=NAME`,
+      );
+    }
+  };
 
   /** Without tar-entry: the member served to a client that names no export. */
   const defaultMember = (index: ArchiveIndex): string => {
@@ -124,9 +134,24 @@ export function createTarFilter(): TarFilter {
       // connection then reuses this scan.
       if (entry !== undefined) {
         const name = await below.defaultExport(false, false);
-        pickMember(await getScanner().index(below, name), entry, limit, 'tar-entry');
+        try {
+          pickMember(await getScanner().index(below, name), entry, limit, 'tar-entry');
+        } catch (err) {
+          // Some layers cannot open their default export (file dir=): each export the clients
+          // ask for is then scanned when first opened.
+          if (!(err instanceof ArchiveOpenError)) throw err;
+          debug('tar', `no scan at start-up: ${err.message}`);
+        }
       } else {
-        const index = await getScanner().index(below, await archiveExport(below, false, false));
+        let index: ArchiveIndex;
+        try {
+          index = await getScanner().index(below, await archiveExport(below, false, false));
+        } catch (err) {
+          if (err instanceof ArchiveOpenError && tarExport === undefined) {
+            throw new NbdError(err.errno, `${err.message}; set tar-export=NAME to say which export holds the archive`);
+          }
+          throw err;
+        }
         if (tarDefault !== undefined) pickMember(index, tarDefault, limit, 'tar-default');
       }
     },

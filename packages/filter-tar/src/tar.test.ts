@@ -5,6 +5,7 @@
 import { createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serve } from '@nbdx/server';
@@ -534,5 +535,42 @@ describe.skipIf(!TOOLS)('bad archives and parameters give clear errors', () => {
         await t.server.close();
       }
     }
+  });
+});
+
+/** The real command line with the real file plugin: `nbdx --filter=tar file disk.tar tar-entry=…`. */
+const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
+const BIN = path.join(ROOT, 'packages/nbdx/dist/bin.js');
+const CLI_READY = fs.existsSync(BIN) && fs.existsSync(path.join(ROOT, 'packages/plugin-file/dist/index.js'));
+if (!CLI_READY && process.env.CI === 'true') throw new Error('the nbdx CLI and the file plugin must be built under CI');
+
+describe.skipIf(!TOOLS || !HAVE.qemuImg || !CLI_READY)('command line', () => {
+  it('nbdx --filter=tar file disk.tar tar-entry=disk.qcow2, and listing without tar-entry', async () => {
+    const root = path.join(dir, 'tree-cli');
+    fs.mkdirSync(path.join(root, 'images'), { recursive: true });
+    await runOk('qemu-img', ['create', '-q', '-f', 'qcow2', path.join(root, 'images/disk.qcow2'), '16M']);
+    fs.writeFileSync(path.join(root, 'notes.txt'), 'notes\n');
+    const archive = path.join(dir, 'cli.tar');
+    await runOk('tar', ['--format=gnu', '-cf', archive, '-C', root, 'notes.txt', 'images']);
+
+    const info = await run(
+      process.execPath,
+      [BIN, '-U', path.join(dir, 'cli1.sock'), '--filter=tar', 'file', archive, 'tar-entry=images/disk.qcow2', '--run', 'qemu-img info --output=json "$uri"'],
+      { cwd: ROOT },
+    );
+    expect(info.code, info.stderr).toBe(0);
+    const j = JSON.parse(info.stdout.toString()) as { format: string; 'virtual-size': number };
+    expect([j.format, j['virtual-size']]).toEqual(['qcow2', 16 * 1024 * 1024]);
+
+    const list = await run(process.execPath, [BIN, '-U', path.join(dir, 'cli2.sock'), '--filter=tar', 'file', archive, '--run', 'nbdinfo --list --json "$uri"'], {
+      cwd: ROOT,
+    });
+    expect(list.code, list.stderr).toBe(0);
+    const names = (JSON.parse(list.stdout.toString()) as { exports: { 'export-name': string }[] }).exports.map((e) => e['export-name']);
+    expect(names).toEqual(['notes.txt', 'images/disk.qcow2']);
+
+    const bad = await run(process.execPath, [BIN, '-U', path.join(dir, 'cli3.sock'), '--filter=tar', 'file', archive, 'tar-entry=images', '--run', 'true'], { cwd: ROOT });
+    expect(bad.code).toBe(1);
+    expect(bad.stderr).toMatch(/'images\/' is a directory in the archive/);
   });
 });
