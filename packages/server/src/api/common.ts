@@ -78,14 +78,31 @@ export const Errno = {
   ESHUTDOWN: 108,
 } as const;
 
+export interface NbdErrorOptions {
+  /**
+   * The connection cannot go on (say, the upstream server behind a proxy is gone): the core
+   * replies to this request with the error, stops reading requests from the client, lets the
+   * requests in flight reply, then closes the client connection. The server keeps running.
+   */
+  fatal?: boolean;
+}
+
 /** Throw this (or any Error with a Node `code`) from a callback to choose the NBD error. */
 export class NbdError extends Error {
   readonly errno: number;
-  constructor(errno: number, message?: string) {
+  /** See NbdErrorOptions.fatal. */
+  readonly fatal: boolean;
+  constructor(errno: number, message?: string, options?: NbdErrorOptions) {
     super(message ?? errnoName(errno));
     this.name = 'NbdError';
     this.errno = errno;
+    this.fatal = options?.fatal ?? false;
   }
+}
+
+/** True when an error thrown by a callback ends the client connection (`fatal: true` on any error). */
+export function isFatalError(err: unknown): boolean {
+  return (err as { fatal?: unknown } | null)?.fatal === true;
 }
 
 const ERRNO_NAMES: Record<number, string> = {

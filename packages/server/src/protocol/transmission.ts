@@ -6,6 +6,7 @@ import {
   FLAG_REQ_ONE,
   NbdError,
   errnoName,
+  isFatalError,
   toErrno,
   type ReadResult,
   type ZeroSpan,
@@ -332,6 +333,8 @@ export class Transmission {
       writeSimpleReplyHeader(b, 0, errno, req.cookie);
       this.writer.push(b);
     }
+    // The layer below is beyond use: no more requests on this connection (see NbdErrorOptions).
+    if (isFatalError(err)) this.stop(`fatal error: ${message}`);
   }
 
   private async read(req: Request): Promise<void> {
