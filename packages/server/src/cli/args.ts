@@ -193,12 +193,16 @@ export function parseArgs(argv: readonly string[]): CliOptions {
       o.plugin = a;
       continue;
     }
+    // Like nbdkit, only a word before '=' makes a key: `nbd+unix:///?socket=/s` is a bare value.
     const eq = a.indexOf('=');
-    if (eq > 0) o.params.push([a.slice(0, eq), a.slice(eq + 1)]);
+    if (eq > 0 && CONFIG_KEY.test(a.slice(0, eq))) o.params.push([a.slice(0, eq), a.slice(eq + 1)]);
     else o.params.push([null, a]);
   }
   return o;
 }
+
+/** What may stand before '=' in KEY=VALUE (nbdkit's rule); anything else is a bare value. */
+const CONFIG_KEY = /^[A-Za-z][A-Za-z0-9_.-]*$/;
 
 /** Give bare values to the plugin's magic key: only the first bare value may be bare. */
 export function applyMagicKey(params: CliOptions['params'], magicKey: string | undefined, plugin: string): Array<[string, string]> {
