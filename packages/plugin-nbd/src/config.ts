@@ -1,0 +1,156 @@
+import { parseNbdUri } from '@nbdx/client';
+import { Errno, NbdError, parseBool } from '@nbdx/server/api';
+
+/** Where the upstream server listens. */
+export type UpstreamAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
+
+/** Everything the parameters say, checked and complete. */
+export interface ProxyConfig {
+  address: UpstreamAddress;
+  /** The export opened upstream when dynamic-export is off. */
+  exportName: string;
+  /** Pass each client's export name upstream; list the upstream's exports. */
+  dynamicExport: boolean;
+  /** Extra connection attempts after the first one fails, one second apart. */
+  retry: number;
+  /** Milliseconds allowed for each connection attempt (connect plus handshake); 0 = no limit. */
+  timeoutMs: number;
+}
+
+/** Parameters as given, before configComplete() checks that they fit together. */
+export interface RawParams {
+  uri?: string;
+  socket?: string;
+  hostname?: string;
+  port?: number;
+  export?: string;
+  dynamicExport?: boolean;
+  retry?: number;
+  timeoutMs?: number;
+}
+
+export const DEFAULT_TIMEOUT_MS = 30_000;
+export const DEFAULT_PORT = 10809;
+/** The most retries accepted: a bit over a day of one-second waits. */
+const MAX_RETRY = 100_000;
+
+export const CONFIG_HELP = [
+  '[uri=]URI               upstream server: nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH',
+  'socket=PATH             upstream Unix socket (instead of uri=)',
+  'hostname=HOST           upstream TCP host (instead of uri=)',
+  'port=PORT               upstream TCP port with hostname= (default 10809)',
+  'export=NAME             export to open upstream with socket=/hostname= (default "")',
+  'dynamic-export=true     open the export each client asks for, list the upstream\'s exports',
+  'retry=N                 retry a failed upstream connection N times, 1 s apart (default 0)',
+  'timeout=SECONDS         time allowed to connect to the upstream, per attempt (default 30; 0 = none)',
+  'tls=off                 (the only value accepted: TLS to the upstream is not supported yet)',
+].join('\n');
+
+function bad(message: string): NbdError {
+  return new NbdError(Errno.EINVAL, message);
+}
+
+const TLS_UNSUPPORTED =
+  'TLS to the upstream server is not supported yet (@nbdx/client has no TLS): use nbd:// or nbd+unix://';
+
+/** Take one key=value into `p`. Throws a clear error for anything unknown or malformed. */
+export function applyParam(p: RawParams, key: string, value: string): void {
+  switch (key) {
+    case 'uri': {
+      const scheme = /^([a-z0-9+.-]+):/i.exec(value)?.[1]?.toLowerCase();
+      if (scheme === 'nbds' || scheme === 'nbds+unix') throw bad(`uri=${value}: ${TLS_UNSUPPORTED}`);
+      try {
+        parseNbdUri(value);
+      } catch (e) {
+        throw bad(`uri=${value}: ${(e as Error).message} (expected nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH)`);
+      }
+      p.uri = value;
+      return;
+    }
+    case 'socket':
+      if (value === '') throw bad('socket= needs the path of a Unix socket');
+      p.socket = value;
+      return;
+    case 'hostname':
+      if (value === '') throw bad('hostname= needs a host name or address');
+      p.hostname = value;
+      return;
+    case 'port': {
+      const n = /^\d+$/.test(value.trim()) ? Number(value) : NaN;
+      if (!Number.isInteger(n) || n < 1 || n > 65535) throw bad(`port=${value}: not a TCP port number (1 to 65535)`);
+      p.port = n;
+      return;
+    }
+    case 'export':
+      p.export = value;
+      return;
+    case 'dynamic-export':
+      p.dynamicExport = parseBool(value, 'dynamic-export');
+      return;
+    case 'retry': {
+      const n = /^\d+$/.test(value.trim()) ? Number(value) : NaN;
+      if (!Number.isSafeInteger(n) || n > MAX_RETRY) throw bad(`retry=${value}: not a whole number of retries (0 to ${MAX_RETRY})`);
+      p.retry = n;
+      return;
+    }
+    case 'timeout':
+      p.timeoutMs = parseTimeout(value);
+      return;
+    case 'tls':
+      // nbdkit takes tls=off|on|require; only "off" can be honoured.
+      if (['off', 'false', 'no', '0', 'n'].includes(value.trim().toLowerCase())) return;
+      throw bad(`tls=${value}: ${TLS_UNSUPPORTED}`);
+    default:
+      throw bad(`unknown parameter '${key}' (see nbdx nbd --help)`);
+  }
+}
+
+/** `timeout=10`, `timeout=2.5`, `timeout=500ms`, `timeout=10s`; 0 turns the limit off. */
+export function parseTimeout(value: string): number {
+  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/i.exec(value);
+  if (!m) throw bad(`timeout=${value}: expected seconds (10, 2.5, 10s) or milliseconds (500ms)`);
+  const ms = Number(m[1]) * (m[2]?.toLowerCase() === 'ms' ? 1 : 1000);
+  if (!Number.isFinite(ms) || ms > 2 ** 31 - 1) throw bad(`timeout=${value}: too long`);
+  return Math.round(ms);
+}
+
+/** Check that the parameters fit together and resolve the upstream address. */
+export function completeConfig(p: RawParams): ProxyConfig {
+  const given = [p.uri !== undefined && 'uri=', p.socket !== undefined && 'socket=', p.hostname !== undefined && 'hostname='].filter(
+    (x): x is string => typeof x === 'string',
+  );
+  if (given.length === 0) {
+    throw bad('no upstream server: give uri=URI, socket=PATH or hostname=HOST (e.g. nbdx nbd nbd://host/export)');
+  }
+  if (given.length > 1) throw bad(`give only one of ${given.join(', ')}: they all name the upstream server`);
+  if (p.port !== undefined && p.hostname === undefined) throw bad('port= goes with hostname= (put the port in the URI with uri=)');
+
+  let address: UpstreamAddress;
+  let exportName = p.export ?? '';
+  if (p.uri !== undefined) {
+    const u = parseNbdUri(p.uri);
+    address = u.kind === 'unix' ? { kind: 'unix', path: u.path } : { kind: 'tcp', host: u.host, port: u.port };
+    if (p.export !== undefined) throw bad('export= does not go with uri=: put the export name in the URI (nbd://host/EXPORT)');
+    exportName = u.exportName;
+  } else if (p.socket !== undefined) {
+    address = { kind: 'unix', path: p.socket };
+  } else {
+    address = { kind: 'tcp', host: p.hostname!, port: p.port ?? DEFAULT_PORT };
+  }
+  const dynamicExport = p.dynamicExport ?? false;
+  if (dynamicExport && exportName !== '') {
+    throw bad(
+      `dynamic-export=true passes each client's export name upstream, so no export may be named ` +
+        `(got '${exportName}' from ${p.uri !== undefined ? 'the URI' : 'export='})`,
+    );
+  }
+  return { address, exportName, dynamicExport, retry: p.retry ?? 0, timeoutMs: p.timeoutMs ?? DEFAULT_TIMEOUT_MS };
+}
+
+/** The upstream as a URI, for messages. */
+export function describeAddress(a: UpstreamAddress, exportName?: string): string {
+  const name = exportName ? encodeURIComponent(exportName) : '';
+  if (a.kind === 'unix') return `nbd+unix:///${name}?socket=${a.path}`;
+  const host = a.host.includes(':') ? `[${a.host}]` : a.host;
+  return `nbd://${host}:${a.port}/${name}`;
+}
