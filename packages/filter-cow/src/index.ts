@@ -1,1 +1,187 @@
-export {};
+import { existsSync } from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
+import { Errno, FLAG_REQ_ONE, NbdError, debug, defineFilter, logError, parseBool, parseSize } from '@nbdx/server/api';
+import { Overlay } from './overlay.js';
+import { TempFile } from './temp-file.js';
+
+export { Overlay, type Below } from './overlay.js';
+export { BlockMap, BELOW, BELOW_STALE, DATA, ZERO, ZERO_STALE, type BlockState } from './block-map.js';
+export { BlockLocks } from './block-locks.js';
+export { TempFile } from './temp-file.js';
+
+const NAME = 'cow';
+export const DEFAULT_BLOCK_SIZE = 64 * 1024;
+export const MIN_BLOCK_SIZE = 4096;
+export const MAX_BLOCK_SIZE = 2 ** 32;
+
+/** Parse cow-block-size: a power of two from 4 KiB to 4 GiB. */
+export function parseBlockSize(value: string): number {
+  const n = parseSize(value, 'cow-block-size');
+  if (n < MIN_BLOCK_SIZE || n > MAX_BLOCK_SIZE || !Number.isInteger(Math.log2(n))) {
+    throw new NbdError(
+      Errno.EINVAL,
+      `cow-block-size: '${value}' must be a power of two from 4K to 4G (for example 64K or 1M)`,
+    );
+  }
+  return n;
+}
+
+/** cow-on-read: on, off, or on only while the file PATH exists. */
+export type CopyOnRead = boolean | { path: string };
+
+export function parseCopyOnRead(value: string): CopyOnRead {
+  try {
+    return parseBool(value, 'cow-on-read');
+  } catch {
+    if (value.trim() === '') throw new NbdError(Errno.EINVAL, 'cow-on-read: expected true, false or a PATH');
+    return { path: path.resolve(value) };
+  }
+}
+
+interface Handle {
+  overlay: Overlay;
+  /** The export size, from the layer below. */
+  size: number;
+}
+
+/**
+ * A fresh `cow` filter: a writable copy-on-write overlay over any export. The layer below is only
+ * ever opened read-only; writes land in a sparse, already-unlinked temporary file in TMPDIR,
+ * shared by every connection to the same export and gone when the server stops.
+ */
+export function createCowFilter() {
+  let blockSize = DEFAULT_BLOCK_SIZE;
+  let onRead: CopyOnRead = false;
+  let onCache = false;
+  let dir = os.tmpdir();
+  /** One overlay per export name. */
+  const overlays = new Map<string, Promise<Overlay>>();
+
+  function overlayFor(exportName: string): Promise<Overlay> {
+    let p = overlays.get(exportName);
+    if (!p) {
+      p = TempFile.create(dir).then((file) => {
+        debug(NAME, `overlay for export '${exportName}': block size ${blockSize}, in ${dir}`);
+        return new Overlay(file, blockSize);
+      });
+      overlays.set(exportName, p);
+      p.catch(() => overlays.delete(exportName));
+    }
+    return p;
+  }
+
+  function copyOnRead(): boolean {
+    if (typeof onRead === 'boolean') return onRead;
+    return existsSync(onRead.path);
+  }
+
+  return defineFilter<Handle>({
+    apiVersion: 2,
+    name: NAME,
+    version: '0.1.0',
+    longname: 'nbdx copy-on-write filter',
+    description: 'Makes any export writable: writes go to a temporary overlay, the layer below is never changed.',
+    configHelp: [
+      'cow-block-size=SIZE         overlay block size, a power of two from 4K to 4G (default 64K)',
+      'cow-on-read=true|false|PATH copy blocks into the overlay when they are read (PATH: while PATH exists)',
+      'cow-on-cache=true|false     copy blocks into the overlay on NBD_CMD_CACHE (default false)',
+    ].join('\n'),
+    threadModel: 'parallel',
+
+    load() {
+      blockSize = DEFAULT_BLOCK_SIZE;
+      onRead = false;
+      onCache = false;
+    },
+
+    config(next, key, value) {
+      switch (key) {
+        case 'cow-block-size':
+          blockSize = parseBlockSize(value);
+          return;
+        case 'cow-on-read':
+          onRead = parseCopyOnRead(value);
+          return;
+        case 'cow-on-cache':
+          onCache = parseBool(value, 'cow-on-cache');
+          return;
+        default:
+          return next(key, value);
+      }
+    },
+
+    async getReady() {
+      // TMPDIR is read now (not at import) and checked, so a bad one stops the server at start-up.
+      dir = os.tmpdir();
+      try {
+        await (await TempFile.create(dir)).close();
+      } catch (err) {
+        throw new NbdError(
+          Errno.EIO,
+          `${NAME}: cannot create the overlay in ${dir} (set TMPDIR to a writable directory): ${(err as Error).message}`,
+        );
+      }
+    },
+
+    async unload() {
+      const all = [...overlays.values()];
+      overlays.clear();
+      for (const p of all) {
+        try {
+          await (await p).close();
+        } catch (err) {
+          logError(NAME, `closing an overlay: ${(err as Error).message}`);
+        }
+      }
+    },
+
+    dumpPlugin() {
+      return { cow_block_size_default: DEFAULT_BLOCK_SIZE, cow_on_read: 'true,false,PATH', cow_on_cache: 'true,false' };
+    },
+
+    async open(next, _readonly, exportName) {
+      // The layer below is never written: open it read-only whatever the client asked for.
+      await next.open(true, exportName);
+      return { overlay: await overlayFor(exportName), size: 0 };
+    },
+
+    async prepare(next, h) {
+      h.size = await next.getSize();
+    },
+
+    canWrite: () => true,
+    canFlush: () => true,
+    canTrim: () => true,
+    canZero: () => true,
+    // Whole blocks are zeroed in the map, partial ones with at most two small writes: always fast.
+    canFastZero: () => true,
+    canExtents: () => true,
+    // The overlay is temporary: there is nothing a flush or FUA could make more durable.
+    canFua: () => 'native',
+    // Every connection to an export shares one overlay, and flush has nothing to do.
+    canMultiConn: () => true,
+    async canCache(next) {
+      if (onCache) return 'native';
+      return (await next.canCache()) === 'none' ? 'none' : 'native';
+    },
+
+    async pread(next, h, buf, offset) {
+      if (onRead !== false && h.overlay.hasBelow(offset, buf.length) && copyOnRead()) {
+        await h.overlay.copyUp(next, h.size, offset, buf.length);
+      }
+      return h.overlay.read(next, buf, offset);
+    },
+    pwrite: (next, h, buf, offset) => h.overlay.write(next, h.size, buf, offset),
+    flush: () => {},
+    trim: (next, h, count, offset) => h.overlay.zero(next, h.size, count, offset),
+    zero: (next, h, count, offset) => h.overlay.zero(next, h.size, count, offset),
+    extents: (next, h, count, offset, flags) => h.overlay.extents(next, count, offset, (flags & FLAG_REQ_ONE) !== 0),
+    async cache(next, h, count, offset) {
+      if (onCache) return h.overlay.copyUp(next, h.size, offset, count);
+      return h.overlay.cacheBelow(next, offset, count);
+    },
+  });
+}
+
+export default createCowFilter();

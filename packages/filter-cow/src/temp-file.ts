@@ -1,0 +1,73 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { randomBytes } from 'node:crypto';
+
+/**
+ * An anonymous temporary file: created in `dir` (TMPDIR) and unlinked at once, so it disappears
+ * when the descriptor is closed or the process dies, whatever the reason. Written at offsets, it
+ * stays sparse: untouched ranges take no disk space and read as zeroes.
+ */
+export class TempFile {
+  private closed = false;
+
+  private constructor(readonly fd: number) {}
+
+  static async create(dir: string, prefix = 'nbdx-cow-'): Promise<TempFile> {
+    const name = path.join(dir, `${prefix}${process.pid}-${randomBytes(6).toString('hex')}`);
+    const fd = await new Promise<number>((resolve, reject) =>
+      fs.open(name, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600, (err, fd) =>
+        err ? reject(err) : resolve(fd),
+      ),
+    );
+    try {
+      await fs.promises.unlink(name);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+    return new TempFile(fd);
+  }
+
+  /** Fill `buf` from `position`; bytes past the end of the file read as zeroes. */
+  read(buf: Uint8Array, position: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const step = (done: number): void => {
+        fs.read(this.fd, buf, done, buf.length - done, position + done, (err, n) => {
+          if (err) return reject(err);
+          if (n === 0) {
+            buf.fill(0, done);
+            return resolve();
+          }
+          if (done + n < buf.length) return step(done + n);
+          resolve();
+        });
+      };
+      step(0);
+    });
+  }
+
+  /** Write all of `buf` at `position`. */
+  write(buf: Uint8Array, position: number): Promise<void> {
+    return new Promise((resolve, reject) => {
+      const step = (done: number): void => {
+        fs.write(this.fd, buf, done, buf.length - done, position + done, (err, n) => {
+          if (err) return reject(err);
+          if (done + n < buf.length) return step(done + n);
+          resolve();
+        });
+      };
+      step(0);
+    });
+  }
+
+  /** Bytes of disk the file occupies (st_blocks), for tests and debug output. */
+  async allocatedBytes(): Promise<number> {
+    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, s) => (err ? reject(err) : resolve(s.blocks * 512))));
+  }
+
+  close(): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    this.closed = true;
+    return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
+  }
+}
