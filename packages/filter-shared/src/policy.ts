@@ -1,4 +1,4 @@
-import { Errno, NbdError, parseBool, toErrno } from '@nbdx/server/api';
+import { Errno, NbdError, isFatalError, parseBool, toErrno } from '@nbdx/server/api';
 
 /** When the shared context is opened: while the server starts, or with the first connection. */
 export type OpenMode = 'start' | 'lazy';
@@ -63,8 +63,13 @@ const GONE_CODES = new Set([
 /** Error numbers that describe the request (bad range, read-only, no space), not the context. */
 const REQUEST_ERRNOS = new Set<number>([Errno.EINVAL, Errno.EPERM, Errno.ENOSPC, Errno.ENOTSUP, Errno.EOVERFLOW]);
 
-/** A failure after which the context is beyond use: ESHUTDOWN, or a connection-level Node error. */
+/**
+ * A failure after which the context is beyond use: an error the layer below marked fatal
+ * (NbdError's `fatal` option, as the nbd plugin does when its upstream connection is lost),
+ * ESHUTDOWN, or a connection-level Node error.
+ */
 export function isFatal(err: unknown): boolean {
+  if (isFatalError(err)) return true;
   const code = (err as { code?: unknown } | null)?.code;
   if (typeof code === 'string' && GONE_CODES.has(code)) return true;
   return toErrno(err) === Errno.ESHUTDOWN;

@@ -5,7 +5,11 @@ import { serve, type ServeOptions } from '@nbdx/server';
 import { createSharedFilter } from './index.js';
 import { isFatal, retires } from './policy.js';
 import { createRecordingPlugin } from './fixtures.test-helper.js';
-import { haveTool, ok, run } from './tools.test-helper.js';
+import { haveTool, ok, run, toolEnv } from './tools.test-helper.js';
+import { spawn } from 'node:child_process';
+import * as fs from 'node:fs';
+import * as os from 'node:os';
+import * as path from 'node:path';
 
 type Server = Awaited<ReturnType<typeof serve>>;
 const servers: Server[] = [];
@@ -250,6 +254,24 @@ describe('shared: failures and reopening', () => {
     expect(rec.closes).toEqual([1, 2]);
   });
 
+  it('an error the layer below marks fatal: that client is disconnected, the next one gets a fresh context', async () => {
+    const { plugin, rec } = createRecordingPlugin();
+    const s = await start({ plugin, filters: [createSharedFilter()] });
+    const a = await connect(s.uri);
+    const closed = new Promise<void>((r) => a.once('close', () => r()));
+    rec.broken.set(1, () => new NbdError(Errno.EIO, 'recording: upstream connection lost', { fatal: true }));
+    const err = (await a.pread(512, 0).catch((e) => e)) as NbdRequestError;
+    expect(err.errno).toBe(Errno.EIO);
+    await closed; // the core ends a connection after a fatal error
+    await new Promise((r) => setTimeout(r, 20));
+    expect(rec.closes).toEqual([1]); // its last user gone, the failed context is closed
+    const b = await connect(s.uri);
+    expect(rec.opens.map((o) => o.id)).toEqual([1, 2]);
+    await b.pwrite(pattern(512, 4), 0);
+    expect(Buffer.compare(await b.pread(512, 0), pattern(512, 4))).toBe(0);
+    await b.disconnect();
+  });
+
   it('an ordinary I/O error is replied but does not reopen under shared-reopen=fatal', async () => {
     const { plugin, rec } = createRecordingPlugin();
     const s = await start({ plugin, filters: [createSharedFilter()] });
@@ -311,12 +333,58 @@ describe('shared: failures and reopening', () => {
     expect(isFatal(new NbdError(Errno.ESHUTDOWN))).toBe(true);
     expect(isFatal(Object.assign(new Error('reset'), { code: 'ECONNRESET' }))).toBe(true);
     expect(isFatal(new NbdError(Errno.EIO))).toBe(false);
+    expect(isFatal(new NbdError(Errno.EIO, 'gone', { fatal: true }))).toBe(true);
     expect(retires('fatal', new NbdError(Errno.EIO))).toBe(false);
     expect(retires('error', new NbdError(Errno.EIO))).toBe(true);
     expect(retires('error', new Error('anything'))).toBe(true);
     expect(retires('error', new NbdError(Errno.EINVAL))).toBe(false);
     expect(retires('error', new NbdError(Errno.ENOSPC))).toBe(false);
     expect(retires('never', new NbdError(Errno.ESHUTDOWN))).toBe(false);
+  });
+});
+
+describe('shared: over the nbd plugin, when the upstream goes away', () => {
+  it('clients of the dead upstream get errors; once it is back, the next connection reopens', async () => {
+    if (!haveTool('nbdkit')) return;
+    // The nbd plugin is another package of this repository: used from its build.
+    const { createNbdPlugin } = await import('../../plugin-nbd/dist/index.js');
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-shared-test-'));
+    const sock = path.join(dir, 'upstream.sock');
+    const upstream = async () => {
+      const p = spawn('nbdkit', ['-f', '-U', sock, 'memory', '1M'], { env: toolEnv, stdio: 'ignore' });
+      for (let i = 0; i < 200 && !fs.existsSync(sock); i++) await new Promise((r) => setTimeout(r, 10));
+      return p;
+    };
+    let nbdkit = await upstream();
+    try {
+      const s = await start({
+        plugin: createNbdPlugin(),
+        filters: [createSharedFilter()],
+        config: [['uri', `nbd+unix:///?socket=${sock}`]],
+      });
+      const a = await connect(s.uri);
+      await a.pwrite(pattern(4096, 1), 0);
+      expect(Buffer.compare(await a.pread(4096, 0), pattern(4096, 1))).toBe(0);
+
+      const gone = new Promise((r) => nbdkit.once('exit', r));
+      nbdkit.kill('SIGKILL');
+      await gone;
+      fs.rmSync(sock, { force: true });
+      const err = (await a.pread(4096, 0).catch((e) => e)) as NbdRequestError;
+      expect(err).toBeInstanceOf(NbdRequestError);
+      expect(err.serverMessage ?? err.message).toMatch(/upstream connection lost/);
+
+      nbdkit = await upstream();
+      const b = await connect(s.uri);
+      expect((await b.pread(4096, 0)).every((x) => x === 0)).toBe(true); // a fresh upstream
+      await b.pwrite(pattern(4096, 2), 0);
+      const c = await connect(s.uri);
+      expect(Buffer.compare(await c.pread(4096, 0), pattern(4096, 2))).toBe(0);
+      await Promise.all([b.disconnect(), c.disconnect()]);
+    } finally {
+      nbdkit.kill('SIGKILL');
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 });
 
