@@ -103,7 +103,9 @@ async function run(o: CliOptions): Promise<number> {
   if (conflicts.length > 1 || (o.single && o.run)) fail(`--single cannot be combined with -p/-i/-U/--run`);
   if (o.unix && (o.port || o.ipaddr)) fail('-U cannot be combined with -p or -i');
 
-  const background = !o.foreground && !o.single && !o.run && !o.exitWithParent && !process.env[DAEMON_ENV];
+  // Socket activation implies the foreground too: the service manager owns the process.
+  const background =
+    !o.foreground && !o.single && !o.run && !o.exitWithParent && !process.env[DAEMON_ENV] && !socketActivationFds();
   if (background) return detach();
 
   const verbose = o.verbose && o.log !== 'null';
@@ -228,7 +230,9 @@ function detach(): Promise<number> {
   return new Promise((resolve) => {
     const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...argv()], {
       detached: true,
-      stdio: ['ignore', 'ignore', 'inherit', 'ipc'],
+      // Like a daemon, the child lets go of the terminal: errors before it is ready come back
+      // over the IPC channel and are printed here.
+      stdio: ['ignore', 'ignore', 'ignore', 'ipc'],
       env: { ...process.env, [DAEMON_ENV]: '1' },
     });
     let settled = false;

@@ -28,6 +28,44 @@ export function candidatePackages(name: string, kind: Kind): string[] {
   return [`@nbdx/${kind}-${name}`, `${tag}-${name}`];
 }
 
+/**
+ * The plugins and filters released with nbdx itself, as `@nbdx/plugin-NAME` / `@nbdx/filter-NAME`
+ * at nbdx's own version (a fixed release group). Only these are ever installed on demand
+ * (cli/install.ts); the packaging test checks this list against packages/.
+ */
+export const FIRST_PARTY: Readonly<Record<Kind, readonly string[]>> = {
+  plugin: ['memory', 'file', 'nbd', 'imageio'],
+  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar'],
+};
+
+/** The first-party package a name stands for (`memory` or `@nbdx/plugin-memory`), else null. */
+export function firstPartyPackage(name: string, kind: Kind): string | null {
+  const short = name.startsWith(`@nbdx/${kind}-`) ? name.slice(`@nbdx/${kind}-`.length) : name;
+  return FIRST_PARTY[kind].includes(short) ? `@nbdx/${kind}-${short}` : null;
+}
+
+/**
+ * The package to suggest installing for a name nothing was found for: the first-party package
+ * when there is one, else the third-party convention (`nbdx-plugin-NAME`, `@scope/nbdx-plugin-NAME`).
+ */
+export function suggestedPackage(name: string, kind: Kind): string {
+  const first = firstPartyPackage(name, kind);
+  if (first) return first;
+  const candidates = candidatePackages(name, kind).filter((p) => !p.startsWith(`@nbdx/${kind}-`));
+  return candidates[0] ?? candidatePackages(name, kind)[0]!;
+}
+
+/** The one-line "not found" message; `run` is the npx command to suggest (default: a sketch). */
+export function notFoundMessage(name: string, kind: Kind, bases: readonly string[], extra?: { pkg?: string; run?: string; note?: string }): string {
+  const pkg = extra?.pkg ?? suggestedPackage(name, kind);
+  const tried = candidatePackages(name, kind);
+  return (
+    `${kind} '${name}' not found; tried ${tried.join(', ')} from ${bases.join(', ')}. ` +
+    (extra?.note ? `${extra.note} ` : '') +
+    `Install it with: npm install ${pkg}   (or run: ${extra?.run ?? `npx -p nbdx -p ${pkg} nbdx ...`})`
+  );
+}
+
 /** Directories searched: the working directory first, then where the CLI itself is installed. */
 export function searchBases(cwd: string = process.cwd()): string[] {
   const here = path.dirname(fileURLToPath(import.meta.url));
@@ -76,19 +114,13 @@ export function locate(name: string, kind: Kind, bases = searchBases()): Located
     if (!fs.existsSync(file)) throw new LoadError(`${kind} file not found: ${file}`);
     return { spec: file, file };
   }
-  const tried: string[] = [];
   for (const pkg of candidatePackages(name, kind)) {
     for (const base of bases) {
       const dir = findPackageDir(pkg, base);
       if (dir) return { spec: pkg, file: packageEntry(dir) };
     }
-    tried.push(pkg);
   }
-  const first = candidatePackages(name, kind)[0]!;
-  throw new LoadError(
-    `${kind} '${name}' not found; tried ${tried.join(', ')} from ${bases.join(', ')}. ` +
-      `Install it with: npm install ${first}   (or run: npx -p nbdx -p ${first} nbdx ...)`,
-  );
+  throw new LoadError(notFoundMessage(name, kind, bases));
 }
 
 /** Import and validate a plugin or filter module. */
