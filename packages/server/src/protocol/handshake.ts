@@ -276,8 +276,12 @@ async function startTls(settings: ProtocolSettings, reader: SocketReader, writer
     secure.once('error', reject);
     secure.once('close', () => reject(new Error('connection closed during the TLS handshake')));
   });
-  if (requestCert && rejectUnauthorized !== false && !secure.authorized) {
-    throw new HandshakeClose(`client certificate rejected: ${secure.authorizationError}`);
+  if (requestCert && rejectUnauthorized !== false) {
+    // A TLSSocket made by hand (not by tls.Server) never sets `authorized`: ask OpenSSL directly.
+    const peer = secure.getPeerCertificate();
+    const verifyError = (secure as unknown as { ssl?: { verifyError(): Error | null } }).ssl?.verifyError();
+    if (!peer || Object.keys(peer).length === 0) throw new HandshakeClose('client sent no certificate');
+    if (verifyError) throw new HandshakeClose(`client certificate rejected: ${verifyError.message}`);
   }
   reader.reattach(secure);
   writer.setStream(secure);
