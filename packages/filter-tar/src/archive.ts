@@ -20,6 +20,32 @@ export interface ArchiveIndex {
   exportName: string;
   archiveSize: number;
   scan: ScanResult;
+  /** The first member under each stored name, and under each normalised name. */
+  byName: Map<string, TarMember>;
+  byNormalName: Map<string, TarMember>;
+}
+
+/** Readahead for the scan: headers of small members are read many at a time. */
+const SCAN_CHUNK = 64 * 1024;
+
+function buildIndex(exportName: string, archiveSize: number, scan: ScanResult): ArchiveIndex {
+  const byName = new Map<string, TarMember>();
+  const byNormalName = new Map<string, TarMember>();
+  for (const m of scan.members) {
+    if (!byName.has(m.name)) byName.set(m.name, m);
+    const n = normalizeName(m.name);
+    if (n !== '' && !byNormalName.has(n)) byNormalName.set(n, m);
+  }
+  return { exportName, archiveSize, scan, byName, byNormalName };
+}
+
+/** The same answer as findMember(), without walking the whole list. */
+export function lookupMember(index: ArchiveIndex, name: string): TarMember | undefined {
+  const exact = index.byName.get(name);
+  const n = normalizeName(name);
+  const normal = n === '' ? undefined : index.byNormalName.get(n);
+  if (exact && normal) return exact.headerOffset <= normal.headerOffset ? exact : normal;
+  return exact ?? normal;
 }
 
 export interface ScannerOptions {
@@ -90,12 +116,22 @@ export class ArchiveScanner {
     }
     try {
       const archiveSize = await ctx.getSize();
+      // Read ahead (never past tar-limit), so that runs of small members cost one call below.
+      const readEnd = Math.min(archiveSize, this.options.limit ?? Infinity);
+      let chunk: Buffer = Buffer.alloc(0);
+      let chunkAt = 0;
       const read = async (offset: number, length: number): Promise<Uint8Array> => {
-        const buf = Buffer.allocUnsafe(length);
+        if (offset >= chunkAt && offset + length <= chunkAt + chunk.length) {
+          return chunk.subarray(offset - chunkAt, offset - chunkAt + length);
+        }
+        const want = Math.max(length, Math.min(SCAN_CHUNK, readEnd - offset));
+        const buf = Buffer.allocUnsafe(want);
         const spans = await ctx.pread(buf, offset, 0);
         // Parts the layer below reported as zero are not filled in.
         if (spans) for (const s of spans as readonly ZeroSpan[]) buf.fill(0, s.start, s.start + s.length);
-        return buf;
+        chunk = buf;
+        chunkAt = offset;
+        return buf.subarray(0, length);
       };
       const entry = this.options.entry;
       const scan = await scanTar(read, {
@@ -108,7 +144,7 @@ export class ArchiveScanner {
         `scanned ${exportName === '' ? 'the archive' : `archive '${exportName}'`}: ${scan.members.length} members, ` +
           `${scan.headerReads} header blocks read, stopped at offset ${scan.end} (${scan.reason})`,
       );
-      return { exportName, archiveSize, scan };
+      return buildIndex(exportName, archiveSize, scan);
     } catch (err) {
       if (err instanceof TarFormatError) throw new NbdError(Errno.EIO, `tar: ${err.message}`);
       throw err;
@@ -120,7 +156,7 @@ export class ArchiveScanner {
 
 /** The member called `name`, ready to serve, or an NbdError saying why not. */
 export function pickMember(index: ArchiveIndex, name: string, limit: number | undefined, what: string): TarMember {
-  const m = findMember(index.scan.members, name);
+  const m = lookupMember(index, name);
   if (!m) {
     if (index.scan.reason === 'limit') {
       throw new NbdError(

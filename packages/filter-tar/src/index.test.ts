@@ -115,7 +115,8 @@ describe('tar filter callbacks', () => {
     const h = await f.open!(o, false, '', false);
     const n = next();
     await f.prepare!(n, h, false);
-    expect(fake.calls).toEqual(['pread 512@0 0', 'pread 512@1024 0', 'close ']); // the scan, stopped at disk.img
+    // The scan: one read ahead covering the whole (small) archive, then the context is closed.
+    expect(fake.calls).toEqual([`pread ${fake.archives['']!.length}@0 0`, 'close ']);
     fake.calls.length = 0;
     // disk.img: header at 1024, data at 1536.
     expect(await f.getSize!(n, h)).toBe(4096);
@@ -154,6 +155,17 @@ describe('tar filter callbacks', () => {
     expect([...(one as Iterable<unknown>)]).toHaveLength(1);
     // 1536 is not a multiple of 4096: the preferred size is lowered to what stays aligned.
     expect(await f.blockSize!(n, h)).toEqual({ minimum: 512, preferred: 512, maximum: 1 << 20 });
+  });
+
+  it('reads ahead while scanning, but never past tar-limit', async () => {
+    const fake = fakeBelow();
+    const f = createTarFilter();
+    await configure(f, [['tar-entry', 'disk.img'], ['tar-limit', '1536']]);
+    await f.afterStart!(fake.below);
+    expect(fake.calls).toEqual(['pread 1536@0 0', 'close ']);
+    const g = createTarFilter();
+    await configure(g, [['tar-entry', 'disk.img'], ['tar-limit', '1535']]);
+    await expect(g.afterStart!(fake.below)).rejects.toThrow(/tar-entry 'disk.img' was not found within the first 1535 bytes/);
   });
 
   it('with tar-entry, export names go to the layer below, one scan per archive', async () => {

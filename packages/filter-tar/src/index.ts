@@ -42,6 +42,9 @@ const CONFIG_HELP = [
   'tar-limit=SIZE       read no header at or past SIZE bytes into the archive (default 0: no limit)',
 ].join('\n');
 
+/** The NBD protocol's limit on export names, in bytes. */
+const MAX_EXPORT_NAME = 4096;
+
 /** A fresh tar filter (no state shared with other instances). */
 export function createTarFilter(): TarFilter {
   let entry: string | undefined;
@@ -168,6 +171,11 @@ export function createTarFilter(): TarFilter {
       for (const m of index.scan.members) {
         const name = exportNameOf(m);
         if (m.kind !== 'file' || seen.has(name)) continue;
+        if (Buffer.byteLength(name) > MAX_EXPORT_NAME) {
+          // NBD export names are at most 4096 bytes: such a member can only be served by tar-entry.
+          debug('tar', `not listing a member whose name is longer than ${MAX_EXPORT_NAME} bytes: '${name.slice(0, 60)}…'`);
+          continue;
+        }
         seen.add(name);
         out.push({ name, description: describeMember(m) });
       }

@@ -380,7 +380,7 @@ export async function scanTar(read: ReadFn, options: ScanOptions): Promise<ScanR
       return { members, reason: 'eof', end: pos, headerReads };
     }
     if (pos + BLOCK_SIZE > limit) {
-      if (pos + BLOCK_SIZE > size) {
+      if (pos + BLOCK_SIZE > size && limit === size) {
         // A partial block at the end: maybe a compressed file shorter than a block.
         const tail = await readExact(pos, size - pos);
         if (pos === 0) {
