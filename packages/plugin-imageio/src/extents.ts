@@ -118,11 +118,6 @@ export class ExtentCache {
     this.map = null;
   }
 
-  /** Seed the cache with a list fetched elsewhere (at start-up, to learn the size). */
-  set(map: ExtentMap): void {
-    this.map = map;
-  }
-
   get(): Promise<ExtentMap> {
     if (this.map) return Promise.resolve(this.map);
     if (this.pending && this.pending.generation === this.generation) return this.pending.promise;

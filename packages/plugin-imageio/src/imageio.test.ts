@@ -5,6 +5,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
+import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { serve } from '@nbdx/server';
 import { createImageioPlugin } from './index.js';
@@ -13,6 +14,8 @@ import { makeCerts, nbdsh, needTools, run, runOk, tmpDir, type TestCerts } from 
 
 const have = needTools('nbdsh', 'nbdinfo', 'qemu-img', 'nbdcopy', 'openssl');
 const MiB = 1024 * 1024;
+const NBDX_BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../nbdx/dist/bin.js');
+const haveCli = fs.existsSync(NBDX_BIN) || process.env.CI === 'true';
 
 type Nbd = Awaited<ReturnType<typeof serve>>;
 const cleanups: (() => Promise<void> | void)[] = [];
@@ -457,5 +460,28 @@ describe.skipIf(!have)('imageio plugin: TLS and the Unix socket', () => {
         ],
       }),
     ).rejects.toThrow(/missing\.sock/);
+  });
+});
+
+describe.skipIf(!have || !haveCli)('imageio plugin: the nbdx command', () => {
+  it('nbdx imageio url=... --run \'qemu-img convert -n disk.qcow2 "$uri"\'', async () => {
+    const size = 32 * MiB;
+    const srv = await startImageio({ size });
+    const src = makeSourceImage(size);
+    const qcow2 = await src.qcow2;
+    const r = await run(process.execPath, [
+      NBDX_BIN,
+      '-U',
+      '-',
+      'imageio',
+      srv.url,
+      'connections=2',
+      '--run',
+      `qemu-img convert -n -f qcow2 -O raw ${qcow2} "$uri" && qemu-img compare -f qcow2 -F raw ${qcow2} "$uri"`,
+    ]);
+    expect(r.stderr).toBe('');
+    expect(r.stdout).toContain('Images are identical');
+    expect(r.code).toBe(0);
+    expect(srv.store.read(0, size).equals(src.bytes)).toBe(true);
   });
 });
