@@ -136,8 +136,10 @@ export function createTarFilter(): TarFilter {
       // Scan now so that a missing entry or a broken archive is reported at start-up; every
       // connection then reuses this scan.
       if (entry !== undefined) {
-        const name = await below.defaultExport(false, false);
         try {
+          const name = await below.defaultExport(false, false).catch((err: Error) => {
+            throw new ArchiveOpenError('', err);
+          });
           pickMember(await getScanner().index(below, name), entry, limit, 'tar-entry');
         } catch (err) {
           // Some layers cannot open their default export (file dir=): each export the clients
