@@ -51,8 +51,6 @@ export class Connection {
   readonly client: Client;
   /** Written (PUT or zero) since this connection's last successful flush. */
   dirty = false;
-  /** Sockets opened so far (more than one after the server closed an idle connection). */
-  connects = 0;
 
   constructor(
     readonly index: number,
@@ -72,9 +70,6 @@ export class Connection {
       headersTimeout: timeoutMs,
       bodyTimeout: timeoutMs,
       connect,
-    });
-    this.client.on('connect', () => {
-      this.connects++;
     });
   }
 

@@ -306,7 +306,7 @@ describe.skipIf(!have)('imageio plugin: server behaviour a user meets', () => {
 
   it('an expired ticket gives EPERM with the server message, not a hang', async () => {
     const errors: string[] = [];
-    const srv = await startImageio({ size: 4 * MiB });
+    const srv = await startImageio({ size: 32 * MiB });
     const nbd = await serve({ plugin: createImageioPlugin(), config: [['url', srv.url]], error: (m) => errors.push(m) });
     cleanups.push(() => nbd.close());
     srv.expire();
@@ -316,6 +316,8 @@ describe.skipIf(!have)('imageio plugin: server behaviour a user meets', () => {
       `
 expect_err("EPERM", lambda: h.pread(4096, 0))
 expect_err("EPERM", lambda: h.pwrite(b"x" * 4096, 0))
+# a big write: the server answers 403 and closes without reading the body
+expect_err("EPERM", lambda: h.pwrite(b"x" * (16 * 1024 * 1024), 0))
 expect_err("EPERM", lambda: h.zero(4096, 0))
 `,
     );
