@@ -155,7 +155,9 @@ export class NbdServer {
   /** Stop listening, let in-flight requests finish, close connections, unload. Idempotent. */
   close(): Promise<void> {
     this.closing ??= (async () => {
-      await Promise.all(this.listeners.map((l) => new Promise<void>((r) => l.server.close(() => r()))));
+      // Stop accepting now; net.Server's close callback would wait for every connection to end,
+      // and idle clients only go once we shut their connections down below.
+      for (const l of this.listeners) l.server.close();
       for (const l of this.listeners) l.cleanup();
       for (const c of this.connections) c.shutdown();
       await Promise.all([...this.connections].map((c) => c.closed));
