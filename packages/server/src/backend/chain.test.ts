@@ -10,7 +10,7 @@ import { Backend } from './backend.js';
 /** A 1 MiB v2 test plugin that records every call. */
 function recordingPlugin(calls: string[]) {
   const disk = Buffer.alloc(1 << 20);
-  return definePlugin({
+  const plugin = definePlugin({
     apiVersion: 2,
     name: 'rec',
     getSize: () => disk.length,
@@ -29,8 +29,8 @@ function recordingPlugin(calls: string[]) {
     cache: (_h, n, off) => void calls.push(`cache ${off} ${n}`),
     canFua: () => 'emulate',
     canCache: () => 'native',
-    disk,
-  } as Parameters<typeof definePlugin>[0] & { disk: Buffer });
+  });
+  return Object.assign(plugin, { disk });
 }
 
 /** A filter that moves everything up by 4096 bytes, implementing only what its version knows. */
@@ -143,7 +143,7 @@ describe('backend chain', () => {
 
   it('never passes methods newer than a v1 filter through it: zero is emulated via its pwrite, extents masked', async () => {
     const calls: string[] = [];
-    const plugin = recordingPlugin(calls) as ReturnType<typeof recordingPlugin> & { disk: Buffer };
+    const plugin = recordingPlugin(calls);
     const ctx = await open(new Backend(plugin, [shiftFilter(1)]));
     plugin.disk.fill(3);
     await ctx.zero(100, 0, FLAG_MAY_TRIM);

@@ -147,7 +147,12 @@ async function run(o: CliOptions): Promise<number> {
     await server.close();
     fail(`cannot listen: ${(err as Error).message}`);
   }
-  await server.afterStart();
+  try {
+    await server.afterStart();
+  } catch (err) {
+    await server.close(); // removes the socket, so the next start on the same path works
+    throw err;
+  }
 
   if (o.pidfile) {
     fs.writeFileSync(o.pidfile, `${process.pid}\n`);

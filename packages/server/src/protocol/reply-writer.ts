@@ -6,6 +6,8 @@ import type { Duplex } from 'node:stream';
  */
 export class ReplyWriter {
   private pending: Uint8Array[] = [];
+  /** Called once the buffer at the same index in `pending` has been written (or dropped). */
+  private pendingDone: Array<(() => void) | undefined> = [];
   private scheduled = false;
   private closed = false;
   private idleWaiters: Array<() => void> = [];
@@ -25,7 +27,22 @@ export class ReplyWriter {
 
   push(...buffers: Uint8Array[]): void {
     if (this.closed) return;
-    for (const b of buffers) this.pending.push(b);
+    for (const b of buffers) {
+      this.pending.push(b);
+      this.pendingDone.push(undefined);
+    }
+    this.schedule();
+  }
+
+  /** Queue one buffer and call `done` when the socket no longer needs it (to recycle it). */
+  pushThen(buffer: Uint8Array, done: () => void): void {
+    if (this.closed) return done();
+    this.pending.push(buffer);
+    this.pendingDone.push(done);
+    this.schedule();
+  }
+
+  private schedule(): void {
     if (!this.scheduled) {
       this.scheduled = true;
       queueMicrotask(this.flush);
@@ -45,15 +62,17 @@ export class ReplyWriter {
       this.notifyIdle();
       return;
     }
+    const done = this.pendingDone;
     this.pending = [];
+    this.pendingDone = [];
     const s = this.stream;
-    if (list.length === 1) {
-      s.write(list[0]);
-    } else {
-      s.cork();
-      for (const b of list) s.write(b);
-      s.uncork();
+    if (list.length > 1) s.cork();
+    for (let i = 0; i < list.length; i++) {
+      const cb = done[i];
+      if (cb) s.write(list[i], () => cb());
+      else s.write(list[i]);
     }
+    if (list.length > 1) s.uncork();
     this.notifyIdle();
   };
 
@@ -72,6 +91,7 @@ export class ReplyWriter {
   close(): void {
     this.closed = true;
     this.pending = [];
+    this.pendingDone = [];
     this.notifyIdle();
   }
 }

@@ -25,6 +25,7 @@ import {
   type Request,
 } from '../wire/codec.js';
 import { writeU64 } from '../wire/bytes.js';
+import { bufferPool } from './buffer-pool.js';
 import type { Negotiated } from './handshake.js';
 import type { ReplyWriter } from './reply-writer.js';
 import type { ProtocolSettings } from './settings.js';
@@ -144,7 +145,7 @@ export class Transmission {
           this.start(req, this.reader.queue.take(length), null);
           return true;
         }
-        this.pendingWrite.buf = Buffer.allocUnsafe(length);
+        this.pendingWrite.buf = bufferPool.get(length);
       }
       return true;
     }
@@ -164,7 +165,7 @@ export class Transmission {
     p.got += m;
     if (p.got < p.req.length) return false;
     this.pendingWrite = null;
-    this.start(p.req, p.buf, p.error ?? (p.req.type === C.CMD_WRITE ? null : this.unsupportedPayload()));
+    this.start(p.req, p.buf, p.error ?? (p.req.type === C.CMD_WRITE ? null : this.unsupportedPayload()), p.buf !== null);
     return true;
   }
 
@@ -222,7 +223,8 @@ export class Transmission {
     return null;
   }
 
-  private start(req: Request, payload: Buffer | null, error: NbdError | null): void {
+  /** `pooled`: the payload came from the buffer pool and goes back once the request is done. */
+  private start(req: Request, payload: Buffer | null, error: NbdError | null, pooled = false): void {
     if (error) {
       this.replyError(req, error);
       return;
@@ -243,7 +245,11 @@ export class Transmission {
       p = run();
     }
     p.then(
-      () => this.finish(cost),
+      () => {
+        // Plugins may not keep the buffer after pwrite returns, so it can be reused.
+        if (pooled) bufferPool.put(payload!);
+        this.finish(cost);
+      },
       (err) => {
         this.settings.error(`internal error: ${(err as Error).stack ?? err}`);
         this.finish(cost);
@@ -341,25 +347,27 @@ export class Transmission {
     const len = req.length;
     if (!this.structured) {
       // One buffer for header and data: the plugin fills the data in place.
-      const b = Buffer.allocUnsafe(C.SIMPLE_REPLY_SIZE + len);
+      const b = bufferPool.get(C.SIMPLE_REPLY_SIZE + len);
       const data = b.subarray(C.SIMPLE_REPLY_SIZE);
       try {
         fillHoles(data, await this.ctx.pread(data, req.offset, 0));
       } catch (err) {
+        bufferPool.put(b);
         return this.replyError(req, err);
       }
       writeSimpleReplyHeader(b, 0, 0, req.cookie);
-      this.writer.push(b);
+      this.writer.pushThen(b, () => bufferPool.put(b));
       return;
     }
     const hs = chunkHeaderSize(this.extended);
     const prefix = hs + 8;
-    const b = Buffer.allocUnsafe(prefix + len);
+    const b = bufferPool.get(prefix + len);
     const data = b.subarray(prefix);
     let result: ReadResult;
     try {
       result = await this.ctx.pread(data, req.offset, 0);
     } catch (err) {
+      bufferPool.put(b);
       return this.replyError(req, err);
     }
     const holes = result && result.length ? bigHoles(data, result) : null;
@@ -367,7 +375,7 @@ export class Transmission {
       if (result && result.length) fillHoles(data, result);
       writeChunkHeader(b, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + len);
       writeU64(b, req.offset, hs);
-      this.writer.push(b);
+      this.writer.pushThen(b, () => bufferPool.put(b));
       return;
     }
     // Data and hole chunks in order; the last one carries DONE.
