@@ -1,1 +1,122 @@
-export {};
+import { Errno, NbdError, debug, defineFilter, logError, type Extent, type Next } from '@nbdx/server/api';
+import { SECTOR_SIZES, findPartition, type Partition } from './table.js';
+
+export { findPartition, PartitionError, type Partition, type ReadFn } from './table.js';
+export { crc32 } from './crc32.js';
+
+interface Handle {
+  /** Byte offset and length of the partition, set by prepare. */
+  offset: number;
+  size: number;
+  part: Partition | null;
+}
+
+/** How the partition is named to clients (NBD export description). */
+export function describePartition(p: Partition): string {
+  const what = p.scheme === 'gpt' ? 'GPT' : p.logical ? 'MBR logical' : 'MBR primary';
+  const name = p.name ? ` "${p.name}"` : '';
+  return (
+    `partition ${p.number}${name} (${what}, type ${p.type}, ` +
+    `offset ${p.offset}, ${p.length} bytes, ${p.sectorSize}-byte sectors)`
+  );
+}
+
+function parsePartitionNumber(value: string): number {
+  const t = value.trim();
+  const n = /^\d+$/.test(t) ? Number(t) : NaN;
+  if (!Number.isSafeInteger(n) || n < 1) {
+    throw new NbdError(Errno.EINVAL, `partition: '${value}' is not a partition number (1, 2, ...; logical MBR partitions are 5 and up)`);
+  }
+  return n;
+}
+
+function parseSectorSize(value: string): number {
+  const n = Number(value.trim());
+  if (!(SECTOR_SIZES as readonly number[]).includes(n)) {
+    throw new NbdError(Errno.EINVAL, `partition-sectorsize: '${value}' must be 512 or 4096`);
+  }
+  return n;
+}
+
+/** The sector size for this connection: the parameter, else the layer's minimum block size, else auto. */
+async function sectorSizeFor(next: Next, configured: number | undefined): Promise<number | 'auto'> {
+  if (configured) return configured;
+  const bs = await next.blockSize();
+  if (bs && (SECTOR_SIZES as readonly number[]).includes(bs.minimum)) return bs.minimum;
+  return 'auto';
+}
+
+/**
+ * A fresh partition filter (its own configuration). The default export is one instance for the
+ * command line; tests and embedders call this to get independent ones.
+ */
+export function createPartitionFilter() {
+  let partition: number | undefined;
+  let sectorSize: number | undefined;
+
+  return defineFilter<Handle>({
+    apiVersion: 2,
+    name: 'partition',
+    version: '0.1.0',
+    longname: 'nbdx partition filter',
+    description: 'Serve one partition of an MBR or GPT partitioned disk.',
+    configHelp: [
+      'partition=N              (required) partition to serve: 1-4 primary or 5+ logical (MBR), entry N (GPT)',
+      'partition-sectorsize=512|4096  sector size of the table (default: the minimum block size of the',
+      '                         layer below when it is 512 or 4096, else 512, probing 4096 for GPT)',
+    ].join('\n'),
+    threadModel: 'parallel',
+
+    config(next, key, value) {
+      if (key === 'partition') partition = parsePartitionNumber(value);
+      else if (key === 'partition-sectorsize') sectorSize = parseSectorSize(value);
+      else return next(key, value);
+    },
+
+    async configComplete(next) {
+      if (partition === undefined) {
+        throw new NbdError(Errno.EINVAL, 'partition: the partition=N parameter is required (e.g. partition=1)');
+      }
+      await next();
+    },
+
+    dumpPlugin() {
+      return { partition_schemes: 'mbr,gpt', partition_sector_sizes: '512,4096' };
+    },
+
+    open: () => ({ offset: 0, size: 0, part: null }),
+
+    async prepare(next, h) {
+      const size = await next.getSize();
+      const read = async (offset: number, length: number) => {
+        // Zero-filled, so parts the layer below reports as holes need no filling.
+        const buf = Buffer.alloc(length);
+        await next.pread(buf, offset, 0);
+        return buf;
+      };
+      const p = await findPartition(read, size, partition!, { sectorSize: await sectorSizeFor(next, sectorSize) });
+      if (p.warning) logError('partition', p.warning);
+      debug('partition', `serving ${describePartition(p)}`);
+      h.part = p;
+      h.offset = p.offset;
+      h.size = p.length;
+    },
+
+    getSize: (_next, h) => h.size,
+    exportDescription: (_next, h) => describePartition(h.part!),
+
+    pread: (next, h, buf, off, flags) => next.pread(buf, off + h.offset, flags),
+    pwrite: (next, h, buf, off, flags) => next.pwrite(buf, off + h.offset, flags),
+    trim: (next, h, count, off, flags) => next.trim(count, off + h.offset, flags),
+    zero: (next, h, count, off, flags) => next.zero(count, off + h.offset, flags),
+    cache: (next, h, count, off, flags) => next.cache(count, off + h.offset, flags),
+
+    async extents(next, h, count, off, flags) {
+      const list: Extent[] = await next.extents(count, off + h.offset, flags);
+      for (const e of list) e.offset -= h.offset;
+      return list;
+    },
+  });
+}
+
+export default createPartitionFilter();
