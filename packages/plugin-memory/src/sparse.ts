@@ -21,13 +21,14 @@ export class SparseArray {
     return this.dirs.get(Math.floor(index / DIR_PAGES))?.get(index % DIR_PAGES);
   }
 
-  private pageForWrite(index: number): Buffer {
+  /** `whole`: the caller is about to overwrite the whole page, so a new page need not be zeroed. */
+  private pageForWrite(index: number, whole: boolean): Buffer {
     const d = Math.floor(index / DIR_PAGES);
     let dir = this.dirs.get(d);
     if (!dir) this.dirs.set(d, (dir = new Map()));
     let p = dir.get(index % DIR_PAGES);
     if (!p) {
-      p = Buffer.alloc(PAGE_SIZE);
+      p = whole ? Buffer.allocUnsafeSlow(PAGE_SIZE) : Buffer.alloc(PAGE_SIZE);
       dir.set(index % DIR_PAGES, p);
       this.allocatedPages++;
     }
@@ -72,7 +73,7 @@ export class SparseArray {
       const index = Math.floor(pos / PAGE_SIZE);
       const inPage = pos - index * PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, buf.length - done);
-      this.pageForWrite(index).set(buf.subarray(done, done + n), inPage);
+      this.pageForWrite(index, n === PAGE_SIZE).set(buf.subarray(done, done + n), inPage);
       done += n;
     }
   }
