@@ -108,21 +108,32 @@ export class SparseArray {
   *extents(count: number, offset: number): Generator<Extent> {
     const end = offset + count;
     const dirBytes = PAGE_SIZE * DIR_PAGES;
+    // Runs of the same type are merged here, so a mostly empty directory costs one extent.
+    let run: Extent | null = null;
+    const out: Extent[] = [];
+    const add = (o: number, l: number, type: number) => {
+      if (run && run.type === type) run.length += l;
+      else {
+        if (run) out.push(run);
+        run = { offset: o, length: l, type };
+      }
+    };
     let pos = offset;
     while (pos < end) {
       const d = Math.floor(pos / dirBytes);
       if (!this.dirs.has(d)) {
         const to = Math.min(end, (d + 1) * dirBytes);
-        yield { offset: pos, length: to - pos, type: EXTENT_HOLE | EXTENT_ZERO };
+        add(pos, to - pos, EXTENT_HOLE | EXTENT_ZERO);
         pos = to;
-        continue;
+      } else {
+        const index = Math.floor(pos / PAGE_SIZE);
+        const to = Math.min(end, (index + 1) * PAGE_SIZE);
+        const p = this.page(index);
+        add(pos, to - pos, !p ? EXTENT_HOLE | EXTENT_ZERO : p.equals(ZERO_PAGE) ? EXTENT_ZERO : 0);
+        pos = to;
       }
-      const index = Math.floor(pos / PAGE_SIZE);
-      const to = Math.min(end, (index + 1) * PAGE_SIZE);
-      const p = this.page(index);
-      const type = !p ? EXTENT_HOLE | EXTENT_ZERO : p.equals(ZERO_PAGE) ? EXTENT_ZERO : 0;
-      yield { offset: pos, length: to - pos, type };
-      pos = to;
+      if (out.length) yield* out.splice(0);
     }
+    if (run) yield run;
   }
 }
