@@ -127,7 +127,7 @@ export class Backend {
   }
 
   /** Open a context on every layer for one connection; the result is the outermost. */
-  open(readonly: boolean, exportName: string, isTls: boolean): Promise<Context> {
-    return this.top.open(readonly, exportName, isTls);
+  open(readonly: boolean, exportName: string, isTls: boolean, signal?: AbortSignal): Promise<Context> {
+    return this.top.open(readonly, exportName, isTls, signal);
   }
 }

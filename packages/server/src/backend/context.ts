@@ -27,6 +27,8 @@ function zeroes(n: number): Buffer {
 
 export type ZeroMode = 'none' | 'emulate' | 'native';
 
+const NEVER_ABORTED = new AbortController().signal;
+
 /**
  * One open context of one layer (plugin or filter). This is where the core's rules live, so every
  * layer gets them whether a client or a filter above is calling: bounds checks, read-only
@@ -46,6 +48,8 @@ export abstract class Context implements OwnedContext {
     readonly who: string,
     readonly readonly: boolean,
     readonly exportName: string,
+    /** The connection's abort signal (see Next.signal); contexts outside connections get one never aborted. */
+    readonly signal: AbortSignal = NEVER_ABORTED,
   ) {}
 
   // ---- what each kind of layer provides ------------------------------------------------------

@@ -68,14 +68,15 @@ export class FilterLayer {
     return this.below.defaultExport(readonly, isTls);
   }
 
-  async open(readonly: boolean, exportName: string, isTls: boolean): Promise<Context> {
+  async open(readonly: boolean, exportName: string, isTls: boolean, signal?: AbortSignal): Promise<Context> {
     let next: Context | Next | undefined;
     let owned = false;
     const opener: NextOpener = {
       ...this.belowApi,
+      signal,
       open: async (ro = readonly, name = exportName) => {
         if (next) throw new NbdError(Errno.EINVAL, `${this.name}: the layer below is already open`);
-        next = await this.below.open(ro, name, isTls);
+        next = await this.below.open(ro, name, isTls, signal);
         owned = true;
       },
       use: (ctx: Next) => {
@@ -87,7 +88,7 @@ export class FilterLayer {
     try {
       if (this.filter.open) h = await this.filter.open(opener, readonly, exportName, isTls);
       if (!next) await opener.open();
-      const ctx = new FilterContext(this, h, next!, owned, readonly, exportName);
+      const ctx = new FilterContext(this, h, next!, owned, readonly, exportName, signal);
       try {
         await this.filter.prepare?.(next!, h, readonly);
         await ctx.prepare();
@@ -115,8 +116,9 @@ export class FilterContext extends Context {
     private readonly ownsNext: boolean,
     readonly: boolean,
     exportName: string,
+    signal?: AbortSignal,
   ) {
-    super(layer.name, readonly, exportName);
+    super(layer.name, readonly, exportName, signal);
     this.f = layer.filter;
     this.v2 = layer.declaredVersion >= 2;
   }

@@ -37,9 +37,9 @@ export class PluginLayer {
     return this.plugin.defaultExport ? await this.plugin.defaultExport(readonly, isTls) : '';
   }
 
-  async open(readonly: boolean, exportName: string, isTls: boolean): Promise<Context> {
+  async open(readonly: boolean, exportName: string, isTls: boolean, signal?: AbortSignal): Promise<Context> {
     const h = this.plugin.open ? await this.plugin.open(readonly, exportName, isTls) : {};
-    const ctx = new PluginContext(this.plugin, h, readonly, exportName);
+    const ctx = new PluginContext(this.plugin, h, readonly, exportName, signal);
     try {
       await ctx.prepare();
     } catch (err) {
@@ -56,8 +56,9 @@ export class PluginContext extends Context {
     private readonly h: unknown,
     readonly: boolean,
     exportName: string,
+    signal?: AbortSignal,
   ) {
-    super(p.name, readonly, exportName);
+    super(p.name, readonly, exportName, signal);
   }
 
   protected implGetSize() {

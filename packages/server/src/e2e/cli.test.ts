@@ -126,6 +126,17 @@ export default {
     expect(r.stdout).toBe("1048576 bytearray(b'x')\n");
   });
 
+  it('-s also works when stdin and stdout are pipes, not sockets', async () => {
+    const child = spawn(process.execPath, [nbdxBin(), '-s', 'memory', '1M'], { stdio: ['pipe', 'pipe', 'inherit'] });
+    const { NbdClient } = await import('@nbdx/client');
+    const { Duplex } = await import('node:stream');
+    const c = await NbdClient.connect({ socket: Duplex.from({ readable: child.stdout!, writable: child.stdin! }) });
+    await c.pwrite(Buffer.alloc(4096, 9), 4096);
+    expect((await c.pread(4096, 4096)).every((b) => b === 9)).toBe(true);
+    await c.disconnect();
+    expect(await new Promise((r) => child.on('exit', r))).toBe(0);
+  });
+
   it('serves sockets handed over by socket activation (LISTEN_FDS)', async () => {
     const r = await run('nbdsh', ['-c', `h.connect_systemd_socket_activation(["${process.execPath}", "${nbdxBin()}", "memory", "1M"])\nprint(h.get_size())`]);
     expect(r.stdout).toBe('1048576\n');

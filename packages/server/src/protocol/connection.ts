@@ -1,4 +1,5 @@
 import type { Duplex } from 'node:stream';
+import { Errno, NbdError } from '../api/common.js';
 import { HandshakeClose, negotiate } from './handshake.js';
 import { ReplyWriter } from './reply-writer.js';
 import type { ProtocolSettings } from './settings.js';
@@ -16,6 +17,8 @@ export class Connection {
   private transmission: Transmission | null = null;
   private reader: SocketReader;
   private writer: ReplyWriter;
+  /** Aborted when the client vanishes or the server shuts down: see Next.signal. */
+  private readonly abort = new AbortController();
   readonly closed: Promise<void>;
 
   constructor(
@@ -24,6 +27,8 @@ export class Connection {
     private readonly output: Duplex = stream,
   ) {
     this.reader = new SocketReader(stream);
+    // During the handshake (a slow open); the transmission installs its own handler.
+    this.reader.onEnd = () => this.abort.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
     this.writer = new ReplyWriter(output);
     stream.on('error', () => {});
     output.on('error', () => {});
@@ -39,14 +44,14 @@ export class Connection {
     let ctx = null;
     try {
       await settings.backend.preconnect(settings.readonly);
-      const n = await negotiate({ ...settings, debug: (m) => this.debug(m) }, this.reader, this.writer);
+      const n = await negotiate({ ...settings, abort: this.abort, debug: (m) => this.debug(m) }, this.reader, this.writer);
       if (!n) return;
       ctx = n.ctx;
       this.debug(
         `transmission: export '${ctx.exportName}' size ${ctx.size} flags 0x${n.flags.toString(16)}` +
           `${n.extended ? ' extended' : n.structured ? ' structured' : ''}${n.isTls ? ' tls' : ''}`,
       );
-      this.transmission = new Transmission({ ...settings, debug: (m) => this.debug(m) }, n, this.reader, this.writer);
+      this.transmission = new Transmission({ ...settings, abort: this.abort, debug: (m) => this.debug(m) }, n, this.reader, this.writer);
       await this.transmission.done;
       await this.writer.drained();
     } catch (err) {
@@ -63,6 +68,7 @@ export class Connection {
 
   /** Shutting down: finish what is in flight, then close. */
   shutdown(): void {
+    this.abort.abort(new NbdError(Errno.ESHUTDOWN, 'the server is shutting down'));
     if (this.transmission) this.transmission.stop('server shutting down');
     else this.reader.stream.destroy();
   }

@@ -123,7 +123,7 @@ export async function negotiate(
         const exportName = await canonicalName(data.toString('utf8'));
         let ctx: Context;
         try {
-          ctx = await backend.open(settings.readonly, exportName, isTls);
+          ctx = await backend.open(settings.readonly, exportName, isTls, settings.abort?.signal);
         } catch (err) {
           throw new HandshakeClose(`cannot open export '${exportName}': ${(err as Error).message}`);
         }
@@ -220,7 +220,7 @@ export async function negotiate(
         const exportName = await canonicalName(req.name);
         let ctx: Context;
         try {
-          ctx = await backend.open(settings.readonly, exportName, isTls);
+          ctx = await backend.open(settings.readonly, exportName, isTls, settings.abort?.signal);
         } catch (err) {
           const message = (err as Error).message;
           replyError(option, C.REP_ERR_UNKNOWN, `cannot open export '${exportName}': ${message}`);

@@ -37,6 +37,8 @@ export interface ProtocolSettings {
   perConnectionLock: boolean;
   debug: (message: string) => void;
   error: (message: string) => void;
+  /** Per connection (set by Connection): aborted when the client vanishes or the server shuts down. */
+  abort?: AbortController;
 }
 
 export const DEFAULT_SETTINGS = {

@@ -81,7 +81,11 @@ export class Transmission {
     this.connLock = settings.perConnectionLock ? new Mutex() : null;
     this.done = new Promise((resolve) => (this.finished = resolve));
     reader.onData = () => this.parse();
-    reader.onEnd = () => this.stop('client went away');
+    reader.onEnd = () => {
+      // Gone without DISC: nobody waits for the replies, so long waits below may end early.
+      if (!this.stopping) settings.abort?.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
+      this.stop('client went away');
+    };
     this.parse();
   }
 

@@ -16,6 +16,14 @@ import type {
 export interface Next {
   readonly exportName: string;
   readonly readonly: boolean;
+  /**
+   * Aborted when the connection this context serves goes away before its requests are done: the
+   * client disconnected without NBD_CMD_DISC, or the server is shutting down. Waits (timers,
+   * polling) should then end early and fail with `signal.reason` (an NbdError ESHUTDOWN). Never
+   * aborted for contexts a filter opened itself with `openContext`. Optional in this interface
+   * only so that hand-made `Next` objects (tests, wrappers) need not provide one.
+   */
+  readonly signal?: AbortSignal;
   getSize(): Promise<number>;
   blockSize(): Promise<BlockSize | undefined>;
   exportDescription(): Promise<string | undefined>;
@@ -72,6 +80,8 @@ export interface LayerBelow {
  * connection's own arguments.
  */
 export interface NextOpener extends LayerBelow {
+  /** The connection's signal (see Next.signal), for waits inside `open`. */
+  readonly signal?: AbortSignal;
   open(readonly?: boolean, exportName?: string): Promise<void>;
   use(context: Next): void;
 }
