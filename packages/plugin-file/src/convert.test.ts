@@ -1,0 +1,82 @@
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { ok, run, serveFile, tempDir, tools } from './test-support.js';
+
+const MiB = 1024 * 1024;
+const SIZE = 24 * MiB;
+const hasTools = tools('qemu-img', 'nbdcopy');
+
+const sha256 = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
+
+/** Random data with holes between, so sparse copying paths are exercised too. */
+function makeSource(path: string): void {
+  writeFileSync(path, '');
+  truncateSync(path, SIZE);
+  const fd = openSync(path, 'r+');
+  for (let off = 0; off < SIZE; off += 4 * MiB) writeSync(fd, randomBytes(MiB + 4096), 0, MiB + 4096, off + 512 * 1024);
+  closeSync(fd);
+}
+
+function emptyFile(path: string): void {
+  writeFileSync(path, '');
+  truncateSync(path, SIZE);
+}
+
+for (const native of [true, false]) {
+  describe.skipIf(!hasTools)(`round trips ${native ? 'with' : 'without'} the addon`, () => {
+    const tmp = tempDir();
+    const src = join(tmp.path, 'src.img');
+    const target = join(tmp.path, 'target.img');
+    let server: Awaited<ReturnType<typeof serveFile>>;
+
+    beforeAll(async () => {
+      makeSource(src);
+      emptyFile(target);
+      server = await serveFile([['file', target]], { plugin: { native } });
+    });
+    afterAll(async () => {
+      await server?.close();
+      tmp.remove();
+    });
+
+    it('qemu-img convert into nbdx and back gives the same bytes', async () => {
+      await ok('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, server.uri]);
+      expect(sha256(target)).toBe(sha256(src));
+      const back = join(tmp.path, 'back-qemu.img');
+      await ok('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', server.uri, back]);
+      expect(sha256(back)).toBe(sha256(src));
+    });
+
+    it('nbdcopy into nbdx (over old contents) and back gives the same bytes', async () => {
+      writeFileSync(target, Buffer.alloc(SIZE, 0xff)); // the holes of src must be written as zeroes
+      await ok('nbdcopy', ['--flush', src, server.uri]);
+      expect(sha256(target)).toBe(sha256(src));
+      const back = join(tmp.path, 'back-nbdcopy.img');
+      await ok('nbdcopy', [server.uri, back]);
+      expect(sha256(back)).toBe(sha256(src));
+    });
+  });
+}
+
+describe.skipIf(!hasTools)('a read-only server', () => {
+  const tmp = tempDir();
+  const src = join(tmp.path, 'src.img');
+  const target = join(tmp.path, 'target.img');
+  afterAll(() => tmp.remove());
+
+  it('refuses a copy into it and leaves the file alone', async () => {
+    makeSource(src);
+    emptyFile(target);
+    const before = sha256(target);
+    const server = await serveFile([['file', target]], { readonly: true });
+    try {
+      const r = await run('nbdcopy', [src, server.uri]);
+      expect(r.code).not.toBe(0);
+      expect(sha256(target)).toBe(before);
+    } finally {
+      await server.close();
+    }
+  });
+});
