@@ -59,6 +59,6 @@ describe('loading', () => {
 
   it('says what it tried and how to install when nothing is found', () => {
     expect(() => locate('nope', 'filter', [dir])).toThrow(LoadError);
-    expect(() => locate('nope', 'filter', [dir])).toThrow(/tried @nbdx\/filter-nope, nbdx-filter-nope.*npm install @nbdx\/filter-nope/);
+    expect(() => locate('nope', 'filter', [dir])).toThrow(/tried @nbdx\/filter-nope, nbdx-filter-nope.*npm install nbdx-filter-nope/);
   });
 });
