@@ -104,12 +104,19 @@ describe('cow over a read-only file', () => {
 });
 
 describe('cow: concurrent writers', () => {
-  it('many clients writing overlapping unaligned ranges lose no update', async () => {
+  it.each(['auto', 'sync', 'async'])('many clients writing overlapping unaligned ranges lose no update (cow-io=%s)', async (io) => {
     const size = 3 * MiB + 333;
-    const base = makeImage('conc.img', size, 5);
+    const base = makeImage(`conc-${io}.img`, size, 5);
     const model = fs.readFileSync(base);
     const { plugin } = createReadOnlyFilePlugin(base);
-    const s = await start({ plugin, filters: [createCowFilter()], config: [['cow-block-size', '4K']] });
+    const s = await start({
+      plugin,
+      filters: [createCowFilter()],
+      config: [
+        ['cow-block-size', '4K'],
+        ['cow-io', io],
+      ],
+    });
     const clients = await Promise.all(Array.from({ length: 8 }, () => connect(s.uri)));
     let seed = 12345;
     const random = (n: number) => {
@@ -144,7 +151,7 @@ describe('cow: concurrent writers', () => {
       expect(sha(got)).toBe(sha(model));
     }
     if (haveTool('qemu-img')) {
-      const modelFile = path.join(dir, 'model.img');
+      const modelFile = path.join(dir, `model-${io}.img`);
       fs.writeFileSync(modelFile, model);
       expect((await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', modelFile, s.uri])).code).toBe(0);
     }
@@ -436,6 +443,9 @@ describe('cow: overlay file and configuration', () => {
     );
     await expect(serve({ plugin, filters: [createCowFilter()], config: [['cow-on-cache', 'maybe']] })).rejects.toThrow(
       /cow-on-cache/,
+    );
+    await expect(serve({ plugin, filters: [createCowFilter()], config: [['cow-io', 'fast']] })).rejects.toThrow(
+      "cow-io: 'fast' is not one of auto, sync, async",
     );
     // Keys the filter does not know go on to the plugin (which takes none).
     await expect(serve({ plugin, filters: [createCowFilter()], config: [['size', '1M']] })).rejects.toThrow(

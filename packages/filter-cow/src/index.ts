@@ -39,6 +39,15 @@ export function parseCopyOnRead(value: string): CopyOnRead {
   }
 }
 
+/** cow-io: how the overlay file is read and written. */
+export type CowIo = 'sync' | 'async' | 'auto';
+/** With cow-io=auto, requests up to this size use synchronous I/O. */
+export const AUTO_SYNC_LIMIT = 64 * 1024;
+
+export function syncLimitOf(io: CowIo): number {
+  return io === 'sync' ? Infinity : io === 'async' ? -1 : AUTO_SYNC_LIMIT;
+}
+
 interface Handle {
   overlay: Overlay;
   /** The export size, from the layer below. */
@@ -54,6 +63,7 @@ export function createCowFilter() {
   let blockSize = DEFAULT_BLOCK_SIZE;
   let onRead: CopyOnRead = false;
   let onCache = false;
+  let io: CowIo = 'auto';
   let dir = os.tmpdir();
   /** One overlay per export name. */
   const overlays = new Map<string, Promise<Overlay>>();
@@ -62,7 +72,8 @@ export function createCowFilter() {
     let p = overlays.get(exportName);
     if (!p) {
       p = TempFile.create(dir).then((file) => {
-        debug(NAME, `overlay for export '${exportName}': block size ${blockSize}, in ${dir}`);
+        file.syncLimit = syncLimitOf(io);
+        debug(NAME, `overlay for export '${exportName}': block size ${blockSize}, in ${dir}, cow-io=${io}`);
         return new Overlay(file, blockSize);
       });
       overlays.set(exportName, p);
@@ -86,6 +97,7 @@ export function createCowFilter() {
       'cow-block-size=SIZE         overlay block size, a power of two from 4K to 4G (default 64K)',
       'cow-on-read=true|false|PATH copy blocks into the overlay when they are read (PATH: while PATH exists)',
       'cow-on-cache=true|false     copy blocks into the overlay on NBD_CMD_CACHE (default false)',
+      'cow-io=auto|sync|async      overlay file I/O: synchronous up to 64K (default), always, or never',
     ].join('\n'),
     threadModel: 'parallel',
 
@@ -93,6 +105,7 @@ export function createCowFilter() {
       blockSize = DEFAULT_BLOCK_SIZE;
       onRead = false;
       onCache = false;
+      io = 'auto';
     },
 
     config(next, key, value) {
@@ -105,6 +118,12 @@ export function createCowFilter() {
           return;
         case 'cow-on-cache':
           onCache = parseBool(value, 'cow-on-cache');
+          return;
+        case 'cow-io':
+          if (value !== 'auto' && value !== 'sync' && value !== 'async') {
+            throw new NbdError(Errno.EINVAL, `cow-io: '${value}' is not one of auto, sync, async`);
+          }
+          io = value;
           return;
         default:
           return next(key, value);

@@ -70,8 +70,9 @@ afterEach(async () => {
   await Promise.all(files.splice(0).map((f) => f.close()));
 });
 
-async function overlay(blockSize: number): Promise<Overlay> {
+async function overlay(blockSize: number, syncLimit = 0): Promise<Overlay> {
   const f = await TempFile.create(tmpdir());
+  f.syncLimit = syncLimit;
   files.push(f);
   return new Overlay(f, blockSize);
 }
@@ -126,19 +127,22 @@ async function expectedExtents(states: string[], below: Below, bs: number, size:
 }
 
 describe('Overlay against a model', () => {
+  // syncLimit: file I/O done synchronously up to this size (cow-io): none, some, all.
   const cases = [
-    { bs: 4096, size: 256 * 1024 + 1234, maxLen: 9000, seed: 1 },
-    { bs: 65536, size: 1024 * 1024 + 5, maxLen: 150_000, seed: 2 },
+    { bs: 4096, size: 256 * 1024 + 1234, maxLen: 9000, seed: 1, sync: 0 },
+    { bs: 4096, size: 256 * 1024 + 1234, maxLen: 9000, seed: 11, sync: Infinity },
+    { bs: 65536, size: 1024 * 1024 + 5, maxLen: 150_000, seed: 2, sync: 65536 },
+    { bs: 65536, size: 1024 * 1024 + 5, maxLen: 150_000, seed: 12, sync: 0 },
     // Blocks bigger than the 1 MiB working buffer: read-modify-write goes in pieces.
-    { bs: 2 * 1024 * 1024, size: 5 * 1024 * 1024 + 777, maxLen: 1_500_000, seed: 3 },
+    { bs: 2 * 1024 * 1024, size: 5 * 1024 * 1024 + 777, maxLen: 1_500_000, seed: 3, sync: 65536 },
   ];
-  for (const { bs, size, maxLen, seed } of cases) {
-    it(`block size ${bs}: concurrent unaligned writes, zeroes and trims; reads and extents match`, async () => {
+  for (const { bs, size, maxLen, seed, sync } of cases) {
+    it(`block size ${bs}, sync I/O up to ${sync}: concurrent unaligned writes, zeroes, trims; reads and extents match`, async () => {
       const random = rng(seed);
       const base = makeBase(size, random);
       const original = Buffer.from(base);
       const { below } = fakeBelow(base);
-      const o = await overlay(bs);
+      const o = await overlay(bs, sync);
       const model = Buffer.from(base);
       const states: string[] = Array.from({ length: Math.ceil(size / bs) }, () => 'below');
       for (let round = 0; round < 6; round++) {

@@ -187,7 +187,10 @@ export class Overlay {
           hi = tailStart;
         }
       }
-      if (lo < hi) await this.file.write(lo === offset && hi === end ? buf : buf.subarray(lo - offset, hi - offset), lo);
+      if (lo < hi) {
+        const pending = this.file.write(lo === offset && hi === end ? buf : buf.subarray(lo - offset, hi - offset), lo);
+        if (pending) await pending;
+      }
       this.map.fill(first, last + 1, DATA);
     });
   }

@@ -9,6 +9,12 @@ import { randomBytes } from 'node:crypto';
  */
 export class TempFile {
   private closed = false;
+  /**
+   * Reads and writes of at most this many bytes are done synchronously (see cow-io in the README):
+   * the file is recent and temporary, so they nearly always hit the page cache, where a
+   * synchronous pread costs a copy and a thread-pool round trip costs many times more.
+   */
+  syncLimit = 0;
 
   private constructor(readonly fd: number) {}
 
@@ -29,7 +35,23 @@ export class TempFile {
   }
 
   /** Fill `buf` from `position`; bytes past the end of the file read as zeroes. */
-  read(buf: Uint8Array, position: number): Promise<void> {
+  read(buf: Uint8Array, position: number): Promise<void> | undefined {
+    if (buf.length <= this.syncLimit) {
+      try {
+        for (let done = 0; done < buf.length; ) {
+          const n = fs.readSync(this.fd, buf, done, buf.length - done, position + done);
+          if (n === 0) {
+            buf.fill(0, done);
+            break;
+          }
+          done += n;
+        }
+        return undefined;
+      } catch (err) {
+        // Always fail as a promise, never by throwing: callers may have other work in flight.
+        return Promise.reject(err);
+      }
+    }
     return new Promise((resolve, reject) => {
       const step = (done: number): void => {
         fs.read(this.fd, buf, done, buf.length - done, position + done, (err, n) => {
@@ -47,7 +69,15 @@ export class TempFile {
   }
 
   /** Write all of `buf` at `position`. */
-  write(buf: Uint8Array, position: number): Promise<void> {
+  write(buf: Uint8Array, position: number): Promise<void> | undefined {
+    if (buf.length <= this.syncLimit) {
+      try {
+        for (let done = 0; done < buf.length; ) done += fs.writeSync(this.fd, buf, done, buf.length - done, position + done);
+        return undefined;
+      } catch (err) {
+        return Promise.reject(err);
+      }
+    }
     return new Promise((resolve, reject) => {
       const step = (done: number): void => {
         fs.write(this.fd, buf, done, buf.length - done, position + done, (err, n) => {
