@@ -103,6 +103,33 @@ describe('cow over a read-only file', () => {
   });
 });
 
+describe('cow over @nbdx/plugin-file', () => {
+  it('a sparse image file: qemu-img convert + compare through the overlay, the file unchanged, -r too', async () => {
+    if (!haveTool('qemu-img')) return;
+    // The file plugin is another package of this repository: used from its build.
+    const { createFilePlugin } = await import('../../plugin-file/dist/index.js');
+    const base = path.join(dir, 'sparse-base.img');
+    fs.writeFileSync(base, '');
+    fs.truncateSync(base, 8 * MiB);
+    const fd = fs.openSync(base, 'r+');
+    fs.writeSync(fd, randomBytes(1 * MiB), 0, 1 * MiB, 3 * MiB);
+    fs.closeSync(fd);
+    fs.chmodSync(base, 0o444);
+    const before = sha(fs.readFileSync(base));
+    const src = makeImage('sparse-src.img', 8 * MiB, 6);
+
+    const s = await start({ plugin: createFilePlugin(), filters: [createCowFilter()], config: [['file', base]] });
+    await ok('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, s.uri], 60_000);
+    expect((await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, s.uri])).code).toBe(0);
+    expect(sha(fs.readFileSync(base))).toBe(before);
+    expect(fs.statSync(base).blocks * 512).toBeLessThan(2 * MiB); // still sparse: never written
+
+    const r = await start({ plugin: createFilePlugin(), filters: [createCowFilter()], config: [['file', base]], readonly: true });
+    expect((await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', base, r.uri])).code).toBe(0);
+    expect((await connect(r.uri)).readOnly).toBe(true);
+  });
+});
+
 describe('cow: concurrent writers', () => {
   it.each(['auto', 'sync', 'async'])('many clients writing overlapping unaligned ranges lose no update (cow-io=%s)', async (io) => {
     const size = 3 * MiB + 333;
@@ -386,6 +413,48 @@ describe('cow: capabilities and commands', () => {
     expect((await c.pread(100, 1 * MiB)).every((x) => x === 9)).toBe(true);
     const err = await c.pread(10, 1 * MiB + 95).catch((e: unknown) => e);
     expect(err).toBeInstanceOf(NbdRequestError);
+  });
+});
+
+describe('cow over shared (--filter=cow --filter=shared)', () => {
+  it('one read-only context below for every client, one overlay above it', async () => {
+    // The shared filter is another package of this repository: used from its build.
+    const { createSharedFilter } = await import('../../filter-shared/dist/index.js');
+    const { plugin, stats } = createLayoutPlugin(1 * MiB, [{ offset: 0, length: 1 * MiB, type: 0 }]);
+    const s = await start({
+      plugin,
+      filters: [createCowFilter(), createSharedFilter()],
+      config: [['shared-open', 'lazy']],
+    });
+    const cs = await Promise.all(Array.from({ length: 5 }, () => connect(s.uri)));
+    await Promise.all(cs.map((c, i) => c.pwrite(Buffer.alloc(1000, i + 1), i * 100_000 + 7)));
+    for (const c of cs) {
+      for (let i = 0; i < cs.length; i++) expect((await c.pread(1000, i * 100_000 + 7)).every((x) => x === i + 1)).toBe(true);
+    }
+    expect(stats.opens).toEqual([{ readonly: true, exportName: '' }]);
+    if (haveTool('nbdinfo')) {
+      const info = JSON.parse(await ok('nbdinfo', ['--json', s.uri])).exports[0];
+      expect(info.is_read_only).toBe(false);
+      expect(info.can_multi_conn).toBe(true);
+    }
+  });
+});
+
+describe('cow from the command line', () => {
+  it('nbdx --filter=cow --filter=shared file FILE --run (loaded by name)', async () => {
+    if (!haveTool('qemu-io') || !haveTool('nbdinfo')) return;
+    const bin = path.resolve(__dirname, '../../nbdx/dist/bin.js');
+    const file = path.join(dir, 'cli.img');
+    fs.writeFileSync(file, Buffer.alloc(1 * MiB, 0x22));
+    const script =
+      'qemu-io -f raw -c "write -P 0x11 4096 64k" "$uri" && qemu-io -f raw -c "read -P 0x11 4096 64k" ' +
+      '-c "read -P 0x22 0 4096" "$uri" && nbdinfo --json "$uri"';
+    const r = await run(process.execPath, [bin, '-U', '-', '--filter=cow', '--filter=shared', 'file', file, 'shared-open=lazy', '--run', script]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    expect(r.stdout).not.toMatch(/Pattern verification failed/);
+    expect(JSON.parse(r.stdout.slice(r.stdout.indexOf('{'))).exports[0].can_multi_conn).toBe(true);
+    expect(fs.readFileSync(file).every((x) => x === 0x22)).toBe(true);
   });
 });
 

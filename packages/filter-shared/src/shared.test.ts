@@ -388,6 +388,19 @@ describe('shared: over the nbd plugin, when the upstream goes away', () => {
   });
 });
 
+describe('shared from the command line', () => {
+  it('nbdx --filter=shared memory 1M --run (loaded by name)', async () => {
+    if (!haveTool('qemu-io')) return;
+    const bin = path.resolve(__dirname, '../../nbdx/dist/bin.js');
+    const script = 'qemu-io -f raw -c "write -P 0x33 0 64k" "$uri" && qemu-io -f raw -c "read -P 0x33 0 64k" "$uri"';
+    const r = await run(process.execPath, [bin, '-U', '-', '--filter=shared', 'memory', '1M', 'shared-open=lazy', '--run', script]);
+    expect(r.stderr).toBe('');
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/read 65536\/65536 bytes/);
+    expect(r.stdout).not.toMatch(/Pattern verification failed/);
+  });
+});
+
 describe('shared: configuration', () => {
   it('passes other keys on to the plugin and rejects bad values clearly', async () => {
     const { plugin } = createRecordingPlugin();
