@@ -185,9 +185,9 @@ export function createCowFilter() {
       return (await next.canCache()) === 'none' ? 'none' : 'native';
     },
 
-    async pread(next, h, buf, offset) {
+    pread(next, h, buf, offset) {
       if (onRead !== false && h.overlay.hasBelow(offset, buf.length) && copyOnRead()) {
-        await h.overlay.copyUp(next, h.size, offset, buf.length);
+        return h.overlay.copyUp(next, h.size, offset, buf.length).then(() => h.overlay.read(next, buf, offset));
       }
       return h.overlay.read(next, buf, offset);
     },

@@ -238,6 +238,31 @@ describe('Overlay against a model', () => {
     ]);
   });
 
+  it('extents ask below once per stretch, even when the layer below answers for less each time', async () => {
+    const size = 64 * GRANULE;
+    const base = Buffer.alloc(size);
+    for (let g = 0; g < 64; g += 2) base.fill(1, g * GRANULE, (g + 1) * GRANULE); // data, hole, data, …
+    const { below } = fakeBelow(base);
+    let calls = 0;
+    const stingy: Below = {
+      ...below,
+      async extents(count, offset, flags) {
+        calls++;
+        return (await below.extents(count, offset, flags)).slice(0, 3);
+      },
+    };
+    const o = await overlay(GRANULE);
+    await o.write(below, size, Buffer.alloc(10, 5), 10 * GRANULE + 7); // block 10 was a data block
+    await o.zero(below, size, GRANULE, 21 * GRANULE); // block 21 was a hole
+    const got = await normalizeExtents(await o.extents(stingy, size, 0, false), 0, size, false, 'cow');
+    const want: Extent[] = [];
+    for (let g = 0; g < 64; g++) want.push({ offset: g * GRANULE, length: GRANULE, type: g % 2 === 0 ? 0 : 3 });
+    expect(got).toEqual(await normalizeExtents(want, 0, size, false, 'model'));
+    expect(calls).toBeLessThanOrEqual(Math.ceil(64 / 3) + 3);
+    // REQ_ONE on a stretch still below: one extent, from the layer below.
+    expect(await o.extents(stingy, size - GRANULE, GRANULE, true)).toEqual([{ offset: GRANULE, length: GRANULE, type: 3 }]);
+  });
+
   it('REQ_ONE extents describe only the first run', async () => {
     const size = 4 * 65536;
     const { below } = fakeBelow(Buffer.alloc(size, 1));

@@ -370,33 +370,48 @@ export class Overlay {
     }
   }
 
-  /** Allocation status: written blocks are data, zeroed/trimmed ones holes that read as zero,
-   *  and the rest is whatever the layer below says. */
+  /**
+   * Allocation status: written blocks are data, zeroed/trimmed ones holes that read as zero, and
+   * the rest is whatever the layer below says (asked once for the rest of the range, not per run).
+   */
   async extents(below: Below, count: number, offset: number, reqOne: boolean): Promise<Extent[]> {
     const out: Extent[] = [];
     if (count === 0) return out;
     const bs = this.blockSize;
     const end = offset + count;
     const limit = this.lastBlock(offset, count) + 1;
+    let fetched: Extent[] = [];
+    let fi = 0;
+    const fromBelow = async (from: number, to: number): Promise<void> => {
+      for (let p = from; p < to; ) {
+        while (fi < fetched.length && fetched[fi]!.offset + fetched[fi]!.length <= p) fi++;
+        if (fi >= fetched.length || fetched[fi]!.offset > p) {
+          fetched = await below.extents(end - p, p, reqOne ? FLAG_REQ_ONE : 0);
+          fi = 0;
+          const next = fetched.length > 0 ? fetched[0]!.offset : to;
+          if (next > p) {
+            // The layer below said nothing about [p, next): data, never a claim of zeroes.
+            const stop = Math.min(next, to);
+            out.push({ offset: p, length: stop - p, type: 0 });
+            p = stop;
+            if (reqOne) return;
+          }
+          continue;
+        }
+        const e = fetched[fi]!;
+        const stop = Math.min(e.offset + e.length, to);
+        out.push({ offset: p, length: stop - p, type: e.type });
+        p = stop;
+        if (reqOne) return;
+      }
+    };
     for (let pos = offset; pos < end; ) {
       const b = Math.floor(pos / bs);
       const state = this.state(b);
       const stop = Math.min(end, this.map.runEnd(b, limit) * bs);
       if (state === DATA) out.push({ offset: pos, length: stop - pos, type: 0 });
       else if (isZero(state)) out.push({ offset: pos, length: stop - pos, type: EXTENT_HOLE | EXTENT_ZERO });
-      else {
-        for (let p = pos; p < stop; ) {
-          const got = await below.extents(stop - p, p, reqOne ? FLAG_REQ_ONE : 0);
-          if (got.length === 0) {
-            out.push({ offset: p, length: stop - p, type: 0 });
-            break;
-          }
-          for (const x of got) out.push(x);
-          const lastExtent = got[got.length - 1]!;
-          p = lastExtent.offset + lastExtent.length;
-          if (reqOne) break;
-        }
-      }
+      else await fromBelow(pos, stop);
       if (reqOne) break;
       pos = stop;
     }

@@ -178,6 +178,7 @@ export function createSharedFilter() {
       options = defaultOptions();
       current = null;
       opening = null;
+      live.clear();
       unloading = false;
     },
 
