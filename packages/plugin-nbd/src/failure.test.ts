@@ -11,7 +11,7 @@ import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NbdClient, NbdRequestError } from '@nbdx/client';
 import { Errno } from '@nbdx/server/api';
-import { TOOL_ENV, needTools, run, runOk, startCli, tmpDir, type CliServer } from '@nbdx/testkit';
+import { TOOL_ENV, nbdxBin, needTools, run, runOk, startCli, tmpDir, type CliServer } from '@nbdx/testkit';
 import { startNbdkit, unixUri, type Peer } from './peers.test-helper.js';
 
 const HAVE = needTools('nbdkit', 'nbdcopy', 'nbdinfo');
@@ -154,7 +154,7 @@ describe.skipIf(!HAVE)('retry= and timeout=', () => {
   });
 
   it('bad parameters: one clear line and exit status 1', async () => {
-    const r = await run(process.execPath, [path.resolve(__dirname, '../../nbdx/dist/bin.js'), '-f', '-U', '-', 'nbd', 'nbds://example.com/x']);
+    const r = await run(process.execPath, [nbdxBin(), '-f', '-U', '-', 'nbd', 'nbds://example.com/x']);
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/TLS to the upstream server is not supported yet/);
   });
