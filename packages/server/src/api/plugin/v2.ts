@@ -8,6 +8,9 @@ import type { PluginCommon } from './shared.js';
  *
  * A `zero` that cannot honour the request throws NbdError(ENOTSUP): without FLAG_FAST_ZERO the
  * core then writes zeroes itself; with it the client gets ENOTSUP.
+ *
+ * Buffers passed to `pread` and `pwrite` belong to the core and are reused once the call has
+ * returned (or its promise settled): copy what must outlive the call.
  */
 export interface PluginV2<H = any> extends PluginCommon<H> {
   apiVersion: 2;
