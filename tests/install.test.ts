@@ -180,6 +180,16 @@ describe('third-party names are never installed: the error gives the exact comma
     expect(r.stderr).toContain('npm install @acme/nbdx-plugin-disk ');
   });
 
+  it('a key=value where the plugin name belongs: a usage hint, nothing installed', async () => {
+    const r = await nbdx(['--filter=offset', 'offset=1M', 'memory', '1G']);
+    expect(r.calls).toEqual([]);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toBe(
+      "nbdx: 'offset=1M' is not a plugin name: the plugin comes first, then its and the filters' key=value parameters " +
+        '(nbdx [OPTIONS] PLUGIN [KEY=VALUE]..., e.g. nbdx --filter=offset memory 1G offset=1M)\n',
+    );
+  });
+
   it('a path is loaded as a file, never installed', async () => {
     const r = await nbdx(['./nowhere.js']);
     expect(r.calls).toEqual([]);

@@ -89,6 +89,14 @@ function truthy(v: string | undefined): boolean {
  * loader is left to report what is missing). Throws LoadError for what it will not install.
  */
 export async function ensureInstalled(o: CliOptions, argv: string[]): Promise<number | null> {
+  for (const [kind, name] of [['plugin', o.plugin], ...o.filters.map((f) => ['filter', f])] as const) {
+    if (name && !isPathName(name) && name.includes('=')) {
+      throw new LoadError(
+        `'${name}' is not a ${kind} name: the plugin comes first, then its and the filters' key=value parameters ` +
+          `(nbdx [OPTIONS] PLUGIN [KEY=VALUE]..., e.g. nbdx --filter=offset memory 1G offset=1M)`,
+      );
+    }
+  }
   const plan = planInstall(o, argv);
   if (!plan) return null;
   // Already re-run once: let the loader say what it still cannot find.

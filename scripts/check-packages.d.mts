@@ -1,0 +1,2 @@
+/** Types for the parts of check-packages.mjs that tests import. */
+export function satisfies(version: string, range: string): boolean;
