@@ -470,6 +470,46 @@ static napi_value js_device_size(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * preadNowait(fd, buffer, position) → bytes read, -1 when the data is not in the page cache
+ * (EAGAIN: the caller reads on the thread pool instead), -2 when RWF_NOWAIT is not supported.
+ * Synchronous on purpose: with RWF_NOWAIT the kernel only copies cached pages and never sleeps.
+ */
+static napi_value js_pread_nowait(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], result;
+  int32_t fd;
+  int64_t position;
+  bool is_typed = false;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_is_typedarray(env, argv[1], &is_typed) != napi_ok || !is_typed || !read_int64(env, argv[2], &position)) {
+    napi_throw_type_error(env, NULL, "expected (fd, Uint8Array, position)");
+    return NULL;
+  }
+  napi_typedarray_type type;
+  size_t length;
+  void *bytes;
+  CHECK(napi_get_typedarray_info(env, argv[1], &type, &length, &bytes, NULL, NULL));
+  double n;
+#if defined(__linux__) && defined(RWF_NOWAIT)
+  struct iovec iov = {bytes, length};
+  ssize_t r;
+  do r = preadv2(fd, &iov, 1, (off_t)position, RWF_NOWAIT);
+  while (r < 0 && errno == EINTR);
+  if (r >= 0) n = (double)r;
+  else if (errno == EAGAIN) n = -1;
+  else if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) n = -2;
+  else return throw_errno(env, "preadv2", errno);
+#else
+  (void)bytes;
+  (void)length;
+  n = -2;
+#endif
+  CHECK(napi_create_double(env, n, &result));
+  return result;
+}
+
 /* sectorSize(fd) → logical sector size of a block device (BLKSSZGET), or 512. */
 static napi_value js_sector_size(napi_env env, napi_callback_info info) {
   size_t argc = 1;
@@ -511,6 +551,7 @@ static napi_value init(napi_env env, napi_value exports) {
     {"pwriteDsync", NULL, js_pwrite_dsync, NULL, NULL, NULL, napi_default, NULL},
     {"blockDeviceSize", NULL, js_device_size, NULL, NULL, NULL, napi_default, NULL},
     {"sectorSize", NULL, js_sector_size, NULL, NULL, NULL, napi_default, NULL},
+    {"preadNowait", NULL, js_pread_nowait, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof fns / sizeof fns[0], fns));
 

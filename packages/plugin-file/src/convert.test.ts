@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ok, run, serveFile, tempDir, tools } from './test-support.js';
@@ -24,9 +24,15 @@ function emptyFile(path: string): void {
   truncateSync(path, SIZE);
 }
 
-for (const native of [true, false]) {
-  describe.skipIf(!hasTools)(`round trips ${native ? 'with' : 'without'} the addon`, () => {
-    const tmp = tempDir();
+// tmpfs (/dev/shm) takes the synchronous copy path, the temp dir the thread pool.
+const variants: [boolean, string | undefined][] = [
+  [true, undefined],
+  [false, undefined],
+  ...(existsSync('/dev/shm') ? ([[true, '/dev/shm']] as [boolean, string][]) : []),
+];
+for (const [native, base] of variants) {
+  describe.skipIf(!hasTools)(`round trips ${native ? 'with' : 'without'} the addon in ${base ?? 'the temp dir'}`, () => {
+    const tmp = tempDir(base);
     const src = join(tmp.path, 'src.img');
     const target = join(tmp.path, 'target.img');
     let server: Awaited<ReturnType<typeof serveFile>>;

@@ -1,4 +1,6 @@
-import { chmodSync, mkdirSync, truncateSync, writeFileSync } from 'node:fs';
+import { chmodSync, existsSync, mkdirSync, truncateSync, writeFileSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { CI, isRoot, nbdsh, ok, run, serveFile, tempDir, tools } from './test-support.js';
@@ -90,34 +92,41 @@ describe.skipIf(!hasTools)('a full file system', () => {
   });
 });
 
-describe.skipIf(!hasTools)('a file truncated under the server', () => {
-  const tmp = tempDir();
-  const file = join(tmp.path, 'disk.img');
-  let server: Awaited<ReturnType<typeof serveFile>>;
-  beforeAll(async () => {
-    writeFileSync(file, Buffer.alloc(4 * MiB, 0x33));
-    server = await serveFile([['file', file]]);
-  });
-  afterAll(async () => {
-    await server?.close();
-    tmp.remove();
-  });
+// /dev/shm takes the synchronous path (tmpfs), the temp dir the thread pool and RWF_NOWAIT.
+const truncPlaces = [tmpdir(), ...(existsSync('/dev/shm') ? ['/dev/shm'] : [])];
+for (const base of truncPlaces) {
+  describe.skipIf(!hasTools)(`a file truncated under the server (in ${base})`, () => {
+    let dir: string;
+    let file: string;
+    let server: Awaited<ReturnType<typeof serveFile>>;
+    beforeAll(async () => {
+      dir = await mkdtemp(join(base, 'nbdx-file-'));
+      file = join(dir, 'disk.img');
+      writeFileSync(file, Buffer.alloc(4 * MiB, 0x33));
+      server = await serveFile([['file', file]]);
+    });
+    afterAll(async () => {
+      await server?.close();
+      await rm(dir, { recursive: true, force: true });
+    });
 
-  it('gives EIO for reads past the new end, keeps serving the rest, and new clients see the new size', async () => {
-    const out = await nbdsh(
-      server.uri,
-      [
-        'import os',
-        `os.truncate(${JSON.stringify(file)}, ${MiB})`,
-        attempt(`h.pread(${64 * KiB}, ${2 * MiB})`),
-        attempt(`h.pread(${64 * KiB}, ${MiB - 32 * KiB})`),
-        `print(h.pread(16, 0) == b"\\x33" * 16)`,
-      ].join('\n'),
-    );
-    expect(out.trim().split('\n')).toEqual(['EIO', 'EIO', 'True']);
-    expect(await ok('nbdinfo', ['--size', server.uri])).toBe(`${MiB}\n`);
+    it('gives EIO for reads past the new end, keeps serving the rest, and new clients see the new size', async () => {
+      const out = await nbdsh(
+        server.uri,
+        [
+          'import os',
+          `os.truncate(${JSON.stringify(file)}, ${MiB})`,
+          attempt(`h.pread(${64 * KiB}, ${2 * MiB})`),
+          attempt(`h.pread(${64 * KiB}, ${MiB - 32 * KiB})`),
+          attempt(`h.pread(${2 * MiB}, ${MiB - 32 * KiB})`),
+          `print(h.pread(16, 0) == b"\\x33" * 16)`,
+        ].join('\n'),
+      );
+      expect(out.trim().split('\n')).toEqual(['EIO', 'EIO', 'EIO', 'True']);
+      expect(await ok('nbdinfo', ['--size', server.uri])).toBe(`${MiB}\n`);
+    });
   });
-});
+}
 
 describe.skipIf(!hasTools)('read-only', () => {
   const tmp = tempDir();

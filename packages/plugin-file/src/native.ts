@@ -18,6 +18,8 @@ export interface NativeOps {
   evict(fd: number, offset: number, length: number, wasWrite: number): Promise<void>;
   /** pwritev2(RWF_DSYNC) of the whole buffer: a write with FUA. */
   pwriteDsync(fd: number, buf: Uint8Array, offset: number): Promise<number>;
+  /** preadv2(RWF_NOWAIT), synchronous: bytes read, -1 if not cached, -2 if unsupported. */
+  preadNowait(fd: number, buf: Uint8Array, position: number): number;
   blockDeviceSize(fd: number): number;
   sectorSize(fd: number): number;
   constants: {

@@ -1,5 +1,5 @@
 import * as fs from 'node:fs';
-import { stat } from 'node:fs/promises';
+import { stat, statfs } from 'node:fs/promises';
 import {
   EXTENT_HOLE,
   EXTENT_ZERO,
@@ -21,6 +21,25 @@ export interface OpenOptions {
   cacheNone: boolean;
   fadvise: Fadvise;
   native: NativeOps | null;
+}
+
+/**
+ * Largest request copied on the event loop thread rather than on the libuv thread pool: on tmpfs
+ * always, elsewhere when preadv2(RWF_NOWAIT) finds the data in the page cache. The thread pool
+ * round trip costs more CPU than copying this much; a bigger copy would stall other requests.
+ */
+export const SYNC_LIMIT = 1024 * 1024;
+
+const TMPFS_MAGIC = 0x01021994;
+const RAMFS_MAGIC = 0x858458f6;
+
+async function isMemoryBacked(path: string): Promise<boolean> {
+  try {
+    const { type } = await statfs(path);
+    return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
+  } catch {
+    return false;
+  }
 }
 
 /** At most this many extents per block-status reply; the rest of the range is then "data". */
@@ -73,6 +92,9 @@ export class OpenFile {
   private canDiscard: boolean;
   private canSeekData: boolean;
   private canDsync: boolean;
+  private canNowait: boolean;
+  /** Requests up to this size are copied synchronously (memory-backed file systems only). */
+  private readonly syncMax: number;
 
   private constructor(
     readonly path: string,
@@ -83,6 +105,8 @@ export class OpenFile {
     /** Logical sector size of a block device (alignment of discard/zero ioctls); 1 for files. */
     readonly sectorSize: number,
     private readonly dev: number,
+    /** tmpfs or ramfs: reads and writes are memory copies that never wait for a disk. */
+    readonly memoryBacked: boolean,
     private readonly options: OpenOptions,
   ) {
     const f = options.native?.features;
@@ -92,6 +116,8 @@ export class OpenFile {
     this.canDiscard = !!f?.blockIoctls && isBlockDevice;
     this.canSeekData = !!f?.seekData && !isBlockDevice;
     this.canDsync = !!f?.pwriteDsync;
+    this.canNowait = !!options.native?.preadNowait && !isBlockDevice && !memoryBacked;
+    this.syncMax = memoryBacked ? SYNC_LIMIT : -1;
   }
 
   static async open(path: string, readonly: boolean, options: OpenOptions): Promise<OpenFile> {
@@ -129,7 +155,9 @@ export class OpenFile {
       } else {
         throw new NbdError(Errno.EINVAL, `${path}: not a regular file or block device`);
       }
-      const file = new OpenFile(path, fd, ro, st.isBlockDevice(), size, sectorSize, st.isBlockDevice() ? st.rdev : st.dev, options);
+      const memoryBacked = st.isFile() && (await isMemoryBacked(path));
+      const dev = st.isBlockDevice() ? st.rdev : st.dev;
+      const file = new OpenFile(path, fd, ro, st.isBlockDevice(), size, sectorSize, dev, memoryBacked, options);
       await file.applyFadvise();
       return file;
     } catch (err) {
@@ -171,17 +199,33 @@ export class OpenFile {
   // ---- data -----------------------------------------------------------------------------------
   async pread(buf: Uint8Array, offset: number): Promise<void> {
     const length = buf.length;
-    for (let done = 0; done < length; ) {
-      const n = await readAt(this.fd, buf, done, length - done, offset + done);
-      if (n === 0) {
-        throw new NbdError(
-          Errno.EIO,
-          `read at ${offset + done}: ${this.path} ends before the export's size ${this.size} (truncated while served?)`,
-        );
+    let done = 0;
+    if (length <= this.syncMax) {
+      while (done < length) {
+        const n = fs.readSync(this.fd, buf, done, length - done, offset + done);
+        if (n === 0) throw this.shortRead(offset + done);
+        done += n;
       }
-      done += n;
+    } else {
+      if (this.canNowait && length <= SYNC_LIMIT) {
+        const n = this.options.native!.preadNowait(this.fd, buf, offset);
+        if (n > 0) done = n;
+        else if (n === -2) this.canNowait = false;
+      }
+      while (done < length) {
+        const n = await readAt(this.fd, buf, done, length - done, offset + done);
+        if (n === 0) throw this.shortRead(offset + done);
+        done += n;
+      }
     }
     if (this.options.cacheNone) await this.evict(offset, length, false);
+  }
+
+  private shortRead(at: number): NbdError {
+    return new NbdError(
+      Errno.EIO,
+      `read at ${at}: ${this.path} ends before the export's size ${this.size} (truncated while served?)`,
+    );
   }
 
   async pwrite(buf: Uint8Array, offset: number, flags: number): Promise<void> {
@@ -205,7 +249,10 @@ export class OpenFile {
   private async writeAll(buf: Uint8Array, offset: number): Promise<void> {
     let done = 0;
     while (done < buf.length) {
-      const n = await writeAt(this.fd, buf, done, buf.length - done, offset + done);
+      const n =
+        buf.length <= this.syncMax
+          ? fs.writeSync(this.fd, buf, done, buf.length - done, offset + done)
+          : await writeAt(this.fd, buf, done, buf.length - done, offset + done);
       if (n <= 0) throw new NbdError(Errno.EIO, `write at ${offset + done}: the kernel wrote nothing`);
       done += n;
     }

@@ -71,8 +71,9 @@ export function nbdsh(uri: string, script: string, opts: { baseAllocation?: bool
   return ok('nbdsh', ['-c', connect + script]);
 }
 
-export function tempDir(prefix = 'nbdx-file-'): { path: string; remove(): void } {
-  const path = mkdtempSync(join(tmpdir(), prefix));
+/** A fresh directory under os.tmpdir() (or under `base`, e.g. /dev/shm for tmpfs). */
+export function tempDir(base = tmpdir()): { path: string; remove(): void } {
+  const path = mkdtempSync(join(base, 'nbdx-file-'));
   return { path, remove: () => rmSync(path, { recursive: true, force: true }) };
 }
 
