@@ -14,6 +14,7 @@ import {
   FLAG_MAY_TRIM,
   FLAG_REQ_ONE,
   NbdError,
+  definePlugin,
   type Filter,
 } from '@nbdx/server/api';
 import { needTools, runOk, servePlugin, tmpDir, type TestServer } from '@nbdx/testkit';
@@ -35,6 +36,15 @@ async function proxy(uri: string, extra: Array<[string, string]> = [], filters: 
   const s = await servePlugin(createNbdPlugin(), { config: [['uri', uri], ...extra], filters });
   cleanups.push(() => s.close());
   return s;
+}
+
+/** `p`, or a rejection naming `what` after `ms`. */
+function within<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: not within ${ms} ms`)), ms);
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
 }
 
 async function failure(p: Promise<unknown>): Promise<Error> {
@@ -309,9 +319,9 @@ describe('errors', () => {
     await new Promise((r) => setTimeout(r, 50));
     const t0 = Date.now();
     relay.cut();
-    expect(await Promise.all(reads)).toEqual(Array(8).fill(Errno.EIO));
+    expect(await within(Promise.all(reads), 1000, 'errors for the reads in flight')).toEqual(Array(8).fill(Errno.EIO));
     expect(Date.now() - t0).toBeLessThan(250); // not waiting for the slow upstream reads
-    expect((await closed) - t0).toBeLessThan(1000);
+    expect((await within(closed, 1000, 'client connection closed')) - t0).toBeLessThan(1000);
     // A new client connection gets a new upstream connection.
     const c = await down.connect();
     expect(c.size).toBe(1024 * 1024);
@@ -331,5 +341,58 @@ describe('errors', () => {
     await new Promise((r) => setTimeout(r, 50));
     const e = await errnoOf(b.pread(512, 0));
     expect(e.errno).toBe(Errno.EIO);
+  });
+});
+
+describe('core: fatal errors end the client connection (the hook this plugin relies on)', () => {
+  /** Reads at offset 0 fail fatally after 20 ms; other reads succeed after 60 ms. */
+  function fragile() {
+    return definePlugin({
+      apiVersion: 2,
+      name: 'fragile',
+      getSize: () => 1024 * 1024,
+      async pread(_h, buf, offset) {
+        if (offset === 0) {
+          await new Promise((r) => setTimeout(r, 20));
+          throw new NbdError(Errno.EIO, 'backend gone', { fatal: true });
+        }
+        await new Promise((r) => setTimeout(r, 60));
+        buf.fill(7);
+      },
+    });
+  }
+
+  for (const structuredReplies of [true, false]) {
+    it(`replies, lets requests in flight finish, then closes (${structuredReplies ? 'structured' : 'simple'} replies)`, async () => {
+      const s = await servePlugin(fragile());
+      cleanups.push(() => s.close());
+      const a = await s.connect({ structuredReplies });
+      const other = await s.connect({ structuredReplies });
+      const closed = new Promise<void>((r) => a.once('close', () => r()));
+      const slow = a.pread(512, 4096); // in flight when the fatal error happens
+      const bad = await errnoOf(a.pread(512, 0));
+      expect(bad.errno).toBe(Errno.EIO);
+      if (structuredReplies) expect(bad.message).toBe('backend gone');
+      expect((await slow).equals(Buffer.alloc(512, 7))).toBe(true);
+      await within(closed, 1000, 'connection closed after the fatal error');
+      expect(a.isOpen).toBe(false);
+      // Other connections and new ones are not affected.
+      expect((await other.pread(512, 8192)).equals(Buffer.alloc(512, 7))).toBe(true);
+      const b = await s.connect();
+      expect((await b.pread(512, 4096)).length).toBe(512);
+    });
+  }
+
+  it('an ordinary error leaves the connection open', async () => {
+    const p = fragile();
+    p.pread = async () => {
+      throw new NbdError(Errno.EIO, 'just this once');
+    };
+    const s = await servePlugin(p);
+    cleanups.push(() => s.close());
+    const a = await s.connect();
+    expect((await errnoOf(a.pread(512, 0))).errno).toBe(Errno.EIO);
+    await new Promise((r) => setTimeout(r, 50));
+    expect(a.isOpen).toBe(true);
   });
 });
