@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serve } from '@nbdx/server';
 import { createMemoryPlugin } from '@nbdx/plugin-memory';
@@ -141,5 +142,16 @@ describe.skipIf(!tools)('offset filter errors at connect time', () => {
     await expect(
       serve({ plugin: createMemoryPlugin(), filters: [createOffsetFilter()], config: [['size', '1M'], ['offset', 'lots']] }),
     ).rejects.toThrow(/offset: could not parse 'lots' as a size/);
+  });
+});
+
+// Found by name from the command line, as `--filter=offset`.
+const bin = new URL('../../nbdx/dist/bin.js', import.meta.url).pathname;
+describe.skipIf(!tools || (!existsSync(bin) && process.env.CI !== 'true'))('offset filter under the nbdx CLI', () => {
+  it('--filter=offset memory 100M offset=1M range=10M', async () => {
+    const r = await run(process.execPath, [bin, '-U', '-', '--filter=offset', 'memory', '100M', 'offset=1M', 'range=10M', '--run', 'nbdinfo --size "$uri"']);
+    expect(r.stderr).toBe('');
+    expect(r.stdout.trim()).toBe(String(10 * M));
+    expect(r.code).toBe(0);
   });
 });

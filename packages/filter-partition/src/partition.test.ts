@@ -3,7 +3,7 @@
  * against what those tools report and against dd-extracted bytes with qemu-img compare.
  */
 import { randomFillSync } from 'node:crypto';
-import { copyFileSync, mkdtempSync, openSync, closeSync, writeSync, rmSync, truncateSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdtempSync, openSync, closeSync, writeSync, rmSync, truncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -318,6 +318,23 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
         await checkPartition(img, 4096, p, [['min-block', '4096']]);
       }
     });
+  });
+
+  it('under the nbdx CLI: --filter=partition file IMG partition=N', async (ctx) => {
+    const bin = new URL('../../nbdx/dist/bin.js', import.meta.url).pathname;
+    if (!existsSync(bin) && process.env.CI !== 'true') return ctx.skip();
+    const img = join(dir, 'cli.img');
+    truncateSync((closeSync(openSync(img, 'w')), img), 16 * 1024 * 1024);
+    await ok('sgdisk', ['-n', '1:0:+4M', '-c', '1:alpha', '-n', '2:0:+2M', '-c', '2:beta', img]);
+    const p2 = await sgdiskInfo(img, 2);
+    const r = await run(process.execPath, [
+      bin, '-r', '-U', '-', '--filter=partition', 'file', img, 'partition=2',
+      '--run', 'nbdinfo --json --no-content "$uri"',
+    ]);
+    expect(r.code, r.stderr).toBe(0);
+    const info = JSON.parse(r.stdout).exports[0];
+    expect(info['export-size']).toBe(p2.size * 512);
+    expect(info.description).toMatch(new RegExp(`^partition 2 "beta" \\(GPT, .*offset ${p2.start * 512}, ${p2.size * 512} bytes`));
   });
 
   it('bad parameters are refused at configuration time', async () => {
