@@ -61,7 +61,8 @@ describe('parameters', () => {
       [[['socket', '/s'], ['retry', '-1']], /retry=-1: not a whole number/],
       [[['socket', '/s'], ['timeout', 'soon']], /timeout=soon: expected seconds/],
       [[['socket', '/s'], ['dynamic-export', 'maybe']], /dynamic-export: could not parse 'maybe'/],
-      [[['socket', '/s'], ['shared', 'true']], /unknown parameter 'shared'/],
+      [[['socket', '/s'], ['shared', 'true']], /nbdx --filter=shared nbd \.\.\./],
+      [[['socket', '/s'], ['vsock', '3']], /unknown parameter 'vsock'/],
       [[['socket', '']], /socket= needs the path/],
     ];
     for (const [pairs, re] of cases) {

@@ -100,6 +100,8 @@ export function applyParam(p: RawParams, key: string, value: string): void {
       // nbdkit takes tls=off|on|require; only "off" can be honoured.
       if (['off', 'false', 'no', '0', 'n'].includes(value.trim().toLowerCase())) return;
       throw bad(`tls=${value}: ${TLS_UNSUPPORTED}`);
+    case 'shared':
+      throw bad(`shared=${value}: nbdx shares one upstream connection with a filter instead: nbdx --filter=shared nbd ...`);
     default:
       throw bad(`unknown parameter '${key}' (see nbdx nbd --help)`);
   }
