@@ -189,6 +189,7 @@ describe.runIf(have)('published to a registry on loopback, run with npx', () => 
       npm_config_userconfig: path.join(publisher, '.npmrc'),
       npm_config_cache: path.join(publisher, 'cache'),
       npm_config_registry: registry,
+      npm_config_update_notifier: 'false',
     };
     const tarballs = fs.readdirSync(tgz).filter((f) => f.endsWith('.tgz'));
     expect(tarballs.length).toBeGreaterThanOrEqual(16);
