@@ -62,6 +62,10 @@ export interface ConnectOptions {
   /** Receive large data chunks straight into the destination buffer (uses net's `onread`; only
    * for sockets this client opens itself). Default true. */
   directReads?: boolean;
+  /** Milliseconds a request may wait for its reply. When the oldest request in flight has waited
+   * this long the server is taken for gone: the connection is closed and every request fails
+   * with an NbdConnectionError whose `code` is `'ETIMEDOUT'`. Default 0: wait for ever. */
+  requestTimeout?: number;
 }
 
 export interface BlockSize {
@@ -202,6 +206,8 @@ interface Pending {
   chunks: RawChunk[] | null;
   resolve: (value: unknown) => void;
   reject: (err: Error) => void;
+  /** Date.now() when sent; only kept with a request timeout. */
+  sentAt: number;
 }
 
 interface OptionReply {
@@ -238,6 +244,8 @@ export class NbdClient extends EventEmitter {
 
   private readonly strict: boolean;
   private readonly directReads: boolean;
+  private readonly requestTimeout: number;
+  private watchdog: NodeJS.Timeout | null = null;
 
   // Negotiated.
   private _size = 0;
@@ -279,10 +287,13 @@ export class NbdClient extends EventEmitter {
   private flushScheduled = false;
   private readonly flushFn = (): void => this.flushOut();
 
-  private constructor(options: { strict?: boolean; directReads?: boolean }) {
+  private constructor(options: { strict?: boolean; directReads?: boolean; requestTimeout?: number }) {
     super();
     this.strict = options.strict ?? true;
     this.directReads = options.directReads ?? true;
+    const rt = options.requestTimeout ?? 0;
+    if (!(Number.isFinite(rt) && rt >= 0)) throw new RangeError(`requestTimeout must be a number of milliseconds >= 0, got ${rt}`);
+    this.requestTimeout = rt;
   }
 
   // -------------------------------------------------------------------------------------------
@@ -701,6 +712,11 @@ export class NbdClient extends EventEmitter {
     if (!(this._flags & NBD.TF_HAS_FLAGS)) this._flags = 0;
     this.phase = 'transmission';
     this.waiter = null;
+    if (this.requestTimeout > 0) {
+      const every = Math.min(1000, Math.max(10, this.requestTimeout / 4));
+      this.watchdog = setInterval(() => this.checkStuck(), every);
+      this.watchdog.unref();
+    }
     if (this.queue.length > 0) this.parse();
   }
 
@@ -991,6 +1007,7 @@ export class NbdClient extends EventEmitter {
         chunks: mode === M_RAW ? [] : null,
         resolve,
         reject,
+        sentAt: this.requestTimeout > 0 ? Date.now() : 0,
       };
       this.pending.set(cookie, p);
     });
@@ -1438,6 +1455,19 @@ export class NbdClient extends EventEmitter {
     }
   }
 
+  /** With a request timeout: give up on a server that leaves the oldest request unanswered. */
+  private checkStuck(): void {
+    const oldest = this.pending.values().next().value as Pending | undefined;
+    if (!oldest) return;
+    const waited = Date.now() - oldest.sentAt;
+    if (waited < this.requestTimeout) return;
+    const err = new NbdConnectionError(
+      `no reply from the server for ${waited} ms (NBD_CMD_${commandName(oldest.type)}; request timeout ${this.requestTimeout} ms)`,
+    );
+    (err as { code?: string }).code = 'ETIMEDOUT';
+    this.die(err);
+  }
+
   /** Broken framing: the stream cannot be followed any further. */
   private fatal(message: string): void {
     this.die(new NbdConnectionError(`protocol error: ${message}`));
@@ -1449,6 +1479,8 @@ export class NbdClient extends EventEmitter {
     const clean = this.closeRequested || this.discSent;
     this.phase = 'closed';
     this.deathError = err;
+    if (this.watchdog) clearInterval(this.watchdog);
+    this.watchdog = null;
     this.flushScheduled = false;
     this.out = [];
     const pend = [...this.pending.values()];

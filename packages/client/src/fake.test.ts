@@ -402,3 +402,49 @@ describe('transmission', () => {
     await expect(p).rejects.toMatchObject({ errno: 5, name: 'NbdConnectionError' });
   });
 });
+
+describe('request timeout', () => {
+  it('a server that never answers: requests fail with ETIMEDOUT and the connection is closed', async () => {
+    const { c } = await setup({ onRequest: (req) => req.type === NBD.CMD_READ }, { requestTimeout: 200 });
+    const closed = new Promise<Error | undefined>((r) => c.once('close', r));
+    const t0 = Date.now();
+    const p = c.pread(512, 0).then(
+      () => null,
+      (e: NbdConnectionError) => e,
+    );
+    const w = c.pwrite(Buffer.alloc(512), 0); // answered, before the timeout
+    await w;
+    const err = await p;
+    const waited = Date.now() - t0;
+    expect(err).toBeInstanceOf(NbdConnectionError);
+    expect(err).toMatchObject({ errno: 5, code: 'ETIMEDOUT' });
+    expect(err!.message).toMatch(/no reply from the server for \d+ ms \(NBD_CMD_READ; request timeout 200 ms\)/);
+    expect(waited).toBeGreaterThanOrEqual(190);
+    expect(waited).toBeLessThan(1000);
+    expect(await closed).toBe(err);
+    expect(c.isOpen).toBe(false);
+    await expect(c.pread(512, 0)).rejects.toBeInstanceOf(NbdConnectionError);
+  });
+
+  it('counts per request: slow answers within the limit and idle time are fine', async () => {
+    const { c } = await setup(
+      {
+        onRequest(req, conn) {
+          if (req.type !== NBD.CMD_READ) return false;
+          setTimeout(() => conn.data(req, req.offset, Buffer.alloc(req.length, 1), true), 60);
+          return true;
+        },
+      },
+      { requestTimeout: 150 },
+    );
+    // Longer in total than the timeout, each request well within it.
+    for (let i = 0; i < 5; i++) expect((await c.pread(512, 0)).equals(Buffer.alloc(512, 1))).toBe(true);
+    await new Promise((r) => setTimeout(r, 300)); // idle
+    expect(c.isOpen).toBe(true);
+    expect((await c.pread(512, 0)).length).toBe(512);
+  });
+
+  it('refuses a nonsense timeout', async () => {
+    await expect(NbdClient.connect({ path: '/nonexistent' }, { requestTimeout: -1 })).rejects.toThrow(RangeError);
+  });
+});
