@@ -1,4 +1,4 @@
-import { Errno, NbdError, debug, defineFilter, logError, type Extent, type Next } from '@nbdx/server/api';
+import { Errno, NbdError, debug, defineFilter, logError, parseSize, type Extent, type Next } from '@nbdx/server/api';
 import { SECTOR_SIZES, findPartition, type Partition } from './table.js';
 
 export { findPartition, PartitionError, type Partition, type ReadFn } from './table.js';
@@ -31,9 +31,14 @@ function parsePartitionNumber(value: string): number {
 }
 
 function parseSectorSize(value: string): number {
-  const n = Number(value.trim());
+  let n: number;
+  try {
+    n = parseSize(value, 'partition-sectorsize'); // so 4k works as well as 4096
+  } catch {
+    n = NaN;
+  }
   if (!(SECTOR_SIZES as readonly number[]).includes(n)) {
-    throw new NbdError(Errno.EINVAL, `partition-sectorsize: '${value}' must be 512 or 4096`);
+    throw new NbdError(Errno.EINVAL, `partition-sectorsize: '${value}' must be 512 or 4096 (4k)`);
   }
   return n;
 }

@@ -295,6 +295,7 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
       for (const p of spans) {
         await checkPartition(img, 4096, p, [['partition-sectorsize', '4096']]);
         await checkPartition(img, 4096, p, [['min-block', '4096']]);
+        await checkPartition(img, 4096, p, [['partition-sectorsize', '4k']]);
         await checkPartition(img, 4096, p);
       }
       // Told the wrong size: a clear error rather than wrong data.
@@ -344,5 +345,6 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
     await expect(make([['partition', '0']])).rejects.toThrow(/'0' is not a partition number/);
     await expect(make([['partition', 'two']])).rejects.toThrow(/'two' is not a partition number/);
     await expect(make([['partition', '1'], ['partition-sectorsize', '1024']])).rejects.toThrow(/must be 512 or 4096/);
+    await expect(make([['partition', '1'], ['partition-sectorsize', 'big']])).rejects.toThrow(/'big' must be 512 or 4096/);
   });
 });
