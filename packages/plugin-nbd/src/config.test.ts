@@ -19,6 +19,7 @@ describe('parameters', () => {
       dynamicExport: false,
       retry: 0,
       timeoutMs: 30_000,
+      requestTimeoutMs: 0,
     });
     const c = configure([['uri', 'nbd://example.com:10810/a%20b']]);
     expect(c.address).toEqual({ kind: 'tcp', host: 'example.com', port: 10810 });
@@ -33,8 +34,8 @@ describe('parameters', () => {
   });
 
   it('takes dynamic-export, retry and timeout', () => {
-    const c = configure([['socket', '/s'], ['dynamic-export', 'true'], ['retry', '3'], ['timeout', '2.5']]);
-    expect(c).toMatchObject({ dynamicExport: true, retry: 3, timeoutMs: 2500 });
+    const c = configure([['socket', '/s'], ['dynamic-export', 'true'], ['retry', '3'], ['timeout', '2.5'], ['request-timeout', '60']]);
+    expect(c).toMatchObject({ dynamicExport: true, retry: 3, timeoutMs: 2500, requestTimeoutMs: 60_000 });
     expect(parseTimeout('500ms')).toBe(500);
     expect(parseTimeout('10s')).toBe(10_000);
     expect(parseTimeout('0')).toBe(0);
@@ -60,6 +61,7 @@ describe('parameters', () => {
       [[['socket', '/s'], ['export', 'a'], ['dynamic-export', 'yes']], /got 'a' from export=/],
       [[['socket', '/s'], ['retry', '-1']], /retry=-1: not a whole number/],
       [[['socket', '/s'], ['timeout', 'soon']], /timeout=soon: expected seconds/],
+      [[['socket', '/s'], ['request-timeout', '-5']], /request-timeout=-5: expected seconds/],
       [[['socket', '/s'], ['dynamic-export', 'maybe']], /dynamic-export: could not parse 'maybe'/],
       [[['socket', '/s'], ['shared', 'true']], /nbdx --filter=shared nbd \.\.\./],
       [[['socket', '/s'], ['vsock', '3']], /unknown parameter 'vsock'/],
@@ -93,7 +95,7 @@ describe('parameters', () => {
 });
 
 describe('retry', () => {
-  const base = { address: { kind: 'unix' as const, path: '/nonexistent' }, exportName: '', dynamicExport: false, timeoutMs: 1000 };
+  const base = { address: { kind: 'unix' as const, path: '/nonexistent' }, exportName: '', dynamicExport: false, timeoutMs: 1000, requestTimeoutMs: 0 };
 
   it('tries retry+1 times, one second apart, then says how often it tried', async () => {
     const sleeps: number[] = [];

@@ -15,6 +15,8 @@ export interface ProxyConfig {
   retry: number;
   /** Milliseconds allowed for each connection attempt (connect plus handshake); 0 = no limit. */
   timeoutMs: number;
+  /** Milliseconds the upstream may leave a request unanswered before it is taken for gone; 0 = for ever. */
+  requestTimeoutMs: number;
 }
 
 /** Parameters as given, before configComplete() checks that they fit together. */
@@ -27,6 +29,7 @@ export interface RawParams {
   dynamicExport?: boolean;
   retry?: number;
   timeoutMs?: number;
+  requestTimeoutMs?: number;
 }
 
 export const DEFAULT_TIMEOUT_MS = 30_000;
@@ -43,6 +46,7 @@ export const CONFIG_HELP = [
   'dynamic-export=true     open the export each client asks for, list the upstream\'s exports',
   'retry=N                 retry a failed upstream connection N times, 1 s apart (default 0)',
   'timeout=SECONDS         time allowed to connect to the upstream, per attempt (default 30; 0 = none)',
+  'request-timeout=SECONDS an upstream that leaves a request unanswered this long is taken for gone (default 0 = wait)',
   'tls=off                 (the only value accepted: TLS to the upstream is not supported yet)',
 ].join('\n');
 
@@ -94,7 +98,10 @@ export function applyParam(p: RawParams, key: string, value: string): void {
       return;
     }
     case 'timeout':
-      p.timeoutMs = parseTimeout(value);
+      p.timeoutMs = parseTimeout(value, 'timeout');
+      return;
+    case 'request-timeout':
+      p.requestTimeoutMs = parseTimeout(value, 'request-timeout');
       return;
     case 'tls':
       // nbdkit takes tls=off|on|require; only "off" can be honoured.
@@ -108,11 +115,11 @@ export function applyParam(p: RawParams, key: string, value: string): void {
 }
 
 /** `timeout=10`, `timeout=2.5`, `timeout=500ms`, `timeout=10s`; 0 turns the limit off. */
-export function parseTimeout(value: string): number {
+export function parseTimeout(value: string, key = 'timeout'): number {
   const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/i.exec(value);
-  if (!m) throw bad(`timeout=${value}: expected seconds (10, 2.5, 10s) or milliseconds (500ms)`);
+  if (!m) throw bad(`${key}=${value}: expected seconds (10, 2.5, 10s) or milliseconds (500ms)`);
   const ms = Number(m[1]) * (m[2]?.toLowerCase() === 'ms' ? 1 : 1000);
-  if (!Number.isFinite(ms) || ms > 2 ** 31 - 1) throw bad(`timeout=${value}: too long`);
+  if (!Number.isFinite(ms) || ms > 2 ** 31 - 1) throw bad(`${key}=${value}: too long`);
   return Math.round(ms);
 }
 
@@ -146,7 +153,14 @@ export function completeConfig(p: RawParams): ProxyConfig {
         `(got '${exportName}' from ${p.uri !== undefined ? 'the URI' : 'export='})`,
     );
   }
-  return { address, exportName, dynamicExport, retry: p.retry ?? 0, timeoutMs: p.timeoutMs ?? DEFAULT_TIMEOUT_MS };
+  return {
+    address,
+    exportName,
+    dynamicExport,
+    retry: p.retry ?? 0,
+    timeoutMs: p.timeoutMs ?? DEFAULT_TIMEOUT_MS,
+    requestTimeoutMs: p.requestTimeoutMs ?? 0,
+  };
 }
 
 /** The upstream as a URI, for messages. */

@@ -330,6 +330,20 @@ describe('errors', () => {
     expect(relay.accepted).toBe(2);
   });
 
+  it('request-timeout: an upstream that stops answering is taken for gone (EIO, connection closed)', async () => {
+    const up = await upstream({ readDelayMs: 1500 }, '1M'); // far beyond the timeout
+    const down = await proxy(up.uri, [['request-timeout', '300ms']]);
+    const b = await down.connect();
+    await b.pwrite(Buffer.alloc(512, 1), 0); // answered at once
+    const closed = new Promise<void>((r) => b.once('close', () => r()));
+    const t0 = Date.now();
+    const e = await within(errnoOf(b.pread(512, 0)), 2000, 'EIO for the unanswered read');
+    expect(e.errno).toBe(Errno.EIO);
+    expect(e.message).toMatch(/upstream connection lost: no reply from the server for \d+ ms \(NBD_CMD_READ; request timeout 300 ms\)/);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(290);
+    await within(closed, 1000, 'client connection closed');
+  });
+
   it('requests after the loss fail at once with EIO (raw client that does not hang up)', async () => {
     const up = await upstream({}, '1M');
     const sock = path.join(tmpDir(), 'relay.sock');

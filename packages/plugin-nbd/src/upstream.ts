@@ -57,7 +57,11 @@ function reasonOf(err: unknown): string {
 export function connectUpstream(config: ProxyConfig, exportName: string): Promise<NbdClient> {
   const where = describeAddress(config.address, exportName);
   return withRetry(config, `connecting to ${where}`, () =>
-    NbdClient.connect(targetOf(config.address), { exportName, timeout: config.timeoutMs }),
+    NbdClient.connect(targetOf(config.address), {
+      exportName,
+      timeout: config.timeoutMs,
+      requestTimeout: config.requestTimeoutMs,
+    }),
   );
 }
 
