@@ -189,6 +189,23 @@ describe('requests and flags', () => {
     expect((await direct.pread(8 * 1024 * 1024, 0)).equals(data)).toBe(true);
   });
 
+  it('over TCP: nbd://HOST:PORT/EXPORT and hostname=/port=/export=', async () => {
+    const up = await upstream({}, '2M', { listen: { kind: 'tcp', port: 0, host: '127.0.0.1' } });
+    const port = up.server.addresses[0]!.port!;
+    for (const config of [
+      [['uri', `nbd://127.0.0.1:${port}/some%20export`]],
+      [['hostname', '127.0.0.1'], ['port', String(port)], ['export', 'some export']],
+    ] as Array<Array<[string, string]>>) {
+      const s = await servePlugin(createNbdPlugin(), { config });
+      cleanups.push(() => s.close());
+      const c = await s.connect();
+      expect(c.size).toBe(2 * 1024 * 1024);
+      await c.pwrite(Buffer.alloc(4096, 0x42), 4096);
+      expect((await c.pread(4096, 4096)).equals(Buffer.alloc(4096, 0x42))).toBe(true);
+    }
+    expect(up.probe.exportNames).toEqual(['some export', 'some export']);
+  });
+
   it('one upstream connection per client connection, closed with it', async () => {
     const up = await upstream({});
     const down = await proxy(up.uri);
