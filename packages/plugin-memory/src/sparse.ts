@@ -6,6 +6,50 @@ export const PAGE_SIZE = 32 * 1024;
 const DIR_PAGES = 32 * 1024; // 1 GiB of address space per directory
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 
+/** Pages per slab: pages are carved out of 2 MiB slabs, so the garbage collector tracks one
+ * ArrayBuffer per 64 pages instead of one per page (many live ArrayBuffers make every GC slower). */
+const SLAB_PAGES = 64;
+
+interface Slab {
+  memory: ArrayBuffer;
+  free: number[];
+  used: number;
+}
+
+/** Hands out page-sized views of slabs; a slab whose pages are all free again is released. */
+class PageAllocator {
+  private slabs = new Map<ArrayBuffer, Slab>();
+  private withRoom = new Set<Slab>();
+
+  alloc(zeroed: boolean): Buffer {
+    let slab: Slab | undefined = this.withRoom.values().next().value;
+    if (!slab) {
+      const memory = Buffer.allocUnsafeSlow(SLAB_PAGES * PAGE_SIZE).buffer as ArrayBuffer;
+      slab = { memory, free: Array.from({ length: SLAB_PAGES }, (_, i) => SLAB_PAGES - 1 - i), used: 0 };
+      this.slabs.set(memory, slab);
+      this.withRoom.add(slab);
+    }
+    const i = slab.free.pop()!;
+    slab.used++;
+    if (slab.free.length === 0) this.withRoom.delete(slab);
+    const page = Buffer.from(slab.memory, i * PAGE_SIZE, PAGE_SIZE);
+    if (zeroed) page.fill(0);
+    return page;
+  }
+
+  release(page: Buffer): void {
+    const slab = this.slabs.get(page.buffer as ArrayBuffer)!;
+    slab.free.push(page.byteOffset / PAGE_SIZE);
+    slab.used--;
+    this.withRoom.add(slab);
+    // Give memory back once a slab is empty, keeping one spare so alternating write/trim doesn't churn.
+    if (slab.used === 0 && this.withRoom.size > 1) {
+      this.withRoom.delete(slab);
+      this.slabs.delete(slab.memory);
+    }
+  }
+}
+
 /**
  * A sparse byte array: pages are allocated on first write and freed again by trim/zero, so a
  * 1 TiB disk costs nothing until written. Two levels (directory → page) keep extent queries over
@@ -13,6 +57,7 @@ const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
  */
 export class SparseArray {
   private dirs = new Map<number, Map<number, Buffer>>();
+  private pages = new PageAllocator();
   allocatedPages = 0;
 
   constructor(readonly size: number) {}
@@ -28,7 +73,7 @@ export class SparseArray {
     if (!dir) this.dirs.set(d, (dir = new Map()));
     let p = dir.get(index % DIR_PAGES);
     if (!p) {
-      p = whole ? Buffer.allocUnsafeSlow(PAGE_SIZE) : Buffer.alloc(PAGE_SIZE);
+      p = this.pages.alloc(!whole);
       dir.set(index % DIR_PAGES, p);
       this.allocatedPages++;
     }
@@ -38,9 +83,12 @@ export class SparseArray {
   private freePage(index: number): void {
     const d = Math.floor(index / DIR_PAGES);
     const dir = this.dirs.get(d);
-    if (dir?.delete(index % DIR_PAGES)) {
+    const p = dir?.get(index % DIR_PAGES);
+    if (p) {
+      dir!.delete(index % DIR_PAGES);
+      this.pages.release(p);
       this.allocatedPages--;
-      if (dir.size === 0) this.dirs.delete(d);
+      if (dir!.size === 0) this.dirs.delete(d);
     }
   }
 

@@ -1,5 +1,6 @@
 import type { Duplex } from 'node:stream';
 import { ChunkQueue } from '../wire/bytes.js';
+import { enableDirectReads } from './direct-reads.js';
 
 /**
  * Buffers what a socket sends. The handshake reads with `await read(n)`; the transmission phase
@@ -13,6 +14,10 @@ export class SocketReader {
   private ended: Error | null = null;
   onData: (() => void) | null = null;
   onEnd: (() => void) | null = null;
+  /** With direct reads on: the next read lands here (a WRITE payload's missing part). */
+  directTarget: Uint8Array | null = null;
+  /** Told how many bytes a read put into `directTarget` (which is cleared first). */
+  onDirect: ((n: number) => void) | null = null;
   private readonly dataListener = (chunk: Buffer) => this.push(chunk);
   private readonly endListener = () => this.end(new Error('connection closed by the client'));
   private readonly errorListener = (err: Error) => this.end(err);
@@ -41,6 +46,29 @@ export class SocketReader {
   /** Start reading from a new stream (the TLS socket that wraps the old one). */
   reattach(stream: Duplex): void {
     this.attach(stream);
+  }
+
+  /**
+   * Read into buffers we choose from now on (see direct-reads.ts). Bytes that land in the
+   * staging buffer are copied out, since it is reused; bytes read into `directTarget` are
+   * handed to `onDirect` without any copy.
+   */
+  useDirectReads(): boolean {
+    return enableDirectReads(this.stream, {
+      onRead: (nread, buf) => {
+        const target = this.directTarget;
+        if (target !== null && buf === target) {
+          this.directTarget = null;
+          this.onDirect!(nread);
+        } else {
+          const chunk = Buffer.allocUnsafe(nread);
+          buf.copy(chunk, 0, 0, nread);
+          this.push(chunk);
+        }
+        return true;
+      },
+      nextBuffer: () => this.directTarget,
+    });
   }
 
   private push(chunk: Buffer): void {

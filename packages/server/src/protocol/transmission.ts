@@ -33,6 +33,8 @@ import type { SocketReader } from './socket-reader.js';
 
 /** Holes smaller than this are sent as zero bytes: a hole chunk would cost more than it saves. */
 const MIN_HOLE_CHUNK = 4096;
+/** WRITE payload still missing beyond which it is read straight into its buffer. */
+const DIRECT_READ_MIN = 16 * 1024;
 /** Hard cap on a WRITE payload we are willing to read and drop after rejecting the request. */
 const MAX_DROPPABLE_PAYLOAD = 0xffffffff;
 
@@ -65,6 +67,8 @@ export class Transmission {
   /** WRITE payload still to arrive for the request being parsed. */
   private pendingWrite: { req: Request; error: NbdError | null; buf: Buffer | null; got: number } | null = null;
   private idleWaiters: Array<() => void> = [];
+  /** Whether big WRITE payloads are read straight into their buffers (direct-reads.ts). */
+  private readonly direct: boolean;
   private finished!: () => void;
   readonly done: Promise<void>;
 
@@ -86,6 +90,8 @@ export class Transmission {
       if (!this.stopping) settings.abort?.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
       this.stop('client went away');
     };
+    this.direct = reader.useDirectReads();
+    reader.onDirect = (n) => this.payloadArrived(n);
     this.parse();
   }
 
@@ -167,10 +173,29 @@ export class Transmission {
     if (p.buf) q.copyInto(p.buf, p.got, m);
     else q.skip(m);
     p.got += m;
-    if (p.got < p.req.length) return false;
+    if (p.got < p.req.length) {
+      // Nothing else is queued: let the socket read the rest of a big payload into place.
+      if (this.direct && p.buf && q.length === 0 && p.req.length - p.got >= DIRECT_READ_MIN) {
+        this.reader.directTarget = p.buf.subarray(p.got, p.req.length);
+      }
+      return false;
+    }
     this.pendingWrite = null;
     this.start(p.req, p.buf, p.error ?? (p.req.type === C.CMD_WRITE ? null : this.unsupportedPayload()), p.buf !== null);
     return true;
+  }
+
+  /** A direct read put `n` more payload bytes in place. */
+  private payloadArrived(n: number): void {
+    const p = this.pendingWrite!;
+    p.got += n;
+    if (p.got < p.req.length) {
+      this.reader.directTarget = p.buf!.subarray(p.got, p.req.length);
+      return;
+    }
+    this.pendingWrite = null;
+    this.start(p.req, p.buf, null, true);
+    this.parse();
   }
 
   private unsupportedPayload(): NbdError {

@@ -1,0 +1,61 @@
+/**
+ * Receiving WRITE payloads straight into their buffers.
+ *
+ * A Node socket normally reads into a fresh 64 KiB buffer per read, which we then copy into the
+ * payload buffer: two copies of every written byte and a stream of short-lived 64 KiB
+ * allocations for the garbage collector. Node's `onread` socket option (read into a buffer the
+ * caller supplies, and pick the next one after each read) avoids both, but it is only offered for
+ * sockets a program creates itself, not for the ones a server accepts. This module turns the same
+ * mechanism on for an accepted socket, using the socket's own `onread` fields (found by their
+ * symbol names on a probe socket) and its handle's `useUserBuffer`. When anything it needs is
+ * missing (another Node version, a TLS socket, a pipe), it declines and reading stays as it was.
+ */
+import * as net from 'node:net';
+import * as tls from 'node:tls';
+
+interface OnreadSymbols {
+  buffer: symbol;
+  callback: symbol;
+  generator: symbol;
+}
+
+let symbols: OnreadSymbols | null | undefined;
+
+function onreadSymbols(): OnreadSymbols | null {
+  if (symbols !== undefined) return symbols;
+  const probe = new net.Socket({ onread: { buffer: () => Buffer.alloc(1), callback: () => true } } as net.SocketConstructorOpts);
+  const byName = new Map(Object.getOwnPropertySymbols(probe).map((s) => [s.description, s]));
+  const buffer = byName.get('kBuffer');
+  const callback = byName.get('kBufferCb');
+  const generator = byName.get('kBufferGen');
+  symbols = buffer && callback && generator ? { buffer, callback, generator } : null;
+  probe.destroy();
+  return symbols;
+}
+
+export interface DirectReader {
+  /**
+   * `onRead(n, buf)` gets every read: `buf` is either a buffer `nextBuffer()` returned or the
+   * shared staging buffer, valid only during the call. Return false to pause reading.
+   */
+  onRead: (nread: number, buf: Buffer) => boolean;
+  /** Where the next read should land: a payload buffer's free part, or null for staging. */
+  nextBuffer: () => Uint8Array | null;
+}
+
+/** Switch `stream` to reading into supplied buffers. Returns false when that is not possible. */
+export function enableDirectReads(stream: unknown, reader: DirectReader, stagingSize = 64 * 1024): boolean {
+  if (!(stream instanceof net.Socket) || stream instanceof tls.TLSSocket) return false;
+  const handle = (stream as unknown as { _handle?: { useUserBuffer?: (b: Uint8Array) => void } })._handle;
+  if (!handle || typeof handle.useUserBuffer !== 'function') return false;
+  const sym = onreadSymbols();
+  if (!sym) return false;
+  const s = stream as unknown as Record<symbol, unknown>;
+  if (s[sym.buffer] !== null && s[sym.buffer] !== undefined) return false; // already in that mode
+  const staging = Buffer.allocUnsafeSlow(stagingSize);
+  s[sym.buffer] = staging;
+  s[sym.callback] = (nread: number, buf: Buffer) => reader.onRead(nread, buf);
+  s[sym.generator] = () => reader.nextBuffer() ?? staging;
+  handle.useUserBuffer(staging);
+  return true;
+}
