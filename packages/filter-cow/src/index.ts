@@ -1,7 +1,7 @@
 import { existsSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Errno, FLAG_REQ_ONE, NbdError, debug, defineFilter, logError, parseBool, parseSize } from '@nbdx/server/api';
+import { Errno, FLAG_REQ_ONE, NbdError, debug, defineFilter, logError, parseBool, parseSize, packageVersion } from '@nbdx/server/api';
 import { Overlay } from './overlay.js';
 import { TempFile } from './temp-file.js';
 
@@ -90,7 +90,7 @@ export function createCowFilter() {
   return defineFilter<Handle>({
     apiVersion: 2,
     name: NAME,
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx copy-on-write filter',
     description: 'Makes any export writable: writes go to a temporary overlay, the layer below is never changed.',
     configHelp: [

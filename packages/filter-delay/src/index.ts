@@ -1,4 +1,4 @@
-import { Errno, FLAG_FAST_ZERO, NbdError, defineFilter, parseBool } from '@nbdx/server/api';
+import { Errno, FLAG_FAST_ZERO, NbdError, defineFilter, parseBool, packageVersion } from '@nbdx/server/api';
 import { MAX_DELAY_MS, Waits } from './waits.js';
 
 export { Waits, MAX_DELAY_MS } from './waits.js';
@@ -52,7 +52,7 @@ export function createDelayFilter() {
   return defineFilter<Handle>({
     apiVersion: 2,
     name: 'delay',
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx delay filter',
     description: 'Delay requests by a fixed time, to simulate a slow or remote server.',
     configHelp: [

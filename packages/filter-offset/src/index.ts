@@ -1,4 +1,4 @@
-import { Errno, NbdError, defineFilter, parseSize, type Extent } from '@nbdx/server/api';
+import { Errno, NbdError, defineFilter, parseSize, type Extent, packageVersion } from '@nbdx/server/api';
 
 /** Per connection: where the window starts in the layer below, and how long it is. */
 interface Handle {
@@ -36,7 +36,7 @@ export function createOffsetFilter() {
   return defineFilter<Handle>({
     apiVersion: 2,
     name: 'offset',
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx offset filter',
     description: 'Serve a window (offset and length) of the underlying export.',
     configHelp: [

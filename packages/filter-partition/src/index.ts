@@ -1,4 +1,4 @@
-import { Errno, NbdError, debug, defineFilter, logError, parseSize, type Extent, type Next } from '@nbdx/server/api';
+import { Errno, NbdError, debug, defineFilter, logError, parseSize, type Extent, type Next, packageVersion } from '@nbdx/server/api';
 import { SECTOR_SIZES, findPartition, type Partition } from './table.js';
 
 export { findPartition, PartitionError, type Partition, type ReadFn } from './table.js';
@@ -62,7 +62,7 @@ export function createPartitionFilter() {
   return defineFilter<Handle>({
     apiVersion: 2,
     name: 'partition',
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx partition filter',
     description: 'Serve one partition of an MBR or GPT partitioned disk.',
     configHelp: [

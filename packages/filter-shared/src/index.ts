@@ -9,6 +9,7 @@ import {
   type LayerBelow,
   type Next,
   type OwnedContext,
+  packageVersion,
 } from '@nbdx/server/api';
 import { applyOption, defaultOptions, retires, type SharedOptions } from './policy.js';
 
@@ -163,7 +164,7 @@ export function createSharedFilter() {
   return defineFilter<Handle>({
     apiVersion: 2,
     name: NAME,
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx shared filter',
     description: 'One context into the layer below, opened once and shared by every connection.',
     configHelp: [

@@ -9,6 +9,7 @@ import {
   type FilterV2,
   type LayerBelow,
   type Next,
+  packageVersion,
 } from '@nbdx/server/api';
 import { ArchiveOpenError, ArchiveScanner, describeMember, exportNameOf, pickMember, type ArchiveIndex } from './archive.js';
 import type { TarMember } from './parse.js';
@@ -90,7 +91,7 @@ export function createTarFilter(): TarFilter {
   const filter = defineFilter<Handle>({
     apiVersion: 2,
     name: 'tar',
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx tar filter',
     description: 'Serve files inside an uncompressed tar archive, in place.',
     configHelp: CONFIG_HELP,

@@ -1,6 +1,6 @@
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { Errno, FLAG_REQ_ONE, NbdError, debug, definePlugin } from '@nbdx/server/api';
+import { Errno, FLAG_REQ_ONE, NbdError, debug, definePlugin, packageVersion } from '@nbdx/server/api';
 import { exportPath, listDirExports, badExportName } from './export-dir.js';
 import { loadNative, type NativeOps } from './native.js';
 import { OpenFile, type Fadvise } from './open-file.js';
@@ -36,7 +36,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
   return definePlugin<OpenFile>({
     apiVersion: 2,
     name: 'file',
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx file plugin',
     description: 'Serve a file or block device, or every file in a directory as its own export.',
     magicConfigKey: 'file',

@@ -7,6 +7,7 @@ import {
   debug,
   definePlugin,
   logError,
+  packageVersion,
 } from '@nbdx/server/api';
 import { CONFIG_HELP, applyConfig, defaultSettings, type Settings } from './config.js';
 import { statusError, type Operation } from './errors.js';
@@ -15,7 +16,7 @@ import { Connection, ConnectionPool, type Endpoint, type Response } from './http
 import { OLD_SERVER, parseOptions, poolSize, type ServerOptions } from './options.js';
 
 const NAME = 'imageio';
-const VERSION = '0.1.0';
+const VERSION = packageVersion(import.meta.url);
 /** Extents lists of hugely fragmented images are big, but not this big. */
 const MAX_EXTENTS_BODY = 256 * 1024 * 1024;
 

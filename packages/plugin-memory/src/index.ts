@@ -6,6 +6,7 @@ import {
   definePlugin,
   parseSize,
   type Extent,
+  packageVersion,
 } from '@nbdx/server/api';
 import { SparseArray } from './sparse.js';
 
@@ -51,7 +52,7 @@ export function createMemoryPlugin() {
   return definePlugin({
     apiVersion: 2,
     name: 'memory',
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx memory plugin',
     description: 'A RAM disk: sparse (default) or one flat buffer.',
     magicConfigKey: 'size',

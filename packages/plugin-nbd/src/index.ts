@@ -10,6 +10,7 @@ import {
   type ExportEntry,
   type ReadResult,
   type ZeroSpan,
+  packageVersion,
 } from '@nbdx/server/api';
 import { CONFIG_HELP, applyParam, completeConfig, describeAddress, type ProxyConfig, type RawParams } from './config.js';
 import { NAME, connectUpstream, targetOf, translateError, withRetry } from './upstream.js';
@@ -52,7 +53,7 @@ export function createNbdPlugin() {
   return definePlugin<NbdHandle>({
     apiVersion: 2,
     name: NAME,
-    version: '0.1.0',
+    version: packageVersion(import.meta.url),
     longname: 'nbdx NBD proxy plugin',
     description: 'Serves an export of another NBD server, through @nbdx/client.',
     magicConfigKey: 'uri',

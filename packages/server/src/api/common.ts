@@ -1,3 +1,7 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
 /**
  * Types and constants shared by every version of the plugin and filter interfaces.
  * This folder imports nothing from the server, so plugin authors can depend on it alone.
@@ -168,6 +172,28 @@ export function debug(source: string, message: string): void {
 
 export function logError(source: string, message: string): void {
   sink('error', source, message);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The version of the package a module belongs to, so `--version` and `--dump-plugin` stay true
+// after a release without hand-edited constants.
+
+/**
+ * Version from the nearest package.json above a module (pass `import.meta.url`). Bundlers may
+ * move code into chunks, so this walks up instead of assuming a depth.
+ */
+export function packageVersion(moduleUrl: string): string {
+  let dir = path.dirname(fileURLToPath(moduleUrl));
+  for (;;) {
+    const file = path.join(dir, 'package.json');
+    if (fs.existsSync(file)) {
+      const version = (JSON.parse(fs.readFileSync(file, 'utf8')) as { version?: string }).version;
+      if (version) return version;
+    }
+    const up = path.dirname(dir);
+    if (up === dir) return '0.0.0';
+    dir = up;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,9 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
-import * as path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import * as os from 'node:os';
-import { NbdError, parseSize } from '../api/common.js';
+import { NbdError, packageVersion, parseSize } from '../api/common.js';
 import type { Filter, Plugin } from '../api/define.js';
 import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS } from '../api/define.js';
 import { socketActivationFds, type ListenTarget } from '../listeners/listen.js';
@@ -13,21 +11,7 @@ import { USAGE, UsageError, applyMagicKey, parseArgs, type CliOptions } from './
 import { dumpPlugin } from './dump.js';
 import { tlsSettings } from './tls-setup.js';
 
-/** Our own package.json, found by walking up (the bundler moves this code into a chunk). */
-function ownVersion(): string {
-  let dir = path.dirname(fileURLToPath(import.meta.url));
-  for (;;) {
-    const p = path.join(dir, 'package.json');
-    if (fs.existsSync(p)) {
-      const pj = JSON.parse(fs.readFileSync(p, 'utf8'));
-      if (pj.name === '@nbdx/server') return pj.version;
-    }
-    const up = path.dirname(dir);
-    if (up === dir) return '0.0.0';
-    dir = up;
-  }
-}
-export const VERSION: string = ownVersion();
+export const VERSION: string = packageVersion(import.meta.url);
 
 /** Set in the background child so it reports readiness to the parent that spawned it. */
 const DAEMON_ENV = 'NBDX_DAEMON_CHILD';

@@ -31,7 +31,7 @@ describe('direct reads', () => {
         sock.resume();
       });
       server.listen(0, () => {
-        const c = net.connect((server.address() as net.AddressInfo).port, () => {
+        const c = net.connect({ port: (server.address() as net.AddressInfo).port }, () => {
           c.write(Buffer.alloc(10, 1));
           setTimeout(() => c.end(Buffer.alloc(100_000, 2)), 50);
         });
