@@ -33,7 +33,7 @@ function startServer(side, sock) {
     side.kind === 'nbdx'
       ? [process.execPath, NBDX, '-f', '-U', sock, ...side.args]
       : ['nbdkit', '-f', '-U', sock, ...side.args];
-  const child = spawn(cmd, args, { env: ENV, stdio: ['ignore', 'ignore', 'inherit'] });
+  const child = spawn(cmd, args, { env: { ...ENV, ...side.env }, stdio: ['ignore', 'ignore', 'inherit'] });
   return new Promise((resolve, reject) => {
     const t0 = Date.now();
     const poll = setInterval(() => {
@@ -71,6 +71,14 @@ function fio(uri, rw, bs, qd, size) {
   return { mibs: side.bw / 1024, iops: side.iops };
 }
 
+/** Write the whole disk once so that reads see data, not holes, on both sides. */
+function prefill(uri) {
+  execFileSync('fio', ['--name=fill', '--ioengine=nbd', `--uri=${uri}`, '--rw=write', '--bs=1m', '--iodepth=8', '--size=1g'], {
+    env: ENV,
+    stdio: 'ignore',
+  });
+}
+
 function nbdcopyTime(src, dst) {
   const t0 = process.hrtime.bigint();
   execFileSync('nbdcopy', [src, dst], { env: ENV, stdio: 'inherit' });
@@ -84,9 +92,11 @@ async function runSide(side, scenario, dir, label) {
   const results = {};
   try {
     if (scenario.prepare) await scenario.prepare(uri, ENV);
+    else if (side.prefill !== false) prefill(uri);
     for (const [name, rw, bs, qd] of FIO_JOBS) results[name] = fio(uri, rw, bs, qd, scenario.size);
     const img = path.join('/dev/shm', `nbdx-bench-${process.pid}.img`);
     execFileSync('truncate', ['-s', '0', img]);
+    // nbdcopy into the export needs a source of the same size: copy out first, then back in.
     results['nbdcopy out (1 GiB, s)'] = { secs: nbdcopyTime(uri, img) };
     results['nbdcopy in (1 GiB, s)'] = { secs: nbdcopyTime(img, uri) };
     fs.rmSync(img, { force: true });
@@ -123,8 +133,8 @@ async function main() {
       const s = scenarios[name];
       const ctx = s.setup ? await s.setup(dir, ENV) : {};
       try {
-        const a = await runSide(s.nbdx(ctx), s, dir, 'a');
-        const b = await runSide(s.reference(ctx), s, dir, 'b');
+        const a = await runSide(s.nbdx(ctx), s, dir, `${name}-a`);
+        const b = await runSide(s.reference(ctx), s, dir, `${name}-b`);
         console.log(table(name, a, b, [s.labels[0], s.labels[1]]));
         console.log();
       } finally {
