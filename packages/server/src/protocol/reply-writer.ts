@@ -45,7 +45,7 @@ export class ReplyWriter {
   private schedule(): void {
     if (!this.scheduled) {
       this.scheduled = true;
-      queueMicrotask(this.flush);
+      setImmediate(this.flush);
     }
   }
 
