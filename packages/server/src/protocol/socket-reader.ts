@@ -16,6 +16,8 @@ export class SocketReader {
   onEnd: (() => void) | null = null;
   /** With direct reads on: the next read lands here (a WRITE payload's missing part). */
   directTarget: Uint8Array | null = null;
+  /** True while the queue holds bytes of a reused buffer: take() views must not be kept. */
+  volatile = false;
   /** Told how many bytes a read put into `directTarget` (which is cleared first). */
   onDirect: ((n: number) => void) | null = null;
   private readonly dataListener = (chunk: Buffer) => this.push(chunk);
@@ -61,9 +63,13 @@ export class SocketReader {
           this.directTarget = null;
           this.onDirect!(nread);
         } else {
-          const chunk = Buffer.allocUnsafe(nread);
-          buf.copy(chunk, 0, 0, nread);
-          this.push(chunk);
+          // Parse straight out of the staging buffer; only what the parser leaves behind is
+          // copied, since the staging buffer is reused by the next read.
+          this.volatile = true;
+          this.queue.push(buf.subarray(0, nread));
+          this.onData?.();
+          if (this.queue.length > 0) this.queue.push(Buffer.from(this.queue.drain()));
+          this.volatile = false;
         }
         return true;
       },

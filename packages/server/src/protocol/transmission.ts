@@ -150,9 +150,16 @@ export class Transmission {
       this.pendingWrite = { req, error, buf: null, got: 0 };
       if (keep) {
         // The payload is normally in the chunk we already hold: take a view, no copy.
-        if (this.reader.queue.length >= length) {
+        const q = this.reader.queue;
+        if (q.length >= length) {
           this.pendingWrite = null;
-          this.start(req, this.reader.queue.take(length), null);
+          if (!this.reader.volatile) {
+            this.start(req, q.take(length), null);
+          } else {
+            const payload = bufferPool.get(length);
+            q.copyInto(payload, 0, length);
+            this.start(req, payload, null, true);
+          }
           return true;
         }
         this.pendingWrite.buf = bufferPool.get(length);
