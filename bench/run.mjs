@@ -114,7 +114,8 @@ function table(name, a, b, labels) {
     if ('secs' in x) {
       rows.push([k, `${x.secs.toFixed(2)} s`, `${y.secs.toFixed(2)} s`, (y.secs / x.secs).toFixed(2)]);
     } else {
-      const fmt = (r) => (r.mibs >= 100 ? `${r.mibs.toFixed(0)} MiB/s` : `${r.iops.toFixed(0)} IOPS`);
+      // Small-block jobs are counted in IOPS, big ones in MiB/s.
+      const fmt = (r) => (k.includes('4K') ? `${(r.iops / 1000).toFixed(1)}k IOPS` : `${r.mibs.toFixed(0)} MiB/s`);
       rows.push([k, fmt(x), fmt(y), (x.iops / y.iops).toFixed(2)]);
     }
   }
