@@ -149,6 +149,16 @@ export default {
     expect(m.stdout).toMatch(/protocol: newstyle without TLS/);
   });
 
+  it('-v prints debug lines; -t and -D are accepted', async () => {
+    const r = await nbdx(['-U', '-', '-v', '-t', '4', '-D', 'memory.x=1', 'memory', '1M', '--run', 'nbdinfo --size "$uri"']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toBe('1048576\n');
+    expect(r.stderr).toMatch(/nbdx: debug: conn \d+: client option GO/);
+    expect(r.stderr).toMatch(/transmission: export '' size 1048576/);
+    const quiet = await nbdx(['-U', '-', 'memory', '1M', '--run', 'nbdinfo --size "$uri"']);
+    expect(quiet.stderr).toBe('');
+  });
+
   it('-r makes the export read-only', async () => {
     const r = await nbdx(['-U', '-', '-r', 'memory', '1M', '--run', 'nbdinfo --json "$uri"']);
     expect(JSON.parse(r.stdout).exports[0].is_read_only).toBe(true);
