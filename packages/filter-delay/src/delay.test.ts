@@ -2,17 +2,26 @@
  * End to end: the delay filter over the memory plugin, driven by nbdsh (libnbd), nbdinfo and
  * qemu-io, and by the nbdx CLI for SIGTERM.
  */
-import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serve } from '@nbdx/server';
 import { createMemoryPlugin } from '@nbdx/plugin-memory';
+import {
+  exportSize,
+  nbdshOk,
+  needNbdx,
+  needTools,
+  qemuIo,
+  removeDir,
+  spawnTool,
+  startCli,
+  tmpDir,
+  waitFor,
+  type BackgroundTool,
+} from '@nbdx/testkit';
 import { createDelayFilter } from './index.js';
-import { haveTool, ok, qemuIo, run, toolEnv } from './tools.test-helper.js';
 
-const tools = ['nbdsh', 'nbdinfo', 'qemu-io'].every((t) => haveTool(t));
+const tools = needTools('nbdsh', 'nbdinfo', 'qemu-io');
 
 type Server = Awaited<ReturnType<typeof serve>>;
 
@@ -27,26 +36,12 @@ function delayed(config: Array<[string, string]>): Promise<Server> {
 
 /** Run a Python snippet in nbdsh against `uri`; returns its stdout. */
 function nbdsh(uri: string, script: string): Promise<string> {
-  return ok('nbdsh', ['--base-allocation', '-u', uri, '-c', script]);
+  return nbdshOk(uri, script, { baseAllocation: true });
 }
 
-/** Start nbdsh in the background; resolves with its output when it exits. */
-function nbdshBackground(uri: string, script: string): { child: ChildProcess; done: Promise<{ code: number | null; out: string }> } {
-  const child = spawn('nbdsh', ['--base-allocation', '-u', uri, '-c', script], { env: toolEnv, stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  child.stdout!.on('data', (b) => (out += b));
-  child.stderr!.on('data', (b) => (out += b));
-  const done = new Promise<{ code: number | null; out: string }>((res) => child.on('close', (code) => res({ code, out })));
-  return { child, done };
-}
-
-async function waitFor(cond: () => boolean, timeoutMs: number, what: string): Promise<number> {
-  const t = Date.now();
-  while (!cond()) {
-    if (Date.now() - t > timeoutMs) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  return Date.now() - t;
+/** Start nbdsh in the background; `done` resolves with its output (stdout and stderr) when it exits. */
+function nbdshBackground(uri: string, script: string): BackgroundTool {
+  return spawnTool('nbdsh', ['--base-allocation', '-u', uri, '-c', script]);
 }
 
 /** Time (seconds) of each named libnbd call, measured inside nbdsh. */
@@ -200,7 +195,7 @@ time.sleep(30)
       await qemuIo(s.uri, 'write -P 0x42 0 64k', 'read -P 0x42 0 64k');
       expect(Date.now() - t).toBeLessThan(2000);
       bg.child.kill('SIGKILL');
-      const { out } = await bg.done;
+      const { output: out } = await bg.done;
       const m = /same-connection ([\d.]+)/.exec(out);
       expect(m, out).not.toBeNull();
       expect(Number(m![1])).toBeLessThan(0.5);
@@ -259,7 +254,7 @@ except nbd.Error as e:
     const t = Date.now();
     await s.close();
     expect(Date.now() - t).toBeLessThan(2000);
-    const { out } = await bg.done;
+    const { output: out } = await bg.done;
     expect(out).toMatch(/read failed errno 108/); // ESHUTDOWN
     expect(log.join('\n')).toMatch(/ESHUTDOWN: delay cut short: the server is shutting down/);
   });
@@ -268,20 +263,19 @@ except nbd.Error as e:
     const s = await delayed([['delay-open', '300ms']]);
     try {
       const t = Date.now();
-      expect((await ok('nbdinfo', ['--size', s.uri])).trim()).toBe(String(1024 * 1024));
+      expect(await exportSize(s.uri)).toBe(1024 * 1024);
       expect(Date.now() - t).toBeGreaterThanOrEqual(290);
     } finally {
       await s.close();
     }
     const slow = await delayed([['delay-open', '30']]);
-    const bg = spawn('nbdinfo', ['--size', slow.uri], { env: toolEnv, stdio: 'ignore' });
-    const exited = new Promise<number | null>((r) => bg.on('close', (c) => r(c)));
+    const bg = spawnTool('nbdinfo', ['--size', slow.uri]);
     await waitFor(() => slow.connectionCount === 1, 5000, 'the client to connect');
     await new Promise((r) => setTimeout(r, 200));
     const t = Date.now();
     await slow.close();
     expect(Date.now() - t).toBeLessThan(2000);
-    expect(await exited).not.toBe(0);
+    expect((await bg.done).code).not.toBe(0);
   });
 
   it('delay-close applies to clients that disconnect cleanly, not to ones that vanish', async () => {
@@ -318,27 +312,18 @@ except nbd.Error as e:
 });
 
 // The CLI, as a service manager would run it: SIGTERM during a long delay exits promptly.
-const bin = resolve(__dirname, '../../nbdx/dist/bin.js');
-describe.skipIf(!tools || (!existsSync(bin) && process.env.CI !== 'true'))('delay filter under the nbdx CLI', () => {
+describe.skipIf(!tools || !needNbdx())('delay filter under the nbdx CLI', () => {
   let dir: string;
   beforeAll(() => {
-    dir = mkdtempSync(join(tmpdir(), 'nbdx-delay-'));
+    dir = tmpDir('nbdx-delay-');
   });
-  afterAll(() => rmSync(dir, { recursive: true, force: true }));
+  afterAll(() => removeDir(dir));
 
   it('SIGTERM during a long read delay shuts the server down promptly', async () => {
     const sock = join(dir, 'nbd.sock');
-    const server = spawn(process.execPath, [bin, '-f', '-U', sock, '--filter=delay', 'memory', '1M', 'rdelay=30'], {
-      cwd: resolve(__dirname, '../../..'),
-      stdio: ['ignore', 'ignore', 'pipe'],
-    });
-    let stderr = '';
-    server.stderr!.on('data', (b) => (stderr += b));
-    const exited = new Promise<number | null>((r) => server.on('exit', (c) => r(c)));
+    const server = await startCli(['-U', sock, '--filter=delay', 'memory', '1M', 'rdelay=30'], { cwd: resolve(__dirname, '../../..') });
     try {
-      await waitFor(() => existsSync(sock), 10_000, `the server socket (${stderr})`);
-      const uri = `nbd+unix:///?socket=${sock}`;
-      const bg = nbdshBackground(uri, `
+      const bg = nbdshBackground(server.uri, `
 try:
     h.pread(4096, 0)
 except nbd.Error as e:
@@ -346,16 +331,12 @@ except nbd.Error as e:
 `);
       await new Promise((r) => setTimeout(r, 500));
       const t = Date.now();
-      server.kill('SIGTERM');
-      await exited;
+      await server.stop('SIGTERM');
       expect(Date.now() - t).toBeLessThan(3000);
-      const { out } = await bg.done;
+      const { output: out } = await bg.done;
       expect(out).toMatch(/read failed errno 108|read failed errno/);
     } finally {
-      server.kill('SIGKILL');
+      server.child.kill('SIGKILL');
     }
   });
 });
-
-// Make sure the tool helper's run() stays used (type-only import elision would drop it).
-void run;

@@ -1,13 +1,12 @@
-import { existsSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serve } from '@nbdx/server';
 import { createMemoryPlugin } from '@nbdx/plugin-memory';
 import { createOffsetFilter, computeWindow } from './index.js';
-import { exportSize, haveTool, map, qemuIo, run } from './tools.test-helper.js';
+import { exportSize, nbdinfoMap, nbdxBin, needNbdx, needTools, qemuIo, run } from '@nbdx/testkit';
 
 const M = 1024 * 1024;
 const K = 1024;
-const tools = haveTool('qemu-io') && haveTool('qemu-img') && haveTool('nbdinfo');
+const tools = needTools('qemu-io', 'qemu-img', 'nbdinfo');
 
 describe('computeWindow', () => {
   it('defaults the range to the rest of the export', () => {
@@ -76,7 +75,7 @@ describe.skipIf(!tools)('offset filter over memory 100M (offset=1M range=10M)', 
   });
 
   it('extents are shifted into the window', async () => {
-    const m = await map(filtered.uri);
+    const m = await nbdinfoMap(filtered.uri);
     const data = m.filter((e) => e.type === 0).map((e) => [e.offset, e.length]);
     // Written so far, in window coordinates: [0,64k), [2M,3M), 6M-1M: 5M+64k and 5M+192k, and the last 64k.
     expect(data).toEqual([
@@ -146,10 +145,9 @@ describe.skipIf(!tools)('offset filter errors at connect time', () => {
 });
 
 // Found by name from the command line, as `--filter=offset`.
-const bin = new URL('../../nbdx/dist/bin.js', import.meta.url).pathname;
-describe.skipIf(!tools || (!existsSync(bin) && process.env.CI !== 'true'))('offset filter under the nbdx CLI', () => {
+describe.skipIf(!tools || !needNbdx())('offset filter under the nbdx CLI', () => {
   it('--filter=offset memory 100M offset=1M range=10M', async () => {
-    const r = await run(process.execPath, [bin, '-U', '-', '--filter=offset', 'memory', '100M', 'offset=1M', 'range=10M', '--run', 'nbdinfo --size "$uri"']);
+    const r = await run(process.execPath, [nbdxBin(), '-U', '-', '--filter=offset', 'memory', '100M', 'offset=1M', 'range=10M', '--run', 'nbdinfo --size "$uri"']);
     expect(r.stderr).toBe('');
     expect(r.stdout.trim()).toBe(String(10 * M));
     expect(r.code).toBe(0);

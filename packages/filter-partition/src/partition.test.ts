@@ -3,16 +3,16 @@
  * against what those tools report and against dd-extracted bytes with qemu-img compare.
  */
 import { randomFillSync } from 'node:crypto';
-import { copyFileSync, existsSync, mkdtempSync, openSync, closeSync, writeSync, rmSync, truncateSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, openSync, closeSync, writeSync, rmSync, truncateSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serve } from '@nbdx/server';
 import { createPartitionFilter } from './index.js';
 import { createTestFilePlugin } from './file-plugin.test-helper.js';
-import { haveTool, ok, qemuIo, run } from './tools.test-helper.js';
+import { nbdxBin, needNbdx, needTools, qemuIo, run, runOk } from '@nbdx/testkit';
 
-const tools = ['sfdisk', 'sgdisk', 'qemu-img', 'qemu-io', 'nbdinfo', 'dd'].every((t) => haveTool(t));
+const tools = needTools('sfdisk', 'sgdisk', 'qemu-img', 'qemu-io', 'nbdinfo', 'dd');
 
 interface Span {
   number: number;
@@ -22,7 +22,7 @@ interface Span {
 
 /** Partitions as sfdisk --json reports them (extended containers left out). */
 async function sfdiskParts(dev: string): Promise<{ ss: number; parts: Span[] }> {
-  const t = JSON.parse(await ok('sfdisk', ['--json', dev])).partitiontable;
+  const t = JSON.parse(await runOk('sfdisk', ['--json', dev])).partitiontable;
   const parts: Span[] = [];
   for (const p of t.partitions as Array<{ node: string; start: number; size: number; type: string }>) {
     if (['5', 'f', '85'].includes(p.type)) continue;
@@ -33,7 +33,7 @@ async function sfdiskParts(dev: string): Promise<{ ss: number; parts: Span[] }> 
 
 /** First sector and size of one partition as sgdisk -i reports them. */
 async function sgdiskInfo(dev: string, n: number): Promise<Span & { name: string }> {
-  const out = await ok('sgdisk', ['-i', String(n), dev]);
+  const out = await runOk('sgdisk', ['-i', String(n), dev]);
   return {
     number: n,
     start: Number(/First sector: (\d+)/.exec(out)![1]),
@@ -74,9 +74,9 @@ async function withServer<T>(img: string, config: Array<[string, string]>, fn: (
 /** The filtered export's size and description equal the table's numbers, and its bytes equal dd's. */
 async function checkPartition(img: string, ss: number, p: Span, config: Array<[string, string]> = []): Promise<void> {
   const extracted = join(dir, `p${p.number}-${ss}-${Math.random().toString(36).slice(2)}.raw`);
-  await ok('dd', [`if=${img}`, `of=${extracted}`, `bs=${ss}`, `skip=${p.start}`, `count=${p.size}`, 'status=none']);
+  await runOk('dd', [`if=${img}`, `of=${extracted}`, `bs=${ss}`, `skip=${p.start}`, `count=${p.size}`, 'status=none']);
   await withServer(img, [['partition', String(p.number)], ...config], async (uri) => {
-    const info = JSON.parse(await ok('nbdinfo', ['--json', '--no-content', uri])).exports[0];
+    const info = JSON.parse(await runOk('nbdinfo', ['--json', '--no-content', uri])).exports[0];
     expect(info['export-size']).toBe(p.size * ss);
     expect(info.description).toContain(`partition ${p.number}`);
     expect(info.description).toContain(`offset ${p.start * ss}, ${p.size * ss} bytes, ${ss}-byte sectors`);
@@ -89,7 +89,7 @@ async function checkPartition(img: string, ss: number, p: Span, config: Array<[s
 
 /** Attach an image to a loop device with 4096-byte logical sectors, run fn, detach. */
 async function withLoop4k<T>(img: string, fn: (dev: string) => Promise<T>): Promise<T> {
-  const dev = (await ok('losetup', ['-f', '--show', '-b', '4096', img])).trim();
+  const dev = (await runOk('losetup', ['-f', '--show', '-b', '4096', img])).trim();
   try {
     return await fn(dev);
   } finally {
@@ -98,7 +98,7 @@ async function withLoop4k<T>(img: string, fn: (dev: string) => Promise<T>): Prom
 }
 
 async function canLoop(): Promise<boolean> {
-  if (!haveTool('losetup')) return false;
+  if (!needTools('losetup')) return false;
   const probe = join(tmpdir(), `nbdx-loop-probe-${process.pid}.img`);
   truncateSync((closeSync(openSync(probe, 'w')), probe), 1024 * 1024);
   const r = await run('losetup', ['-f', '--show', '-b', '4096', probe]);
@@ -132,7 +132,7 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
         'size=8192, type=82',
         'size=16384, type=83',
       ].join('\n');
-      await ok('sh', ['-c', `printf '%s\\n' "$0" | sfdisk -q "$1"`, script, img]);
+      await runOk('sh', ['-c', `printf '%s\\n' "$0" | sfdisk -q "$1"`, script, img]);
       const t = await sfdiskParts(img);
       parts = t.parts;
       expect(parts.map((p) => p.number)).toEqual([1, 2, 4, 5, 6, 7]);
@@ -145,7 +145,7 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
 
     it('the description names the partition', async () => {
       await withServer(img, [['partition', '6']], async (uri) => {
-        const info = JSON.parse(await ok('nbdinfo', ['--json', '--no-content', uri])).exports[0];
+        const info = JSON.parse(await runOk('nbdinfo', ['--json', '--no-content', uri])).exports[0];
         expect(info.description).toBe('partition 6 (MBR logical, type 0x82, offset 19922944, 4194304 bytes, 512-byte sectors)');
       });
     });
@@ -167,7 +167,7 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
     it('clear errors: the extended container, an empty entry, a missing logical partition', async () => {
       const other = join(dir, 'mbr-gaps.img');
       truncateSync((closeSync(openSync(other, 'w')), other), 16 * 1024 * 1024);
-      await ok('sh', ['-c', `printf 'label: dos\\nstart=2048, size=4096, type=83\\n' | sfdisk -q "$0"`, other]);
+      await runOk('sh', ['-c', `printf 'label: dos\\nstart=2048, size=4096, type=83\\n' | sfdisk -q "$0"`, other]);
       for (const [n, re] of [
         ['2', /partition 2 not found: MBR entry 2 is empty/],
         ['5', /partition 5 not found: this MBR disk has no extended partition/],
@@ -208,8 +208,8 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
     beforeAll(async () => {
       img = join(dir, 'gpt.img');
       truncateSync((closeSync(openSync(img, 'w')), img), 64 * 1024 * 1024);
-      await ok('sgdisk', ['-o', '-n', '1:2048:+8M', '-c', '1:EFI boot', '-t', '1:ef00', '-n', '2:0:+16M', '-c', '2:data', '-n', '3:0:0', img]);
-      expect(await ok('sgdisk', ['-p', img])).toMatch(/Partition table holds up to 128 entries/);
+      await runOk('sgdisk', ['-o', '-n', '1:2048:+8M', '-c', '1:EFI boot', '-t', '1:ef00', '-n', '2:0:+16M', '-c', '2:data', '-n', '3:0:0', img]);
+      expect(await runOk('sgdisk', ['-p', img])).toMatch(/Partition table holds up to 128 entries/);
     });
 
     it('offsets and sizes as sgdisk -i and sfdisk --json say; bytes as dd extracts', async () => {
@@ -226,7 +226,7 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
 
     it('the description carries the GPT name', async () => {
       await withServer(img, [['partition', '1']], async (uri) => {
-        const info = JSON.parse(await ok('nbdinfo', ['--json', '--no-content', uri])).exports[0];
+        const info = JSON.parse(await runOk('nbdinfo', ['--json', '--no-content', uri])).exports[0];
         expect(info.description).toMatch(/^partition 1 "EFI boot" \(GPT, type C12A7328-F81F-11D2-BA4B-00A0C93EC93B, offset 1048576, 8388608 bytes/);
       });
     });
@@ -261,8 +261,8 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
   it('GPT with the partition table moved (sgdisk -j 1024): the header is followed, not LBA 2', async () => {
     const img = join(dir, 'gpt-moved.img');
     truncateSync((closeSync(openSync(img, 'w')), img), 32 * 1024 * 1024);
-    await ok('sgdisk', ['-j', '1024', '-n', '1:0:+4M', '-c', '1:first', '-n', '2:0:+8M', '-c', '2:second', img]);
-    expect(await ok('sgdisk', ['-p', img])).toMatch(/Main partition table begins at sector 1024/);
+    await runOk('sgdisk', ['-j', '1024', '-n', '1:0:+4M', '-c', '1:first', '-n', '2:0:+8M', '-c', '2:second', img]);
+    expect(await runOk('sgdisk', ['-p', img])).toMatch(/Main partition table begins at sector 1024/);
     const spans = [await sgdiskInfo(img, 1), await sgdiskInfo(img, 2)];
     fill(img, 512, spans);
     // Garbage where the table normally is: a parser that assumed LBA 2 would fail.
@@ -283,8 +283,8 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
       const img = join(dir, 'gpt4k.img');
       truncateSync((closeSync(openSync(img, 'w')), img), 32 * 1024 * 1024);
       const spans = await withLoop4k(img, async (dev) => {
-        await ok('sgdisk', ['-o', '-n', '1:0:+4M', '-c', '1:four', '-n', '2:0:+8M', dev]);
-        expect(await ok('sgdisk', ['-p', dev])).toMatch(/Sector size \(logical\/physical\): 4096\/\d+ bytes/);
+        await runOk('sgdisk', ['-o', '-n', '1:0:+4M', '-c', '1:four', '-n', '2:0:+8M', dev]);
+        expect(await runOk('sgdisk', ['-p', dev])).toMatch(/Sector size \(logical\/physical\): 4096\/\d+ bytes/);
         const t = await sfdiskParts(dev);
         expect(t.ss).toBe(4096);
         const list = [await sgdiskInfo(dev, 1), await sgdiskInfo(dev, 2)];
@@ -308,7 +308,7 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
       const img = join(dir, 'mbr4k.img');
       truncateSync((closeSync(openSync(img, 'w')), img), 32 * 1024 * 1024);
       const t = await withLoop4k(img, async (dev) => {
-        await ok('sh', ['-c', `printf 'label: dos\\nstart=256, size=1024, type=83\\nsize=512, type=83\\nsize=4096, type=5\\nsize=512, type=83\\nsize=1024, type=83\\nsize=1024, type=83\\n' | sfdisk -q "$0"`, dev]);
+        await runOk('sh', ['-c', `printf 'label: dos\\nstart=256, size=1024, type=83\\nsize=512, type=83\\nsize=4096, type=5\\nsize=512, type=83\\nsize=1024, type=83\\nsize=1024, type=83\\n' | sfdisk -q "$0"`, dev]);
         return sfdiskParts(dev);
       });
       expect(t.ss).toBe(4096);
@@ -322,14 +322,13 @@ describe.skipIf(!tools)('partition filter on images made by sfdisk and sgdisk', 
   });
 
   it('under the nbdx CLI: --filter=partition file IMG partition=N', async (ctx) => {
-    const bin = new URL('../../nbdx/dist/bin.js', import.meta.url).pathname;
-    if (!existsSync(bin) && process.env.CI !== 'true') return ctx.skip();
+    if (!needNbdx()) return ctx.skip();
     const img = join(dir, 'cli.img');
     truncateSync((closeSync(openSync(img, 'w')), img), 16 * 1024 * 1024);
-    await ok('sgdisk', ['-n', '1:0:+4M', '-c', '1:alpha', '-n', '2:0:+2M', '-c', '2:beta', img]);
+    await runOk('sgdisk', ['-n', '1:0:+4M', '-c', '1:alpha', '-n', '2:0:+2M', '-c', '2:beta', img]);
     const p2 = await sgdiskInfo(img, 2);
     const r = await run(process.execPath, [
-      bin, '-r', '-U', '-', '--filter=partition', 'file', img, 'partition=2',
+      nbdxBin(), '-r', '-U', '-', '--filter=partition', 'file', img, 'partition=2',
       '--run', 'nbdinfo --json --no-content "$uri"',
     ]);
     expect(r.code, r.stderr).toBe(0);
