@@ -31,6 +31,11 @@ import type { ReplyWriter } from './reply-writer.js';
 import type { ProtocolSettings } from './settings.js';
 import type { SocketReader } from './socket-reader.js';
 
+/**
+ * READ data starts this far into its reply buffer, with the reply header just before it: copying
+ * into a cache-line-aligned destination is about twice as fast as into one at offset 16 or 28.
+ */
+const DATA_ALIGN = 64;
 /** Holes smaller than this are sent as zero bytes: a hole chunk would cost more than it saves. */
 const MIN_HOLE_CHUNK = 4096;
 /** WRITE payload still missing beyond which it is read straight into its buffer. */
@@ -383,22 +388,23 @@ export class Transmission {
     const len = req.length;
     if (!this.structured) {
       // One buffer for header and data: the plugin fills the data in place.
-      const b = bufferPool.get(C.SIMPLE_REPLY_SIZE + len);
-      const data = b.subarray(C.SIMPLE_REPLY_SIZE);
+      const b = bufferPool.get(DATA_ALIGN + len);
+      const data = b.subarray(DATA_ALIGN);
       try {
         fillHoles(data, await this.ctx.pread(data, req.offset, 0));
       } catch (err) {
         bufferPool.put(b);
         return this.replyError(req, err);
       }
-      writeSimpleReplyHeader(b, 0, 0, req.cookie);
-      this.writer.pushThen(b, () => bufferPool.put(b));
+      const reply = b.subarray(DATA_ALIGN - C.SIMPLE_REPLY_SIZE);
+      writeSimpleReplyHeader(reply, 0, 0, req.cookie);
+      this.writer.pushThen(reply, () => bufferPool.put(b));
       return;
     }
     const hs = chunkHeaderSize(this.extended);
     const prefix = hs + 8;
-    const b = bufferPool.get(prefix + len);
-    const data = b.subarray(prefix);
+    const b = bufferPool.get(DATA_ALIGN + len);
+    const data = b.subarray(DATA_ALIGN);
     let result: ReadResult;
     try {
       result = await this.ctx.pread(data, req.offset, 0);
@@ -409,9 +415,10 @@ export class Transmission {
     const holes = result && result.length ? bigHoles(data, result) : null;
     if (!holes || holes.length === 0 || req.flags & C.CMD_FLAG_DF) {
       if (result && result.length) fillHoles(data, result);
-      writeChunkHeader(b, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + len);
-      writeU64(b, req.offset, hs);
-      this.writer.pushThen(b, () => bufferPool.put(b));
+      const reply = b.subarray(DATA_ALIGN - prefix);
+      writeChunkHeader(reply, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + len);
+      writeU64(reply, req.offset, hs);
+      this.writer.pushThen(reply, () => bufferPool.put(b));
       return;
     }
     // Data and hole chunks in order; the last one carries DONE.
