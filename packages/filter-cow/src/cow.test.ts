@@ -1,14 +1,13 @@
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 import { createHash, randomBytes } from 'node:crypto';
 import { NbdClient, NbdRequestError } from '@nbdx/client';
 import { definePlugin, type Extent } from '@nbdx/server/api';
 import { serve, type ServeOptions } from '@nbdx/server';
+import { nbdinfoMap, nbdxBin, needTools, qemuImgMap, qemuIo, removeDir, run, runOk, tmpDir } from '@nbdx/testkit';
 import { createCowFilter, parseBlockSize, parseCopyOnRead } from './index.js';
 import { HOLE_ZERO, createLayoutPlugin, createReadOnlyFilePlugin } from './fixtures.test-helper.js';
-import { haveTool, ok, run } from './tools.test-helper.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -34,10 +33,10 @@ afterEach(async () => {
 
 let dir: string;
 beforeAll(() => {
-  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-cow-test-'));
+  dir = tmpDir('nbdx-cow-test-');
 });
 afterAll(() => {
-  fs.rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
 
 /** A file of random data with some zero runs, written once. */
@@ -51,7 +50,7 @@ function makeImage(name: string, size: number, seed: number): string {
 
 describe('cow over a read-only file', () => {
   it('qemu-img convert writes through the overlay, qemu-img compare sees the new data, the file is unchanged', async () => {
-    if (!haveTool('qemu-img')) return;
+    if (!needTools('qemu-img')) return;
     const base = makeImage('base.img', 6 * MiB + 512, 1);
     const src = makeImage('src.img', 6 * MiB + 512, 2);
     const before = sha(fs.readFileSync(base));
@@ -64,7 +63,7 @@ describe('cow over a read-only file', () => {
 
     const { plugin: below, stats } = createReadOnlyFilePlugin(base);
     const s = await start({ plugin: below, filters: [createCowFilter()] });
-    await ok('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, s.uri], 60_000);
+    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, s.uri], { timeout: 60_000 });
     const cmp = await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, s.uri]);
     expect(cmp.stdout + cmp.stderr).toMatch(/Images are identical/);
     expect(cmp.code).toBe(0);
@@ -75,13 +74,13 @@ describe('cow over a read-only file', () => {
   });
 
   it('partial overwrite: bytes written land, every other byte still comes from the file (nbdcopy, qemu-io)', async () => {
-    if (!haveTool('qemu-io') || !haveTool('nbdcopy')) return;
+    if (!needTools('qemu-io', 'nbdcopy')) return;
     const base = makeImage('base2.img', 2 * MiB, 3);
     const { plugin, stats } = createReadOnlyFilePlugin(base);
     const s = await start({ plugin, filters: [createCowFilter()], config: [['cow-block-size', '4K']] });
-    await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0xab 1000 5000', '-c', 'write -z 70000 10000', s.uri]);
+    await qemuIo(s.uri, 'write -P 0xab 1000 5000', 'write -z 70000 10000');
     const out = path.join(dir, 'out.img');
-    await ok('nbdcopy', [s.uri, out]);
+    await runOk('nbdcopy', [s.uri, out]);
     const expected = fs.readFileSync(base);
     expected.fill(0xab, 1000, 6000);
     expected.fill(0, 70000, 80000);
@@ -90,11 +89,11 @@ describe('cow over a read-only file', () => {
   });
 
   it('with -r the export stays read-only and reads pass through', async () => {
-    if (!haveTool('qemu-img') || !haveTool('nbdinfo')) return;
+    if (!needTools('qemu-img', 'nbdinfo')) return;
     const base = makeImage('base3.img', 1 * MiB, 4);
     const { plugin } = createReadOnlyFilePlugin(base);
     const s = await start({ plugin, filters: [createCowFilter()], readonly: true });
-    const info = JSON.parse(await ok('nbdinfo', ['--json', s.uri])).exports[0];
+    const info = JSON.parse(await runOk('nbdinfo', ['--json', s.uri])).exports[0];
     expect(info.is_read_only).toBe(true);
     expect((await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', base, s.uri])).code).toBe(0);
     const c = await connect(s.uri);
@@ -105,9 +104,9 @@ describe('cow over a read-only file', () => {
 
 describe('cow over @nbdx/plugin-file', () => {
   it('a sparse image file: qemu-img convert + compare through the overlay, the file unchanged, -r too', async () => {
-    if (!haveTool('qemu-img')) return;
-    // The file plugin is another package of this repository: used from its build.
-    const { createFilePlugin } = await import('../../plugin-file/dist/index.js');
+    if (!needTools('qemu-img')) return;
+    // The file plugin is another package of this repository (a devDependency): used from its build.
+    const { createFilePlugin } = await import('@nbdx/plugin-file');
     const base = path.join(dir, 'sparse-base.img');
     fs.writeFileSync(base, '');
     fs.truncateSync(base, 8 * MiB);
@@ -119,7 +118,7 @@ describe('cow over @nbdx/plugin-file', () => {
     const src = makeImage('sparse-src.img', 8 * MiB, 6);
 
     const s = await start({ plugin: createFilePlugin(), filters: [createCowFilter()], config: [['file', base]] });
-    await ok('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, s.uri], 60_000);
+    await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, s.uri], { timeout: 60_000 });
     expect((await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', src, s.uri])).code).toBe(0);
     expect(sha(fs.readFileSync(base))).toBe(before);
     expect(fs.statSync(base).blocks * 512).toBeLessThan(2 * MiB); // still sparse: never written
@@ -177,7 +176,7 @@ describe('cow: concurrent writers', () => {
       }
       expect(sha(got)).toBe(sha(model));
     }
-    if (haveTool('qemu-img')) {
+    if (needTools('qemu-img')) {
       const modelFile = path.join(dir, `model-${io}.img`);
       fs.writeFileSync(modelFile, model);
       expect((await run('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', modelFile, s.uri])).code).toBe(0);
@@ -235,7 +234,7 @@ describe('cow: extents', () => {
   }
 
   it('qemu-img map through nbdx matches the model after writes, zeroes and trims', async () => {
-    if (!haveTool('qemu-img')) return;
+    if (!needTools('qemu-img')) return;
     const { plugin } = createLayoutPlugin(size, layout);
     const s = await start({ plugin, filters: [createCowFilter()] });
     const c = await connect(s.uri);
@@ -244,12 +243,7 @@ describe('cow: extents', () => {
       else if (kind === 'zero') await c.zero(len, off);
       else await c.trim(len, off);
     }
-    const raw = JSON.parse(await ok('qemu-img', ['map', '--output=json', '-f', 'raw', s.uri])) as Array<{
-      start: number;
-      length: number;
-      data: boolean;
-      zero: boolean;
-    }>;
+    const raw = await qemuImgMap('-f', 'raw', s.uri);
     const got: Array<[number, number, boolean, boolean]> = [];
     for (const e of raw) {
       const last = got[got.length - 1];
@@ -264,13 +258,13 @@ describe('cow: extents', () => {
   });
 
   it('nbdinfo --map agrees (HOLE|ZERO = 3, data = 0)', async () => {
-    if (!haveTool('nbdinfo')) return;
+    if (!needTools('nbdinfo')) return;
     const { plugin } = createLayoutPlugin(size, layout);
     const s = await start({ plugin, filters: [createCowFilter()] });
     const c = await connect(s.uri);
     await c.trim(128 * KiB, 0);
     await c.pwrite(Buffer.alloc(10, 1), 1 * MiB);
-    const map = JSON.parse(await ok('nbdinfo', ['--map', '--json', s.uri])) as Array<{ offset: number; length: number; type: number }>;
+    const map = await nbdinfoMap(s.uri);
     expect(map.map((e) => [e.offset, e.length, e.type])).toEqual([
       [0, 128 * KiB, 3],
       [128 * KiB, 384 * KiB, 0],
@@ -354,10 +348,10 @@ describe('cow: copy on read and on cache', () => {
 
 describe('cow: capabilities and commands', () => {
   it('advertises write, trim, zero, fast zero, flush, FUA, multi-conn, extents; nbdsh-level commands work', async () => {
-    if (!haveTool('nbdinfo')) return;
+    if (!needTools('nbdinfo')) return;
     const { plugin } = createLayoutPlugin(1 * MiB, [{ offset: 0, length: 1 * MiB, type: 0 }]);
     const s = await start({ plugin, filters: [createCowFilter()] });
-    const info = JSON.parse(await ok('nbdinfo', ['--json', s.uri])).exports[0];
+    const info = JSON.parse(await runOk('nbdinfo', ['--json', s.uri])).exports[0];
     expect(info).toMatchObject({
       is_read_only: false,
       can_trim: true,
@@ -418,8 +412,8 @@ describe('cow: capabilities and commands', () => {
 
 describe('cow over shared (--filter=cow --filter=shared)', () => {
   it('one read-only context below for every client, one overlay above it', async () => {
-    // The shared filter is another package of this repository: used from its build.
-    const { createSharedFilter } = await import('../../filter-shared/dist/index.js');
+    // The shared filter is another package of this repository (a devDependency): used from its build.
+    const { createSharedFilter } = await import('@nbdx/filter-shared');
     const { plugin, stats } = createLayoutPlugin(1 * MiB, [{ offset: 0, length: 1 * MiB, type: 0 }]);
     const s = await start({
       plugin,
@@ -432,8 +426,8 @@ describe('cow over shared (--filter=cow --filter=shared)', () => {
       for (let i = 0; i < cs.length; i++) expect((await c.pread(1000, i * 100_000 + 7)).every((x) => x === i + 1)).toBe(true);
     }
     expect(stats.opens).toEqual([{ readonly: true, exportName: '' }]);
-    if (haveTool('nbdinfo')) {
-      const info = JSON.parse(await ok('nbdinfo', ['--json', s.uri])).exports[0];
+    if (needTools('nbdinfo')) {
+      const info = JSON.parse(await runOk('nbdinfo', ['--json', s.uri])).exports[0];
       expect(info.is_read_only).toBe(false);
       expect(info.can_multi_conn).toBe(true);
     }
@@ -442,14 +436,13 @@ describe('cow over shared (--filter=cow --filter=shared)', () => {
 
 describe('cow from the command line', () => {
   it('nbdx --filter=cow --filter=shared file FILE --run (loaded by name)', async () => {
-    if (!haveTool('qemu-io') || !haveTool('nbdinfo')) return;
-    const bin = path.resolve(__dirname, '../../nbdx/dist/bin.js');
+    if (!needTools('qemu-io', 'nbdinfo')) return;
     const file = path.join(dir, 'cli.img');
     fs.writeFileSync(file, Buffer.alloc(1 * MiB, 0x22));
     const script =
       'qemu-io -f raw -c "write -P 0x11 4096 64k" "$uri" && qemu-io -f raw -c "read -P 0x11 4096 64k" ' +
       '-c "read -P 0x22 0 4096" "$uri" && nbdinfo --json "$uri"';
-    const r = await run(process.execPath, [bin, '-U', '-', '--filter=cow', '--filter=shared', 'file', file, 'shared-open=lazy', '--run', script]);
+    const r = await run(process.execPath, [nbdxBin(), '-U', '-', '--filter=cow', '--filter=shared', 'file', file, 'shared-open=lazy', '--run', script]);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     expect(r.stdout).not.toMatch(/Pattern verification failed/);

@@ -5,10 +5,8 @@ import { serve, type ServeOptions } from '@nbdx/server';
 import { createSharedFilter } from './index.js';
 import { isFatal, retires } from './policy.js';
 import { createRecordingPlugin } from './fixtures.test-helper.js';
-import { haveTool, ok, run, toolEnv } from './tools.test-helper.js';
-import { spawn } from 'node:child_process';
+import { exportUri, nbdxBin, needTools, qemuIo, removeDir, run, runOk, startNbdkit, tmpDir } from '@nbdx/testkit';
 import * as fs from 'node:fs';
-import * as os from 'node:os';
 import * as path from 'node:path';
 
 type Server = Awaited<ReturnType<typeof serve>>;
@@ -92,21 +90,21 @@ describe('shared: one context for every connection', () => {
   });
 
   it('nbdinfo shows can_multi_conn through the filter', async () => {
-    if (!haveTool('nbdinfo')) return;
+    if (!needTools('nbdinfo')) return;
     const { plugin } = createRecordingPlugin();
     const s = await start({ plugin, filters: [createSharedFilter()] });
-    const info = JSON.parse(await ok('nbdinfo', ['--json', s.uri]));
+    const info = JSON.parse(await runOk('nbdinfo', ['--json', s.uri]));
     const exp = info.exports[0];
     expect(exp.can_multi_conn).toBe(true);
     expect(exp.is_read_only).toBe(false);
   });
 
   it('qemu-io writes through one connection and reads back through another (real tool)', async () => {
-    if (!haveTool('qemu-io')) return;
+    if (!needTools('qemu-io')) return;
     const { plugin, rec } = createRecordingPlugin();
     const s = await start({ plugin, filters: [createSharedFilter()] });
-    await ok('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 4096 8192', s.uri]);
-    const out = await ok('qemu-io', ['-f', 'raw', '-c', 'read -P 0x5a 4096 8192', s.uri]);
+    await qemuIo(s.uri, 'write -P 0x5a 4096 8192');
+    const out = await qemuIo(s.uri, 'read -P 0x5a 4096 8192');
     expect(out).not.toMatch(/fail|error|verification/i);
     expect(rec.opens).toHaveLength(1);
   });
@@ -163,12 +161,12 @@ describe('shared: exports', () => {
   });
 
   it('without shared-export the default export is shared (nbdinfo --list)', async () => {
-    if (!haveTool('nbdinfo')) return;
+    if (!needTools('nbdinfo')) return;
     const { plugin, rec } = createRecordingPlugin({ exports: ['first', 'second'] });
     const s = await start({ plugin, filters: [createSharedFilter()] });
-    const listed = JSON.parse(await ok('nbdinfo', ['--list', '--json', s.uri]));
+    const listed = JSON.parse(await runOk('nbdinfo', ['--list', '--json', s.uri]));
     expect(listed.exports.map((e: { 'export-name': string }) => e['export-name'])).toEqual(['first']);
-    const r = await run('nbdinfo', ['--size', s.uri.replace('nbd+unix:///', 'nbd+unix:///second')]);
+    const r = await run('nbdinfo', ['--size', exportUri(s.uri, 'second')]);
     expect(r.code).not.toBe(0);
     expect(rec.opens.map((o) => o.exportName)).toEqual(['first']);
   });
@@ -345,16 +343,14 @@ describe('shared: failures and reopening', () => {
 
 describe('shared: over the nbd plugin, when the upstream goes away', () => {
   it('clients of the dead upstream get errors; once it is back, the next connection reopens', async () => {
-    if (!haveTool('nbdkit')) return;
-    // The nbd plugin is another package of this repository: used from its build.
-    const { createNbdPlugin } = await import('../../plugin-nbd/dist/index.js');
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-shared-test-'));
+    if (!needTools('nbdkit')) return;
+    // The nbd plugin is another package of this repository, used from its build. It is not a
+    // devDependency of this package: @nbdx/plugin-nbd's tests devDepend on this filter, and the
+    // workspace graph may not have a cycle; it comes from the root package.json's devDependencies.
+    const { createNbdPlugin } = await import('@nbdx/plugin-nbd');
+    const dir = tmpDir('nbdx-shared-test-');
     const sock = path.join(dir, 'upstream.sock');
-    const upstream = async () => {
-      const p = spawn('nbdkit', ['-f', '-U', sock, 'memory', '1M'], { env: toolEnv, stdio: 'ignore' });
-      for (let i = 0; i < 200 && !fs.existsSync(sock); i++) await new Promise((r) => setTimeout(r, 10));
-      return p;
-    };
+    const upstream = () => startNbdkit(dir, ['memory', '1M'], sock);
     let nbdkit = await upstream();
     try {
       const s = await start({
@@ -366,9 +362,7 @@ describe('shared: over the nbd plugin, when the upstream goes away', () => {
       await a.pwrite(pattern(4096, 1), 0);
       expect(Buffer.compare(await a.pread(4096, 0), pattern(4096, 1))).toBe(0);
 
-      const gone = new Promise((r) => nbdkit.once('exit', r));
-      nbdkit.kill('SIGKILL');
-      await gone;
+      await nbdkit.kill('SIGKILL');
       fs.rmSync(sock, { force: true });
       const err = (await a.pread(4096, 0).catch((e) => e)) as NbdRequestError;
       expect(err).toBeInstanceOf(NbdRequestError);
@@ -382,18 +376,17 @@ describe('shared: over the nbd plugin, when the upstream goes away', () => {
       expect(Buffer.compare(await c.pread(4096, 0), pattern(4096, 2))).toBe(0);
       await Promise.all([b.disconnect(), c.disconnect()]);
     } finally {
-      nbdkit.kill('SIGKILL');
-      fs.rmSync(dir, { recursive: true, force: true });
+      await nbdkit.kill('SIGKILL');
+      removeDir(dir);
     }
   });
 });
 
 describe('shared from the command line', () => {
   it('nbdx --filter=shared memory 1M --run (loaded by name)', async () => {
-    if (!haveTool('qemu-io')) return;
-    const bin = path.resolve(__dirname, '../../nbdx/dist/bin.js');
+    if (!needTools('qemu-io')) return;
     const script = 'qemu-io -f raw -c "write -P 0x33 0 64k" "$uri" && qemu-io -f raw -c "read -P 0x33 0 64k" "$uri"';
-    const r = await run(process.execPath, [bin, '-U', '-', '--filter=shared', 'memory', '1M', 'shared-open=lazy', '--run', script]);
+    const r = await run(process.execPath, [nbdxBin(), '-U', '-', '--filter=shared', 'memory', '1M', 'shared-open=lazy', '--run', script]);
     expect(r.stderr).toBe('');
     expect(r.code).toBe(0);
     expect(r.stdout).toMatch(/read 65536\/65536 bytes/);
