@@ -4,15 +4,26 @@
  * clients once the upstream is back. Also retry= and timeout= against upstreams that are not there
  * (yet) or never answer.
  */
-import { spawn } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NbdClient, NbdRequestError } from '@nbdx/client';
 import { Errno } from '@nbdx/server/api';
-import { TOOL_ENV, nbdxBin, needTools, run, runOk, startCli, tmpDir, type CliServer } from '@nbdx/testkit';
-import { startNbdkit, unixUri, type Peer } from './peers.test-helper.js';
+import {
+  nbdxBin,
+  needTools,
+  run,
+  runOk,
+  spawnTool,
+  startCli,
+  startNbdkit,
+  tmpDir,
+  unixUri,
+  type BackgroundTool,
+  type CliServer,
+  type Peer,
+} from '@nbdx/testkit';
 
 const HAVE = needTools('nbdkit', 'nbdcopy', 'nbdinfo');
 
@@ -34,13 +45,11 @@ async function cli(args: string[]): Promise<CliServer> {
   return c;
 }
 
-/** nbdcopy from `uri` to null: (a slow upstream makes it take seconds). Resolves with its exit time. */
-function nbdcopyOut(uri: string): { done: Promise<{ code: number | null; at: number; stderr: string }> } {
-  const child = spawn('nbdcopy', ['--requests=16', uri, 'null:'], { env: TOOL_ENV, stdio: ['ignore', 'ignore', 'pipe'] });
-  cleanups.push(() => child.exitCode === null && child.kill('SIGKILL'));
-  let stderr = '';
-  child.stderr!.on('data', (d) => (stderr += d));
-  return { done: new Promise((resolve) => child.on('exit', (code) => resolve({ code, at: Date.now(), stderr }))) };
+/** nbdcopy from `uri` to null: (a slow upstream makes it take seconds). `done` has its exit time. */
+function nbdcopyOut(uri: string): BackgroundTool {
+  const copy = spawnTool('nbdcopy', ['--requests=16', uri, 'null:']);
+  cleanups.push(() => copy.kill());
+  return copy;
 }
 
 /** Reads, 16 in flight, until one fails; resolves with that failure's errno and time. */

@@ -6,10 +6,20 @@ import { createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { describeConformance, needTools, run, runOk, servePlugin, tmpDir, type TestServer } from '@nbdx/testkit';
+import {
+  describeConformance,
+  exportUri,
+  needTools,
+  run,
+  runOk,
+  servePlugin,
+  startNbdkit,
+  tmpDir,
+  type Peer,
+  type TestServer,
+} from '@nbdx/testkit';
 import { NbdClient, NbdOptionError } from '@nbdx/client';
 import { createNbdPlugin } from './index.js';
-import { startNbdkit, unixUri, type Peer } from './peers.test-helper.js';
 
 const HAVE = needTools('nbdkit', 'nbdinfo', 'nbdcopy');
 
@@ -93,13 +103,13 @@ describe.skipIf(!HAVE)('dynamic-export in front of nbdkit file dir= (several exp
   it('serves each export with its own content (nbdcopy, sha256)', async () => {
     for (const [name, data] of Object.entries(files)) {
       const out = path.join(dir, `out-${name}`);
-      await runOk('nbdcopy', [unixUri(proxy.uri.split('socket=')[1]!, name), out]);
+      await runOk('nbdcopy', [exportUri(proxy.uri, name), out]);
       expect(sha256(fs.readFileSync(out)), name).toBe(sha256(data));
     }
   });
 
   it('writes go to the export the client named', async () => {
-    const uri = unixUri(proxy.uri.split('socket=')[1]!, 'beta.img');
+    const uri = exportUri(proxy.uri, 'beta.img');
     const data = randomBytes(65536);
     const src = path.join(dir, 'patch');
     fs.writeFileSync(src, Buffer.concat([data, files['beta.img']!.subarray(65536)]));
@@ -118,7 +128,7 @@ describe.skipIf(!HAVE)('dynamic-export in front of nbdkit file dir= (several exp
   });
 
   it('an export the upstream does not have is refused in the handshake', async () => {
-    const r = await run('nbdinfo', [unixUri(proxy.uri.split('socket=')[1]!, 'nope')]);
+    const r = await run('nbdinfo', [exportUri(proxy.uri, 'nope')]);
     expect(r.code).not.toBe(0);
     expect(r.stderr).toMatch(/for export: nope/);
     const err = await NbdClient.connect(proxy.uri, { exportName: 'nope' }).catch((e: NbdOptionError) => e);

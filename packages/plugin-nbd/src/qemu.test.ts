@@ -6,9 +6,19 @@ import { createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { needTools, runOk, servePlugin, tmpDir, type TestServer } from '@nbdx/testkit';
+import {
+  needTools,
+  qemuImgMap,
+  runOk,
+  servePlugin,
+  startNbdkit,
+  startQemuNbd,
+  tmpDir,
+  type Peer,
+  type QemuImgMapEntry,
+  type TestServer,
+} from '@nbdx/testkit';
 import { createNbdPlugin } from './index.js';
-import { startNbdkit, startQemuNbd, type Peer } from './peers.test-helper.js';
 
 const HAVE = needTools('qemu-img', 'qemu-io', 'qemu-nbd', 'nbdcopy', 'nbdkit', 'nbdinfo');
 const MiB = 1024 * 1024;
@@ -17,18 +27,8 @@ function sha256(file: string): string {
   return createHash('sha256').update(fs.readFileSync(file)).digest('hex');
 }
 
-interface MapEntry {
-  start: number;
-  length: number;
-  data: boolean;
-  zero: boolean;
-  present?: boolean;
-  offset?: number;
-  depth?: number;
-}
-
 /** Only what the guest sees: ranges of (data, zero), neighbours merged. */
-function guestView(map: MapEntry[]): Array<[number, number, boolean, boolean]> {
+function guestView(map: QemuImgMapEntry[]): Array<[number, number, boolean, boolean]> {
   const out: Array<[number, number, boolean, boolean]> = [];
   for (const e of map) {
     const last = out[out.length - 1];
@@ -39,9 +39,7 @@ function guestView(map: MapEntry[]): Array<[number, number, boolean, boolean]> {
 }
 
 /** `qemu-img map`; -U reads an image qemu-nbd holds open. */
-async function qemuMap(target: string, shared = false): Promise<MapEntry[]> {
-  return JSON.parse(await runOk('qemu-img', ['map', ...(shared ? ['-U'] : []), '--output=json', target])) as MapEntry[];
-}
+const qemuMap = (target: string, shared = false) => qemuImgMap(...(shared ? ['-U'] : []), target);
 
 describe.skipIf(!HAVE)('in front of qemu-nbd (qcow2 with holes)', () => {
   let dir: string;
