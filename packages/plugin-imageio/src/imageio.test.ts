@@ -5,17 +5,16 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { serve } from '@nbdx/server';
 import { createImageioPlugin } from './index.js';
 import { TestImageioServer, type TestServerOptions } from './test-server.js';
-import { makeCerts, nbdsh, needTools, run, runOk, tmpDir, type TestCerts } from './test-tools.js';
+import { NBDSH_HELPERS, nbdinfoMap, nbdshOk, nbdxBin, needNbdx, needTools, removeDir, run, runOk, tmpDir } from '@nbdx/testkit';
+import { makeCerts, type TestCerts } from './test-tools.js';
 
 const have = needTools('nbdsh', 'nbdinfo', 'qemu-img', 'nbdcopy', 'openssl');
 const MiB = 1024 * 1024;
-const NBDX_BIN = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../nbdx/dist/bin.js');
-const haveCli = fs.existsSync(NBDX_BIN) || process.env.CI === 'true';
+const haveCli = needNbdx();
 
 type Nbd = Awaited<ReturnType<typeof serve>>;
 const cleanups: (() => Promise<void> | void)[] = [];
@@ -25,11 +24,22 @@ afterEach(async () => {
 
 let dir: string;
 beforeAll(() => {
-  dir = tmpDir();
+  dir = tmpDir('nbdx-imageio-');
 });
 afterAll(() => {
-  fs.rmSync(dir, { recursive: true, force: true });
+  removeDir(dir);
 });
+
+/**
+ * Run a Python script in nbdsh connected to `uri`, with testkit's NBDSH_HELPERS: `expect_err(name, f)`
+ * checks that f() fails with that errno; `wait_all()` waits for every aio command. Fails unless the
+ * script runs to its end.
+ */
+async function nbdsh(uri: string, body: string): Promise<string> {
+  const out = await nbdshOk(uri, `${NBDSH_HELPERS}${body}\nprint("done")\n`);
+  if (!out.includes('done')) throw new Error(`nbdsh script did not finish:\n${out}`);
+  return out;
+}
 
 async function startImageio(options: TestServerOptions): Promise<TestImageioServer> {
   const srv = await TestImageioServer.start(options);
@@ -72,17 +82,6 @@ function makeSourceImage(size: number): { raw: string; qcow2: Promise<string>; b
   return { raw, bytes, dataRanges, qcow2: runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'qcow2', raw, qcow2]).then(() => qcow2) };
 }
 
-interface MapEntry {
-  offset: number;
-  length: number;
-  type: number;
-  description: string;
-}
-
-async function nbdMap(uri: string): Promise<MapEntry[]> {
-  return JSON.parse(await runOk('nbdinfo', ['--map', '--json', uri])) as MapEntry[];
-}
-
 describe.skipIf(!have)('imageio plugin end to end', () => {
   it('qemu-img convert into it, qemu-img compare equal, nbdinfo --map shows the extents', async () => {
     const size = 32 * MiB;
@@ -107,7 +106,7 @@ describe.skipIf(!have)('imageio plugin end to end', () => {
     // qemu-img flushes at the end: nothing is left unflushed on any connection
     expect(srv.dirtyConnections()).toEqual([]);
 
-    const map = await nbdMap(nbd.uri);
+    const map = await nbdinfoMap(nbd.uri);
     const covered = map.reduce((n, e) => n + e.length, 0);
     expect(covered).toBe(size);
     const typeAt = (off: number) => map.find((e) => e.offset <= off && off < e.offset + e.length)!.type;
@@ -377,8 +376,8 @@ assert h.pread(4096, 0) == b"x" * 4096
     const nbd = await startNbd([['url', srv.url]]);
     const fetches = () => srv.requests.filter((r) => r.url.endsWith('/extents')).length;
     expect(fetches()).toBe(1); // at start-up, for the size
-    let map = await nbdMap(nbd.uri);
-    map = await nbdMap(nbd.uri);
+    let map = await nbdinfoMap(nbd.uri);
+    map = await nbdinfoMap(nbd.uri);
     expect(fetches()).toBe(1);
     expect(map.map((e) => [e.offset, e.length, e.type])).toEqual([
       [0, MiB, 2],
@@ -386,11 +385,11 @@ assert h.pread(4096, 0) == b"x" * 4096
       [2 * MiB, 6 * MiB, 2],
     ]);
     await nbdsh(nbd.uri, 'h.pwrite(b"d" * 65536, 4 * 1024 * 1024)');
-    map = await nbdMap(nbd.uri);
+    map = await nbdinfoMap(nbd.uri);
     expect(fetches()).toBe(2);
     expect(map.find((e) => e.offset === 4 * MiB)).toMatchObject({ length: 65536, type: 0 });
     await nbdsh(nbd.uri, 'h.zero(1024 * 1024, 1024 * 1024)');
-    map = await nbdMap(nbd.uri);
+    map = await nbdinfoMap(nbd.uri);
     expect(fetches()).toBe(3);
     expect(map[0]).toEqual({ offset: 0, length: 4 * MiB, type: 2, description: 'zero' });
   });
@@ -472,7 +471,7 @@ describe.skipIf(!have || !haveCli)('imageio plugin: the nbdx command', () => {
     const src = makeSourceImage(size);
     const qcow2 = await src.qcow2;
     const r = await run(process.execPath, [
-      NBDX_BIN,
+      nbdxBin(),
       '-U',
       '-',
       'imageio',
