@@ -1,7 +1,8 @@
 import { writeFileSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { allocatedBlocks, haveTool, isRoot, nbdsh, ok, run, serveFile, tempDir } from './test-support.js';
+import { hasTool, nbdshOk, removeDir, run, runOk, tmpDir } from '@nbdx/testkit';
+import { allocatedBlocks, isRoot, serveFile } from './test-support.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 32 * MiB;
@@ -16,15 +17,15 @@ const attempt = (call: string) =>
  * the reason is printed.
  */
 describe('a block device (loop device)', () => {
-  const tmp = tempDir();
-  const backing = join(tmp.path, 'backing.img');
+  const tmp = tmpDir('nbdx-file-');
+  const backing = join(tmp, 'backing.img');
   let device = '';
   let why = '';
   let server: Awaited<ReturnType<typeof serveFile>> | undefined;
 
   beforeAll(async () => {
     if (!isRoot) why = 'needs root';
-    else if (!haveTool('losetup') || !haveTool('nbdsh') || !haveTool('nbdinfo')) why = 'needs losetup, nbdsh, nbdinfo';
+    else if (!hasTool('losetup') || !hasTool('nbdsh') || !hasTool('nbdinfo')) why = 'needs losetup, nbdsh, nbdinfo';
     else {
       writeFileSync(backing, '');
       truncateSync(backing, SIZE);
@@ -40,13 +41,13 @@ describe('a block device (loop device)', () => {
   afterAll(async () => {
     await server?.close();
     if (device) await run('losetup', ['-d', device]);
-    tmp.remove();
+    removeDir(tmp);
   });
 
   it('has the size of the device and serves data that lands in the backing file', async (ctx) => {
     if (why) ctx.skip();
-    expect(await ok('nbdinfo', ['--size', server!.uri])).toBe(`${SIZE}\n`);
-    const out = await nbdsh(
+    expect(await runOk('nbdinfo', ['--size', server!.uri])).toBe(`${SIZE}\n`);
+    const out = await nbdshOk(
       server!.uri,
       [`h.pwrite(b"\\x77" * ${MiB}, ${4 * MiB}, nbd.CMD_FLAG_FUA)`, `print(h.pread(4, ${5 * MiB - 4}) == b"\\x77" * 4)`].join('\n'),
     );
@@ -56,7 +57,7 @@ describe('a block device (loop device)', () => {
 
   it('trims (BLKDISCARD), zeroes with and without NO_HOLE, and answers FAST_ZERO without MAY_TRIM with ENOTSUP', async (ctx) => {
     if (why) ctx.skip();
-    const out = await nbdsh(
+    const out = await nbdshOk(
       server!.uri,
       [
         `h.pwrite(b"\\x66" * ${8 * MiB}, ${8 * MiB})`,

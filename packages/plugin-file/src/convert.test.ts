@@ -2,11 +2,12 @@ import { createHash, randomBytes } from 'node:crypto';
 import { closeSync, existsSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ok, run, serveFile, tempDir, tools } from './test-support.js';
+import { needTools, removeDir, run, runOk, tmpDir } from '@nbdx/testkit';
+import { serveFile } from './test-support.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 24 * MiB;
-const hasTools = tools('qemu-img', 'nbdcopy');
+const hasTools = needTools('qemu-img', 'nbdcopy');
 
 const sha256 = (path: string) => createHash('sha256').update(readFileSync(path)).digest('hex');
 
@@ -32,9 +33,9 @@ const variants: [boolean, string | undefined][] = [
 ];
 for (const [native, base] of variants) {
   describe.skipIf(!hasTools)(`round trips ${native ? 'with' : 'without'} the addon in ${base ?? 'the temp dir'}`, () => {
-    const tmp = tempDir(base);
-    const src = join(tmp.path, 'src.img');
-    const target = join(tmp.path, 'target.img');
+    const tmp = tmpDir('nbdx-file-', base);
+    const src = join(tmp, 'src.img');
+    const target = join(tmp, 'target.img');
     let server: Awaited<ReturnType<typeof serveFile>>;
 
     beforeAll(async () => {
@@ -44,33 +45,33 @@ for (const [native, base] of variants) {
     });
     afterAll(async () => {
       await server?.close();
-      tmp.remove();
+      removeDir(tmp);
     });
 
     it('qemu-img convert into nbdx and back gives the same bytes', async () => {
-      await ok('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, server.uri]);
+      await runOk('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'raw', src, server.uri]);
       expect(sha256(target)).toBe(sha256(src));
-      const back = join(tmp.path, 'back-qemu.img');
-      await ok('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', server.uri, back]);
+      const back = join(tmp, 'back-qemu.img');
+      await runOk('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', server.uri, back]);
       expect(sha256(back)).toBe(sha256(src));
     });
 
     it('nbdcopy into nbdx (over old contents) and back gives the same bytes', async () => {
       writeFileSync(target, Buffer.alloc(SIZE, 0xff)); // the holes of src must be written as zeroes
-      await ok('nbdcopy', ['--flush', src, server.uri]);
+      await runOk('nbdcopy', ['--flush', src, server.uri]);
       expect(sha256(target)).toBe(sha256(src));
-      const back = join(tmp.path, 'back-nbdcopy.img');
-      await ok('nbdcopy', [server.uri, back]);
+      const back = join(tmp, 'back-nbdcopy.img');
+      await runOk('nbdcopy', [server.uri, back]);
       expect(sha256(back)).toBe(sha256(src));
     });
   });
 }
 
 describe.skipIf(!hasTools)('a read-only server', () => {
-  const tmp = tempDir();
-  const src = join(tmp.path, 'src.img');
-  const target = join(tmp.path, 'target.img');
-  afterAll(() => tmp.remove());
+  const tmp = tmpDir('nbdx-file-');
+  const src = join(tmp, 'src.img');
+  const target = join(tmp, 'target.img');
+  afterAll(() => removeDir(tmp));
 
   it('refuses a copy into it and leaves the file alone', async () => {
     makeSource(src);

@@ -2,13 +2,13 @@ import { createHash } from 'node:crypto';
 import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { nbdsh, ok, run, serveFile, tempDir, tools, withExport } from './test-support.js';
+import { exportUri, nbdshOk, needTools, removeDir, run, runOk, socketOf, tmpDir } from '@nbdx/testkit';
+import { serveFile } from './test-support.js';
 
 const MiB = 1024 * 1024;
-const hasTools = tools('nbdinfo', 'nbdsh', 'mkfifo');
+const hasTools = needTools('nbdinfo', 'nbdsh', 'mkfifo');
 
 const sha256 = (b: Buffer) => createHash('sha256').update(b).digest('hex');
-const socketOf = (uri: string) => new URL(uri).searchParams.get('socket')!;
 
 /** Python: connect to `name` on the server's socket, print its size or the error. */
 function connectTo(uri: string, name: string): string {
@@ -25,8 +25,8 @@ function connectTo(uri: string, name: string): string {
 }
 
 describe.skipIf(!hasTools)('dir= mode', () => {
-  const tmp = tempDir();
-  const dir = join(tmp.path, 'exports');
+  const tmp = tmpDir('nbdx-file-');
+  const dir = join(tmp, 'exports');
   const files: Record<string, Buffer> = {
     'a.img': Buffer.alloc(1 * MiB, 0x61),
     'b.img': Buffer.alloc(2 * MiB, 0x62),
@@ -37,21 +37,21 @@ describe.skipIf(!hasTools)('dir= mode', () => {
   beforeAll(async () => {
     mkdirSync(dir);
     for (const [name, data] of Object.entries(files)) writeFileSync(join(dir, name), data);
-    writeFileSync(join(tmp.path, 'x'), Buffer.alloc(3 * MiB, 0x78)); // outside the directory
+    writeFileSync(join(tmp, 'x'), Buffer.alloc(3 * MiB, 0x78)); // outside the directory
     mkdirSync(join(dir, 'sub'));
     writeFileSync(join(dir, 'sub', 'inner.img'), Buffer.alloc(4096));
     symlinkSync('a.img', join(dir, 'link.img'));
     symlinkSync('missing.img', join(dir, 'dangling.img'));
-    await ok('mkfifo', [join(dir, 'pipe')]);
+    await runOk('mkfifo', [join(dir, 'pipe')]);
     server = await serveFile([['dir', dir]]);
   });
   afterAll(async () => {
     await server?.close();
-    tmp.remove();
+    removeDir(tmp);
   });
 
   it('nbdinfo --list shows every regular file (and links to one), nothing else', async () => {
-    const listed = JSON.parse(await ok('nbdinfo', ['--list', '--json', server.uri])) as {
+    const listed = JSON.parse(await runOk('nbdinfo', ['--list', '--json', server.uri])) as {
       exports: { 'export-name': string; 'export-size': number }[];
     };
     const names = listed.exports.map((e) => e['export-name']).sort();
@@ -63,8 +63,8 @@ describe.skipIf(!hasTools)('dir= mode', () => {
 
   it('each export serves its own file', async () => {
     for (const [name, data] of Object.entries(files)) {
-      const out = await nbdsh(
-        withExport(server.uri, name),
+      const out = await nbdshOk(
+        exportUri(server.uri, name),
         'import hashlib\nprint(h.get_size(), hashlib.sha256(h.pread(h.get_size(), 0)).hexdigest())',
       );
       expect(out.trim()).toBe(`${data.length} ${sha256(data)}`);
@@ -72,7 +72,7 @@ describe.skipIf(!hasTools)('dir= mode', () => {
   });
 
   it('a write to one export lands in that file only', async () => {
-    await nbdsh(withExport(server.uri, 'b.img'), 'h.pwrite(b"hello", 4096)\nh.flush()');
+    await nbdshOk(exportUri(server.uri, 'b.img'), 'h.pwrite(b"hello", 4096)\nh.flush()');
     const b = readFileSync(join(dir, 'b.img'));
     expect(b.subarray(4096, 4101).toString()).toBe('hello');
     expect(sha256(readFileSync(join(dir, 'a.img')))).toBe(sha256(files['a.img']!));
@@ -80,16 +80,16 @@ describe.skipIf(!hasTools)('dir= mode', () => {
 
   it('refuses names that leave the directory or are not files: ../x, .., a/b, sub, pipe, missing', async () => {
     for (const name of ['../x', '..', '.', 'sub/inner.img', 'sub', 'pipe', 'dangling.img', 'nope.img']) {
-      expect([name, (await ok('nbdsh', ['-c', connectTo(server.uri, name)])).trim()]).toEqual([name, 'refused']);
+      expect([name, (await runOk('nbdsh', ['-c', connectTo(server.uri, name)])).trim()]).toEqual([name, 'refused']);
     }
     // and the server still serves afterwards
-    expect((await ok('nbdsh', ['-c', connectTo(server.uri, 'a.img')])).trim()).toBe(String(MiB));
+    expect((await runOk('nbdsh', ['-c', connectTo(server.uri, 'a.img')])).trim()).toBe(String(MiB));
   });
 
   it('has no default export unless one is configured', async () => {
     const r = await run('nbdinfo', [server.uri]);
     expect(r.code).not.toBe(0);
-    expect((await ok('nbdsh', ['-c', connectTo(server.uri, '')])).trim()).toBe('refused');
+    expect((await runOk('nbdsh', ['-c', connectTo(server.uri, '')])).trim()).toBe('refused');
   });
 
   it('default-export=NAME serves that file to clients asking for ""', async () => {
@@ -98,7 +98,7 @@ describe.skipIf(!hasTools)('dir= mode', () => {
       ['default-export', 'b.img'],
     ]);
     try {
-      expect(await ok('nbdinfo', ['--size', s2.uri])).toBe(`${2 * MiB}\n`);
+      expect(await runOk('nbdinfo', ['--size', s2.uri])).toBe(`${2 * MiB}\n`);
     } finally {
       await s2.close();
     }
@@ -107,8 +107,8 @@ describe.skipIf(!hasTools)('dir= mode', () => {
   it('a read-only server (-r) serves the directory read-only', async () => {
     const s3 = await serveFile([['dir', dir]], { readonly: true });
     try {
-      const out = await nbdsh(
-        withExport(s3.uri, 'a.img'),
+      const out = await nbdshOk(
+        exportUri(s3.uri, 'a.img'),
         ['print(h.is_read_only())', 'h.set_strict_mode(0)', 'try:', '    h.pwrite(b"x", 0)', 'except nbd.Error as e:', '    print(e.errno)'].join('\n'),
       );
       expect(out.trim().split('\n')).toEqual(['True', 'EPERM']);

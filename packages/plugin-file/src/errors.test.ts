@@ -3,11 +3,12 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CI, isRoot, nbdsh, ok, run, serveFile, tempDir, tools } from './test-support.js';
+import { nbdshOk, needTools, removeDir, run, runOk, tmpDir } from '@nbdx/testkit';
+import { CI, isRoot, serveFile } from './test-support.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const hasTools = tools('nbdsh', 'nbdinfo');
+const hasTools = needTools('nbdsh', 'nbdinfo');
 
 /** Python: run `call`, print OK or the errno name the server answered with. */
 const attempt = (call: string) =>
@@ -31,8 +32,8 @@ async function mountSmallTmpfs(dir: string): Promise<{ unmount(): Promise<void> 
 }
 
 describe.skipIf(!hasTools)('a full file system', () => {
-  const tmp = tempDir();
-  const mnt = join(tmp.path, 'small');
+  const tmp = tmpDir('nbdx-file-');
+  const mnt = join(tmp, 'small');
   let mounted: Awaited<ReturnType<typeof mountSmallTmpfs>>;
   let server: Awaited<ReturnType<typeof serveFile>> | undefined;
 
@@ -48,7 +49,7 @@ describe.skipIf(!hasTools)('a full file system', () => {
   afterAll(async () => {
     await server?.close();
     if (typeof mounted === 'object') await mounted.unmount();
-    tmp.remove();
+    removeDir(tmp);
   });
 
   it('answers a write that fills it with ENOSPC and keeps serving', async (ctx) => {
@@ -56,7 +57,7 @@ describe.skipIf(!hasTools)('a full file system', () => {
       if (CI) throw new Error(mounted);
       ctx.skip();
     }
-    const out = await nbdsh(
+    const out = await nbdshOk(
       server!.uri,
       [
         'res = "OK"',
@@ -75,7 +76,7 @@ describe.skipIf(!hasTools)('a full file system', () => {
     );
     expect(out.trim().split('\n')).toEqual(['ENOSPC', 'True', 'OK']);
     // and a new connection too
-    expect(await ok('nbdinfo', ['--size', server!.uri])).toBe(`${4 * MiB}\n`);
+    expect(await runOk('nbdinfo', ['--size', server!.uri])).toBe(`${4 * MiB}\n`);
   });
 
   it('answers WRITE_ZEROES with NO_HOLE that cannot be allocated with ENOSPC', async (ctx) => {
@@ -83,12 +84,12 @@ describe.skipIf(!hasTools)('a full file system', () => {
       if (CI) throw new Error(mounted);
       ctx.skip();
     }
-    const out = await nbdsh(
+    const out = await nbdshOk(
       server!.uri,
       [attempt(`h.pwrite(b"\\x02" * ${512 * KiB}, 0)`), attempt(`h.zero(${3 * MiB}, ${MiB}, nbd.CMD_FLAG_NO_HOLE)`)].join('\n'),
     );
     expect(out.trim().split('\n')).toEqual(['OK', 'ENOSPC']);
-    expect(await ok('nbdinfo', ['--size', server!.uri])).toBe(`${4 * MiB}\n`);
+    expect(await runOk('nbdinfo', ['--size', server!.uri])).toBe(`${4 * MiB}\n`);
   });
 });
 
@@ -111,7 +112,7 @@ for (const base of truncPlaces) {
     });
 
     it('gives EIO for reads past the new end, keeps serving the rest, and new clients see the new size', async () => {
-      const out = await nbdsh(
+      const out = await nbdshOk(
         server.uri,
         [
           'import os',
@@ -123,21 +124,21 @@ for (const base of truncPlaces) {
         ].join('\n'),
       );
       expect(out.trim().split('\n')).toEqual(['EIO', 'EIO', 'EIO', 'True']);
-      expect(await ok('nbdinfo', ['--size', server.uri])).toBe(`${MiB}\n`);
+      expect(await runOk('nbdinfo', ['--size', server.uri])).toBe(`${MiB}\n`);
     });
   });
 }
 
 describe.skipIf(!hasTools)('read-only', () => {
-  const tmp = tempDir();
-  const file = join(tmp.path, 'disk.img');
+  const tmp = tmpDir('nbdx-file-');
+  const file = join(tmp, 'disk.img');
   beforeAll(() => writeFileSync(file, Buffer.alloc(MiB, 0x44)));
-  afterAll(() => tmp.remove());
+  afterAll(() => removeDir(tmp));
 
   it('-r (serve({readonly: true})) answers writes, trims and zeroes with EPERM', async () => {
     const server = await serveFile([['file', file]], { readonly: true });
     try {
-      const out = await nbdsh(
+      const out = await nbdshOk(
         server.uri,
         [
           'print(h.is_read_only())',
@@ -155,7 +156,7 @@ describe.skipIf(!hasTools)('read-only', () => {
   });
 
   it('serves a file it cannot open for writing read-only, with a debug line saying so', async (ctx) => {
-    const locked = join(tmp.path, 'locked.img');
+    const locked = join(tmp, 'locked.img');
     writeFileSync(locked, Buffer.alloc(MiB, 0x45));
     // root ignores permission bits; the immutable attribute stops root too (ext4, xfs, btrfs).
     if (isRoot) {
@@ -168,7 +169,7 @@ describe.skipIf(!hasTools)('read-only', () => {
     const lines: string[] = [];
     const server = await serveFile([['file', locked]], { debug: (m) => lines.push(m) });
     try {
-      const info = await ok('nbdinfo', [server.uri]);
+      const info = await runOk('nbdinfo', [server.uri]);
       expect(info).toMatch(/is_read_only: true/);
       expect(lines.some((l) => /cannot open for writing .*read-only/.test(l))).toBe(true);
     } finally {

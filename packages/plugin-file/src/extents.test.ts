@@ -1,7 +1,8 @@
 import { closeSync, openSync, readSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { nbdsh, ok, serveFile, tempDir, tools } from './test-support.js';
+import { nbdinfoMap, nbdshOk, needTools, qemuImgMap, qemuIo, removeDir, runOk, socketOf, tmpDir } from '@nbdx/testkit';
+import { serveFile } from './test-support.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -36,32 +37,19 @@ function makeSparse(path: string, size: number, runs: [number, number, number][]
   closeSync(fd);
 }
 
-interface QemuMapEntry {
-  start: number;
-  length: number;
-  data: boolean;
-  zero: boolean;
-}
+/** qemu-img map as [start, length, data, zero]. */
 const qemuMap = async (target: string[]): Promise<[number, number, boolean, boolean][]> =>
-  (JSON.parse(await ok('qemu-img', ['map', '--output=json', ...target])) as QemuMapEntry[]).map((e) => [
-    e.start,
-    e.length,
-    e.data,
-    e.zero,
-  ]);
+  (await qemuImgMap(...target)).map((e) => [e.start, e.length, e.data, e.zero]);
 
-/** nbdinfo --map lines: "offset length type description". */
-const nbdinfoMap = async (uri: string): Promise<[number, number, number][]> =>
-  (await ok('nbdinfo', ['--map', uri]))
-    .trim()
-    .split('\n')
-    .map((line) => line.trim().split(/\s+/).slice(0, 3).map(Number) as [number, number, number]);
+/** nbdinfo --map as [offset, length, type]. */
+const nbdinfoExtents = async (uri: string): Promise<[number, number, number][]> =>
+  (await nbdinfoMap(uri)).map((e) => [e.offset, e.length, e.type]);
 
-const hasTools = tools('qemu-img', 'qemu-io', 'nbdinfo', 'nbdsh');
+const hasTools = needTools('qemu-img', 'qemu-io', 'nbdinfo', 'nbdsh');
 
 describe.skipIf(!hasTools)('extents of a sparse file', () => {
-  const tmp = tempDir();
-  const file = join(tmp.path, 'sparse.img');
+  const tmp = tmpDir('nbdx-file-');
+  const file = join(tmp, 'sparse.img');
   let server: Awaited<ReturnType<typeof serveFile>>;
 
   beforeAll(async () => {
@@ -70,7 +58,7 @@ describe.skipIf(!hasTools)('extents of a sparse file', () => {
   });
   afterAll(async () => {
     await server?.close();
-    tmp.remove();
+    removeDir(tmp);
   });
 
   it('the file really has the holes the test expects (qemu-img map on the file itself)', async () => {
@@ -79,7 +67,7 @@ describe.skipIf(!hasTools)('extents of a sparse file', () => {
   });
 
   it('nbdinfo --map through nbdx shows the same holes and data', async () => {
-    expect(await nbdinfoMap(server.uri)).toEqual(expectedMap());
+    expect(await nbdinfoExtents(server.uri)).toEqual(expectedMap());
   });
 
   it('qemu-img map through nbdx (REQ_ONE requests) matches the file', async () => {
@@ -88,7 +76,7 @@ describe.skipIf(!hasTools)('extents of a sparse file', () => {
   });
 
   it('holes read as zeroes and data reads back as written, across a boundary', async () => {
-    const out = await nbdsh(
+    const out = await nbdshOk(
       server.uri,
       [
         `b = h.pread(${64 * KiB}, ${2 * MiB})`,
@@ -102,11 +90,11 @@ describe.skipIf(!hasTools)('extents of a sparse file', () => {
   });
 
   it('qemu-img compare finds the export identical to the file', async () => {
-    await ok('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', file, server.uri]);
+    await runOk('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', file, server.uri]);
   });
 
   it('a block-status request in the middle of a data run starts at the request', async () => {
-    const out = await nbdsh(
+    const out = await nbdshOk(
       server.uri,
       [
         'import nbd',
@@ -125,8 +113,8 @@ describe.skipIf(!hasTools)('extents of a sparse file', () => {
 });
 
 describe.skipIf(!hasTools)('without the addon', () => {
-  const tmp = tempDir();
-  const file = join(tmp.path, 'sparse.img');
+  const tmp = tmpDir('nbdx-file-');
+  const file = join(tmp, 'sparse.img');
   let server: Awaited<ReturnType<typeof serveFile>>;
   beforeAll(async () => {
     makeSparse(file, SIZE, DATA);
@@ -134,18 +122,18 @@ describe.skipIf(!hasTools)('without the addon', () => {
   });
   afterAll(async () => {
     await server?.close();
-    tmp.remove();
+    removeDir(tmp);
   });
 
   it('reports everything as data (never a hole that is not there) and still reads correctly', async () => {
-    expect(await nbdinfoMap(server.uri)).toEqual([[0, SIZE, 0]]);
-    await ok('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', file, server.uri]);
+    expect(await nbdinfoExtents(server.uri)).toEqual([[0, SIZE, 0]]);
+    await runOk('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', file, server.uri]);
   });
 });
 
 describe.skipIf(!hasTools)('a sparse file larger than 4 GiB', () => {
-  const tmp = tempDir();
-  const file = join(tmp.path, 'big.img');
+  const tmp = tmpDir('nbdx-file-');
+  const file = join(tmp, 'big.img');
   const size = 5 * GiB + 4 * KiB;
   let server: Awaited<ReturnType<typeof serveFile>>;
   beforeAll(async () => {
@@ -154,17 +142,17 @@ describe.skipIf(!hasTools)('a sparse file larger than 4 GiB', () => {
   });
   afterAll(async () => {
     await server?.close();
-    tmp.remove();
+    removeDir(tmp);
   });
 
   it('has its full size', async () => {
-    expect(await ok('nbdinfo', ['--size', server.uri])).toBe(`${size}\n`);
+    expect(await runOk('nbdinfo', ['--size', server.uri])).toBe(`${size}\n`);
   });
 
   it('is written and read near its end, and the bytes land at the right offset of the file', async () => {
     const at = size - 64 * KiB;
-    await ok('qemu-io', ['-f', 'raw', '-c', `write -P 0xab ${at} 64k`, server.uri]);
-    await ok('qemu-io', ['-f', 'raw', '-c', `read -P 0xab ${at} 64k`, '-c', `read -P 0 ${at - 4096} 4k`, server.uri]);
+    await qemuIo(server.uri, `write -P 0xab ${at} 64k`);
+    await qemuIo(server.uri, `read -P 0xab ${at} 64k`, `read -P 0 ${at - 4096} 4k`);
     const fd = openSync(file, 'r');
     const got = Buffer.alloc(64 * KiB);
     readSync(fd, got, 0, got.length, at);
@@ -173,7 +161,7 @@ describe.skipIf(!hasTools)('a sparse file larger than 4 GiB', () => {
   });
 
   it('maps the data above 4 GiB and the holes around it', async () => {
-    const map = await nbdinfoMap(server.uri);
+    const map = await nbdinfoExtents(server.uri);
     expect(map).toEqual([
       [0, 4 * GiB + 12 * KiB, 3],
       [4 * GiB + 12 * KiB, 4 * KiB, 0],
@@ -182,7 +170,3 @@ describe.skipIf(!hasTools)('a sparse file larger than 4 GiB', () => {
     ]);
   });
 });
-
-function socketOf(uri: string): string {
-  return new URL(uri).searchParams.get('socket')!;
-}

@@ -3,7 +3,8 @@ import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import plugin, { badExportName, createFilePlugin, listDirExports, loadNative, MAX_EXTENTS } from './index.js';
 import { majorMinor } from './sysfs.js';
-import { CI, tempDir } from './test-support.js';
+import { removeDir, tmpDir } from '@nbdx/testkit';
+import { CI } from './test-support.js';
 
 async function configure(pairs: [string, string][]) {
   const p = createFilePlugin();
@@ -14,10 +15,10 @@ async function configure(pairs: [string, string][]) {
 }
 
 describe('configuration', () => {
-  const tmp = tempDir();
-  const file = join(tmp.path, 'disk.img');
+  const tmp = tmpDir('nbdx-file-');
+  const file = join(tmp, 'disk.img');
   writeFileSync(file, Buffer.alloc(4096));
-  afterAll(() => tmp.remove());
+  afterAll(() => removeDir(tmp));
 
   it('is a v2 plugin named file whose bare value is file=', () => {
     expect(plugin.name).toBe('file');
@@ -29,7 +30,7 @@ describe('configuration', () => {
 
   it('needs file= or dir=, not both, and default-export= only with dir=', async () => {
     await expect(configure([])).rejects.toThrow(/file= or dir= is required/);
-    await expect(configure([['file', file], ['dir', tmp.path]])).rejects.toThrow(/not both/);
+    await expect(configure([['file', file], ['dir', tmp]])).rejects.toThrow(/not both/);
     await expect(configure([['file', file], ['default-export', 'x']])).rejects.toThrow(/only makes sense with dir=/);
   });
 
@@ -37,12 +38,12 @@ describe('configuration', () => {
     await expect(configure([['size', '1G']])).rejects.toThrow(/unknown parameter 'size'/);
     await expect(configure([['file', file], ['cache', 'writeback']])).rejects.toThrow(/cache: 'writeback' is not one of default, none/);
     await expect(configure([['file', file], ['fadvise', 'fast']])).rejects.toThrow(/fadvise: 'fast'/);
-    await expect(configure([['dir', tmp.path], ['default-export', '../etc']])).rejects.toThrow(/contains '\/'/);
+    await expect(configure([['dir', tmp], ['default-export', '../etc']])).rejects.toThrow(/contains '\/'/);
   });
 
   it('checks at start-up that the file or directory is usable', async () => {
-    await expect(configure([['file', join(tmp.path, 'missing')]])).rejects.toThrow(/file=.*missing.*ENOENT|no such file/i);
-    await expect(configure([['file', tmp.path]])).rejects.toThrow(/not a regular file or block device/);
+    await expect(configure([['file', join(tmp, 'missing')]])).rejects.toThrow(/file=.*missing.*ENOENT|no such file/i);
+    await expect(configure([['file', tmp]])).rejects.toThrow(/not a regular file or block device/);
     await expect(configure([['dir', file]])).rejects.toThrow(/not a directory/);
     await expect(configure([['file', file], ['cache', 'none'], ['fadvise', 'random']])).resolves.toBeTruthy();
   });
@@ -74,17 +75,17 @@ describe('export names in dir= mode', () => {
   });
 
   it('lists regular files and links to them, sorted, and nothing else', async () => {
-    const tmp = tempDir();
+    const tmp = tmpDir('nbdx-file-');
     try {
-      writeFileSync(join(tmp.path, 'b'), '');
-      writeFileSync(join(tmp.path, 'a'), '');
-      mkdirSync(join(tmp.path, 'd'));
-      symlinkSync('a', join(tmp.path, 'l'));
-      symlinkSync('d', join(tmp.path, 'ld'));
-      symlinkSync('nothing', join(tmp.path, 'dead'));
-      expect(await listDirExports(tmp.path)).toEqual(['a', 'b', 'l']);
+      writeFileSync(join(tmp, 'b'), '');
+      writeFileSync(join(tmp, 'a'), '');
+      mkdirSync(join(tmp, 'd'));
+      symlinkSync('a', join(tmp, 'l'));
+      symlinkSync('d', join(tmp, 'ld'));
+      symlinkSync('nothing', join(tmp, 'dead'));
+      expect(await listDirExports(tmp)).toEqual(['a', 'b', 'l']);
     } finally {
-      tmp.remove();
+      removeDir(tmp);
     }
   });
 });
@@ -108,9 +109,9 @@ describe('the addon', () => {
 
   it.skipIf(!loaded.ops)('maps holes and data, stops at maxExtents with the rest as data', async () => {
     const native = loaded.ops!;
-    const tmp = tempDir();
+    const tmp = tmpDir('nbdx-file-');
     try {
-      const path = join(tmp.path, 'f');
+      const path = join(tmp, 'f');
       writeFileSync(path, '');
       truncateSync(path, 1 << 20);
       const fd = openSync(path, 'r+');
@@ -137,7 +138,7 @@ describe('the addon', () => {
       await expect(native.fallocate(fd, 0, 4096, 0)).rejects.toMatchObject({ code: 'EBADF', syscall: 'fallocate' });
       expect(() => native.fallocate(-1 as number, -5, 1, 0)).toThrow(/non-negative whole numbers/);
     } finally {
-      tmp.remove();
+      removeDir(tmp);
     }
   });
 });

@@ -3,11 +3,12 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
-import { allocatedBlocks, nbdsh, ok, serveFile, tempDir, tools } from './test-support.js';
+import { nbdshOk, needTools, removeDir, runOk, tmpDir } from '@nbdx/testkit';
+import { allocatedBlocks, serveFile } from './test-support.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 16 * MiB;
-const hasTools = tools('nbdsh', 'nbdinfo');
+const hasTools = needTools('nbdsh', 'nbdinfo');
 
 /** Python for nbdsh: run `call`, print OK or the errno name the server answered with. */
 const attempt = (call: string) =>
@@ -46,7 +47,7 @@ for (const [where, makeDir] of places) {
     beforeEach(() => fillFile(file));
 
     it('advertises trim, zero and fast zero', async () => {
-      const info = await ok('nbdinfo', [server.uri]);
+      const info = await runOk('nbdinfo', [server.uri]);
       expect(info).toMatch(/can_trim: true/);
       expect(info).toMatch(/can_zero: true/);
       expect(info).toMatch(/can_fast_zero: true/);
@@ -55,14 +56,14 @@ for (const [where, makeDir] of places) {
     it('TRIM punches a hole: fewer allocated blocks, and the range reads as zeroes', async () => {
       const before = await allocatedBlocks(file);
       expect(before).toBeGreaterThanOrEqual(SIZE / 512);
-      const out = await nbdsh(server.uri, [`h.trim(${4 * MiB}, ${4 * MiB})`, 'h.flush()', readsZero(4 * MiB, 4 * MiB)].join('\n'));
+      const out = await nbdshOk(server.uri, [`h.trim(${4 * MiB}, ${4 * MiB})`, 'h.flush()', readsZero(4 * MiB, 4 * MiB)].join('\n'));
       expect(out.trim()).toBe('True');
       expect(await allocatedBlocks(file)).toBeLessThanOrEqual(before - (4 * MiB) / 512);
     });
 
     it('WRITE_ZEROES without NO_HOLE reads back zeroes and frees the blocks', async () => {
       const before = await allocatedBlocks(file);
-      const out = await nbdsh(
+      const out = await nbdshOk(
         server.uri,
         [`h.zero(${2 * MiB}, ${1 * MiB})`, readsZero(1 * MiB, 2 * MiB), `print(h.pread(1, ${3 * MiB}) == b"\\x5a")`].join('\n'),
       );
@@ -72,7 +73,7 @@ for (const [where, makeDir] of places) {
 
     it('WRITE_ZEROES with NO_HOLE reads back zeroes and keeps the blocks allocated', async () => {
       const before = await allocatedBlocks(file);
-      const out = await nbdsh(
+      const out = await nbdshOk(
         server.uri,
         [`h.zero(${2 * MiB}, ${5 * MiB}, nbd.CMD_FLAG_NO_HOLE)`, readsZero(5 * MiB, 2 * MiB)].join('\n'),
       );
@@ -81,7 +82,7 @@ for (const [where, makeDir] of places) {
     });
 
     it('FAST_ZERO succeeds here (fallocate), with and without NO_HOLE, and with FUA', async () => {
-      const out = await nbdsh(
+      const out = await nbdshOk(
         server.uri,
         [
           attempt(`h.zero(${MiB}, 0, nbd.CMD_FLAG_FAST_ZERO)`),
@@ -96,7 +97,7 @@ for (const [where, makeDir] of places) {
     });
 
     it('TRIM and WRITE_ZEROES with FUA are accepted', async () => {
-      const out = await nbdsh(
+      const out = await nbdshOk(
         server.uri,
         [attempt(`h.trim(${MiB}, 0, nbd.CMD_FLAG_FUA)`), attempt(`h.zero(${MiB}, ${MiB}, nbd.CMD_FLAG_FUA)`)].join('\n'),
       );
@@ -106,8 +107,8 @@ for (const [where, makeDir] of places) {
 }
 
 describe.skipIf(!hasTools)('zero and trim without the addon', () => {
-  const tmp = tempDir();
-  const file = join(tmp.path, 'disk.img');
+  const tmp = tmpDir('nbdx-file-');
+  const file = join(tmp, 'disk.img');
   let server: Awaited<ReturnType<typeof serveFile>>;
   beforeAll(async () => {
     fillFile(file);
@@ -115,18 +116,18 @@ describe.skipIf(!hasTools)('zero and trim without the addon', () => {
   });
   afterAll(async () => {
     await server?.close();
-    tmp.remove();
+    removeDir(tmp);
   });
 
   it('still offers zero and fast zero, but not trim', async () => {
-    const info = await ok('nbdinfo', [server.uri]);
+    const info = await runOk('nbdinfo', [server.uri]);
     expect(info).toMatch(/can_zero: true/);
     expect(info).toMatch(/can_fast_zero: true/);
     expect(info).toMatch(/can_trim: false/);
   });
 
   it('FAST_ZERO fails at once with ENOTSUP and leaves the data alone', async () => {
-    const out = await nbdsh(
+    const out = await nbdshOk(
       server.uri,
       [attempt(`h.zero(${MiB}, 0, nbd.CMD_FLAG_FAST_ZERO)`), `print(h.pread(${MiB}, 0) == b"\\x5a" * ${MiB})`].join('\n'),
     );
@@ -134,7 +135,7 @@ describe.skipIf(!hasTools)('zero and trim without the addon', () => {
   });
 
   it('a plain WRITE_ZEROES is done by writing zeroes', async () => {
-    const out = await nbdsh(server.uri, [`h.zero(${3 * MiB}, ${MiB})`, readsZero(MiB, 3 * MiB)].join('\n'));
+    const out = await nbdshOk(server.uri, [`h.zero(${3 * MiB}, ${MiB})`, readsZero(MiB, 3 * MiB)].join('\n'));
     expect(out.trim()).toBe('True');
     expect(await allocatedBlocks(file)).toBeGreaterThanOrEqual(SIZE / 512);
   });
