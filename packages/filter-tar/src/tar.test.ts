@@ -10,34 +10,21 @@ import { gzipSync } from 'node:zlib';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { serve } from '@nbdx/server';
 import { createTarFilter } from './index.js';
-import {
-  END_OF_ARCHIVE,
-  createTestFilePlugin,
-  exportUri,
-  haveTool,
-  padded,
-  paxRecords,
-  removeDir,
-  run,
-  runOk,
-  socketOf,
-  tarHeader,
-  tarMember,
-  tempDir,
-} from './test-support.js';
+import { exportUri, nbdxBin, needNbdx, needTools, removeDir, run, runOk, socketOf, tmpDir } from '@nbdx/testkit';
+import { END_OF_ARCHIVE, createTestFilePlugin, padded, paxRecords, tarHeader, tarMember } from './test-support.js';
 
 const HAVE = {
-  tar: haveTool('tar'),
-  nbdsh: haveTool('nbdsh'),
-  nbdinfo: haveTool('nbdinfo'),
-  qemuImg: haveTool('qemu-img'),
-  qemuIo: haveTool('qemu-io'),
+  tar: needTools('tar'),
+  nbdsh: needTools('nbdsh'),
+  nbdinfo: needTools('nbdinfo'),
+  qemuImg: needTools('qemu-img'),
+  qemuIo: needTools('qemu-io'),
 };
 const TOOLS = HAVE.tar && HAVE.nbdsh && HAVE.nbdinfo;
 
 let dir: string;
-beforeAll(async () => {
-  dir = await tempDir();
+beforeAll(() => {
+  dir = tmpDir('nbdx-tar-');
   fs.writeFileSync(path.join(dir, 'read.py'), READ_SCRIPT);
 });
 afterAll(() => removeDir(dir));
@@ -160,7 +147,7 @@ describe.skipIf(!TOOLS)('archives made by GNU tar', () => {
 
         const got = await readExports(t.uri, [...names, 'sub', 'link', 'missing']);
         for (const name of names) {
-          const fromTar = await runOk('tar', ['-xOf', archive, name]);
+          const fromTar = await runOk('tar', ['-xOf', archive, name], { encoding: 'buffer' });
           const fromNbd = got.get(name);
           expect(Buffer.isBuffer(fromNbd), `${name}: ${JSON.stringify(fromNbd)}`).toBe(true);
           expect(sha(fromNbd as Buffer)).toBe(sha(fromTar));
@@ -214,7 +201,7 @@ describe.skipIf(!TOOLS)('archives made by GNU tar', () => {
   });
 
   it('git archive output: the pax global header is not a member', async () => {
-    if (!haveTool('git')) return;
+    if (!needTools('git')) return;
     const repo = path.join(dir, 'repo');
     fs.mkdirSync(path.join(repo, 'src'), { recursive: true });
     const files: Record<string, Buffer> = {
@@ -367,7 +354,7 @@ describe.skipIf(!TOOLS || !HAVE.qemuIo)('writes', () => {
     expected.fill(0xab, 1000, 4000);
     expected.fill(0, 8192, 8192 + 4096);
     expected.fill('E', data.length - 512);
-    const extracted = await runOk('tar', ['-xOf', archive, 'target.img']);
+    const extracted = await runOk('tar', ['-xOf', archive, 'target.img'], { encoding: 'buffer' });
     expect(sha(extracted)).toBe(sha(expected));
     expect((await runOk('tar', ['-tvf', archive])).toString()).toBe(listingBefore);
     expect((await runOk('tar', ['-xOf', archive, 'last.txt'])).toString()).toBe('last\n');
@@ -572,8 +559,7 @@ describe.skipIf(!TOOLS)('bad archives and parameters give clear errors', () => {
 
 /** The real command line with the real file plugin: `nbdx --filter=tar file disk.tar tar-entry=…`. */
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../../..');
-const BIN = path.join(ROOT, 'packages/nbdx/dist/bin.js');
-const CLI_READY = fs.existsSync(BIN) && fs.existsSync(path.join(ROOT, 'packages/plugin-file/dist/index.js'));
+const CLI_READY = needNbdx() && fs.existsSync(path.join(ROOT, 'packages/plugin-file/dist/index.js'));
 if (!CLI_READY && process.env.CI === 'true') throw new Error('the nbdx CLI and the file plugin must be built under CI');
 
 describe.skipIf(!TOOLS || !HAVE.qemuImg || !CLI_READY)('command line', () => {
@@ -587,21 +573,21 @@ describe.skipIf(!TOOLS || !HAVE.qemuImg || !CLI_READY)('command line', () => {
 
     const info = await run(
       process.execPath,
-      [BIN, '-U', path.join(dir, 'cli1.sock'), '--filter=tar', 'file', archive, 'tar-entry=images/disk.qcow2', '--run', 'qemu-img info --output=json "$uri"'],
+      [nbdxBin(), '-U', path.join(dir, 'cli1.sock'), '--filter=tar', 'file', archive, 'tar-entry=images/disk.qcow2', '--run', 'qemu-img info --output=json "$uri"'],
       { cwd: ROOT },
     );
     expect(info.code, info.stderr).toBe(0);
     const j = JSON.parse(info.stdout.toString()) as { format: string; 'virtual-size': number };
     expect([j.format, j['virtual-size']]).toEqual(['qcow2', 16 * 1024 * 1024]);
 
-    const list = await run(process.execPath, [BIN, '-U', path.join(dir, 'cli2.sock'), '--filter=tar', 'file', archive, '--run', 'nbdinfo --list --json "$uri"'], {
+    const list = await run(process.execPath, [nbdxBin(), '-U', path.join(dir, 'cli2.sock'), '--filter=tar', 'file', archive, '--run', 'nbdinfo --list --json "$uri"'], {
       cwd: ROOT,
     });
     expect(list.code, list.stderr).toBe(0);
     const names = (JSON.parse(list.stdout.toString()) as { exports: { 'export-name': string }[] }).exports.map((e) => e['export-name']);
     expect(names).toEqual(['notes.txt', 'images/disk.qcow2']);
 
-    const bad = await run(process.execPath, [BIN, '-U', path.join(dir, 'cli3.sock'), '--filter=tar', 'file', archive, 'tar-entry=images', '--run', 'true'], { cwd: ROOT });
+    const bad = await run(process.execPath, [nbdxBin(), '-U', path.join(dir, 'cli3.sock'), '--filter=tar', 'file', archive, 'tar-entry=images', '--run', 'true'], { cwd: ROOT });
     expect(bad.code).toBe(1);
     expect(bad.stderr).toMatch(/'images\/' is a directory in the archive/);
   });

@@ -1,12 +1,9 @@
 /**
  * Helpers for this package's tests (not part of the published build): a tiny file plugin that
- * counts what it is asked, the real tools, and a tar header writer for synthetic archives.
+ * counts what it is asked, and a tar header writer for synthetic archives. The real tools are run
+ * with @nbdx/testkit.
  */
-import { execFile, spawnSync } from 'node:child_process';
-import * as fs from 'node:fs';
 import * as fsp from 'node:fs/promises';
-import * as os from 'node:os';
-import * as path from 'node:path';
 import { EXTENT_HOLE, EXTENT_ZERO, Errno, NbdError, definePlugin, type Extent } from '@nbdx/server/api';
 
 export interface FilePluginStats {
@@ -84,69 +81,6 @@ export function createTestFilePlugin() {
     },
   });
   return { plugin, stats };
-}
-
-// ---------------------------------------------------------------------------------------------
-// Tools
-
-const TOOL_ENV = { ...process.env, PATH: `/usr/bin:${process.env.PATH ?? ''}` };
-
-export function haveTool(name: string): boolean {
-  const ok = spawnSync('sh', ['-c', `command -v ${name}`], { env: TOOL_ENV }).status === 0;
-  if (!ok && process.env.CI === 'true') throw new Error(`${name} is required under CI but is not installed`);
-  return ok;
-}
-
-export interface RunResult {
-  code: number;
-  stdout: Buffer;
-  stderr: string;
-}
-
-/** Run a tool; resolves with its exit code and output (never rejects on a non-zero exit). */
-export function run(cmd: string, args: string[], options: { cwd?: string; env?: Record<string, string> } = {}): Promise<RunResult> {
-  return new Promise((resolve, reject) => {
-    execFile(
-      cmd,
-      args,
-      { cwd: options.cwd, env: { ...TOOL_ENV, ...options.env }, encoding: 'buffer', maxBuffer: 256 * 1024 * 1024 },
-      (err, stdout, stderr) => {
-        const code = err ? (typeof (err as { code?: unknown }).code === 'number' ? (err as { code: number }).code : -1) : 0;
-        if (err && code === -1) return reject(err);
-        resolve({ code, stdout: stdout as Buffer, stderr: (stderr as Buffer).toString() });
-      },
-    );
-  });
-}
-
-/** Run a tool and fail with its stderr unless it exits 0. */
-export async function runOk(cmd: string, args: string[], options: { cwd?: string } = {}): Promise<Buffer> {
-  const r = await run(cmd, args, options);
-  if (r.code !== 0) throw new Error(`${cmd} ${args.join(' ')} exited ${r.code}: ${r.stderr}`);
-  return r.stdout;
-}
-
-export async function tempDir(prefix = 'nbdx-tar-'): Promise<string> {
-  return fsp.mkdtemp(path.join(os.tmpdir(), prefix));
-}
-
-export function removeDir(dir: string): void {
-  fs.rmSync(dir, { recursive: true, force: true });
-}
-
-/** The URI of another export on the same server. */
-export function exportUri(uri: string, name: string): string {
-  const u = new URL(uri);
-  const socket = u.searchParams.get('socket');
-  const encoded = name
-    .split('/')
-    .map((p) => encodeURIComponent(p))
-    .join('/');
-  return `nbd+unix:///${encoded}?socket=${socket}`;
-}
-
-export function socketOf(uri: string): string {
-  return new URL(uri).searchParams.get('socket')!;
 }
 
 // ---------------------------------------------------------------------------------------------
