@@ -7,21 +7,13 @@ import * as fs from 'node:fs';
 import * as net from 'node:net';
 import * as path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import { nbdxBin, needTools, run, runOk, startCli, tmpDir } from '@nbdx/testkit';
+import { nbdxBin, needTools, run, runOk, startCli, tmpDir, waitFor } from '@nbdx/testkit';
 
 const have = needTools('nbdinfo', 'nbdsh', 'qemu-img');
 const dir = tmpDir();
 afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
 
 const nbdx = (args: string[], opts?: { timeout?: number }) => run(process.execPath, [nbdxBin(), ...args], opts);
-
-function waitFor(cond: () => boolean, ms = 5000): Promise<void> {
-  return new Promise((resolve, reject) => {
-    const t0 = Date.now();
-    const tick = () => (cond() ? resolve() : Date.now() - t0 > ms ? reject(new Error('timed out')) : setTimeout(tick, 20));
-    tick();
-  });
-}
 
 describe('bad command lines: one clear line, exit 1', () => {
   for (const [args, msg] of [

@@ -6,26 +6,20 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createMemoryPlugin } from '@nbdx/plugin-memory';
 import { definePlugin } from '../api/define.js';
 import { serve } from '../server.js';
-import { needTools, run } from '@nbdx/testkit';
+import { NBDSH_HELPERS, needTools, run } from '@nbdx/testkit';
 
 const have = needTools('nbdsh');
 
-/** A script prelude: connect without client-side checks, and a helper that expects an errno. */
+/**
+ * A script prelude: connect without client-side checks; testkit's NBDSH_HELPERS give
+ * expect_err(name, f), which prints "ok NAME" when f fails with that errno.
+ */
 function script(uri: string, body: string): string {
   return `
-import errno
 h.set_strict_mode(0)
 h.add_meta_context("base:allocation")
 h.connect_uri(${JSON.stringify(uri)})
-def expect_err(name, f):
-    try:
-        f()
-    except nbd.Error as ex:
-        got = errno.errorcode.get(ex.errno, str(ex.errno))
-        assert got == name, "expected %s, got %s (%s)" % (name, got, ex.string)
-        print("ok", name)
-        return
-    raise AssertionError("expected %s, got success" % name)
+${NBDSH_HELPERS}
 ${body}
 print("done")
 `;
