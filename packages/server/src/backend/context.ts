@@ -87,7 +87,14 @@ export abstract class Context implements OwnedContext {
       );
     }
     this.size = size;
+    // What the hot paths need, resolved once so that reads and writes take no extra turns.
+    this.writable = await this.canWrite();
+    this.fuaMode = await this.canFua();
   }
+
+  /** Set by prepare(): whether writes are allowed, and how FUA is done. */
+  private writable = false;
+  private fuaMode: FuaMode = 'none';
 
   async close(): Promise<void> {
     if (this.closed) return;
@@ -171,16 +178,28 @@ export abstract class Context implements OwnedContext {
     if (!(await this.canWrite())) throw new NbdError(Errno.EPERM, `${what}: the export is read-only`);
   }
 
-  async pread(buf: Uint8Array, offset: number, flags = 0): Promise<ReadResult> {
-    this.checkRange(buf.length, offset, Errno.EINVAL, 'read');
-    if (this.lock) return this.lock.run(async () => this.implPread(buf, offset, flags));
-    return this.implPread(buf, offset, flags);
+  // pread and pwrite are the hot paths: no async wrappers, one promise, checks done inline.
+  pread(buf: Uint8Array, offset: number, flags = 0): Promise<ReadResult> {
+    try {
+      this.checkRange(buf.length, offset, Errno.EINVAL, 'read');
+      if (this.lock) return this.lock.run(async () => this.implPread(buf, offset, flags));
+      return Promise.resolve(this.implPread(buf, offset, flags));
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
-  async pwrite(buf: Uint8Array, offset: number, flags = 0): Promise<void> {
-    await this.checkWritable('write');
-    this.checkRange(buf.length, offset, Errno.ENOSPC, 'write');
-    return this.locked(() => this.pwriteUnlocked(buf, offset, flags));
+  pwrite(buf: Uint8Array, offset: number, flags = 0): Promise<void> {
+    try {
+      if (!this.writable) throw new NbdError(Errno.EPERM, 'write: the export is read-only');
+      this.checkRange(buf.length, offset, Errno.ENOSPC, 'write');
+      if (this.lock || (flags & FLAG_FUA && this.fuaMode !== 'native')) {
+        return this.locked(() => this.pwriteUnlocked(buf, offset, flags));
+      }
+      return Promise.resolve(this.implPwrite(buf, offset, flags));
+    } catch (err) {
+      return Promise.reject(err);
+    }
   }
 
   private async pwriteUnlocked(buf: Uint8Array, offset: number, flags: number): Promise<void> {
