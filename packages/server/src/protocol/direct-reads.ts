@@ -21,6 +21,9 @@ interface OnreadSymbols {
 
 let symbols: OnreadSymbols | null | undefined;
 
+/** Staging bytes read after a big WRITE: a request header and the start of its payload. */
+const SMALL_STAGING = 4096;
+
 function onreadSymbols(): OnreadSymbols | null {
   if (symbols !== undefined) return symbols;
   const probe = new net.Socket({ onread: { buffer: () => Buffer.alloc(1), callback: () => true } } as net.SocketConstructorOpts);
@@ -39,8 +42,13 @@ export interface DirectReader {
    * shared staging buffer, valid only during the call. Return false to pause reading.
    */
   onRead: (nread: number, buf: Buffer) => boolean;
-  /** Where the next read should land: a payload buffer's free part, or null for staging. */
+  /**
+   * Where the next read should land: a payload buffer's free part, or null for the staging
+   * buffer. `small` asks for only a little staging: after a big WRITE the next request is
+   * probably another, and its payload should mostly arrive by direct read, not through staging.
+   */
   nextBuffer: () => Uint8Array | null;
+  small?: () => boolean;
 }
 
 /** Switch `stream` to reading into supplied buffers. Returns false when that is not possible. */
@@ -55,7 +63,8 @@ export function enableDirectReads(stream: unknown, reader: DirectReader, staging
   const staging = Buffer.allocUnsafeSlow(stagingSize);
   s[sym.buffer] = staging;
   s[sym.callback] = (nread: number, buf: Buffer) => reader.onRead(nread, buf);
-  s[sym.generator] = () => reader.nextBuffer() ?? staging;
+  const smallStaging = staging.subarray(0, SMALL_STAGING);
+  s[sym.generator] = () => reader.nextBuffer() ?? (reader.small?.() ? smallStaging : staging);
   handle.useUserBuffer(staging);
   return true;
 }

@@ -16,6 +16,8 @@ export class SocketReader {
   onEnd: (() => void) | null = null;
   /** With direct reads on: the next read lands here (a WRITE payload's missing part). */
   directTarget: Uint8Array | null = null;
+  /** Set by the parser after a big WRITE: the next read stages only a little (direct-reads.ts). */
+  expectBigPayload = false;
   /** True while the queue holds bytes of a reused buffer: take() views must not be kept. */
   volatile = false;
   /** Told how many bytes a read put into `directTarget` (which is cleared first). */
@@ -74,6 +76,7 @@ export class SocketReader {
         return true;
       },
       nextBuffer: () => this.directTarget,
+      small: () => this.expectBigPayload,
     });
   }
 

@@ -38,6 +38,8 @@ import type { SocketReader } from './socket-reader.js';
 const DATA_ALIGN = 64;
 /** Holes smaller than this are sent as zero bytes: a hole chunk would cost more than it saves. */
 const MIN_HOLE_CHUNK = 4096;
+/** A WRITE this big makes the next read stage only a few bytes (see direct-reads.ts). */
+const BIG_PAYLOAD = 64 * 1024;
 /** WRITE payload still missing beyond which it is read straight into its buffer. */
 const DIRECT_READ_MIN = 16 * 1024;
 /** Hard cap on a WRITE payload we are willing to read and drop after rejecting the request. */
@@ -144,6 +146,7 @@ export class Transmission {
       return false;
     }
     const error = this.validate(req);
+    if (this.direct) this.reader.expectBigPayload = type === C.CMD_WRITE && length >= BIG_PAYLOAD;
     if (hasPayload) {
       if (length > MAX_DROPPABLE_PAYLOAD) {
         this.settings.error(`request payload of ${length} bytes is impossible: closing the connection`);
