@@ -1,4 +1,4 @@
-import { Errno, NbdError, defineFilter, parseSize, type Extent, packageVersion } from '@nbdx/server/api';
+import { Errno, NbdError, defineFilter, packageVersion, parseSize, windowDataCalls } from '@nbdx/server/api';
 
 /** Per connection: where the window starts in the layer below, and how long it is. */
 interface Handle {
@@ -67,18 +67,7 @@ export function createOffsetFilter() {
 
     // Data calls: one addition each, no allocation; the core has already checked the bounds
     // against this filter's size, and checks them again below.
-    pread: (next, h, buf, off, flags) => next.pread(buf, off + h.offset, flags),
-    pwrite: (next, h, buf, off, flags) => next.pwrite(buf, off + h.offset, flags),
-    trim: (next, h, count, off, flags) => next.trim(count, off + h.offset, flags),
-    zero: (next, h, count, off, flags) => next.zero(count, off + h.offset, flags),
-    cache: (next, h, count, off, flags) => next.cache(count, off + h.offset, flags),
-
-    async extents(next, h, count, off, flags) {
-      const list: Extent[] = await next.extents(count, off + h.offset, flags);
-      // The list is a fresh one made for this call (normalised by the core): shift it in place.
-      for (const e of list) e.offset -= h.offset;
-      return list;
-    },
+    ...windowDataCalls<Handle>((h) => h.offset),
   });
 }
 

@@ -1,4 +1,4 @@
-import { Errno, NbdError, debug, defineFilter, logError, parseSize, type Extent, type Next, packageVersion } from '@nbdx/server/api';
+import { Errno, NbdError, debug, defineFilter, logError, packageVersion, parseSize, windowDataCalls, type Next } from '@nbdx/server/api';
 import { SECTOR_SIZES, findPartition, type Partition } from './table.js';
 
 export { findPartition, PartitionError, type Partition, type ReadFn } from './table.js';
@@ -110,17 +110,7 @@ export function createPartitionFilter() {
     getSize: (_next, h) => h.size,
     exportDescription: (_next, h) => describePartition(h.part!),
 
-    pread: (next, h, buf, off, flags) => next.pread(buf, off + h.offset, flags),
-    pwrite: (next, h, buf, off, flags) => next.pwrite(buf, off + h.offset, flags),
-    trim: (next, h, count, off, flags) => next.trim(count, off + h.offset, flags),
-    zero: (next, h, count, off, flags) => next.zero(count, off + h.offset, flags),
-    cache: (next, h, count, off, flags) => next.cache(count, off + h.offset, flags),
-
-    async extents(next, h, count, off, flags) {
-      const list: Extent[] = await next.extents(count, off + h.offset, flags);
-      for (const e of list) e.offset -= h.offset;
-      return list;
-    },
+    ...windowDataCalls<Handle>((h) => h.offset),
   });
 }
 

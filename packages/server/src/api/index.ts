@@ -11,3 +11,4 @@ export type { FilterV1 } from './filter/v1.js';
 export type { FilterV2 } from './filter/v2.js';
 export type { Next, OwnedContext, LayerBelow, NextOpener, OpenContextOptions } from './filter/next.js';
 export * from './define.js';
+export { windowDataCalls } from './window.js';
