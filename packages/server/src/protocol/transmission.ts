@@ -157,7 +157,8 @@ export class Transmission {
       const keep = !error && type === C.CMD_WRITE;
       this.pendingWrite = { req, error, buf: null, got: 0 };
       if (keep) {
-        // The payload is normally in the chunk we already hold: take a view, no copy.
+        // The payload is often in the bytes we already hold: a view of them when they are ours
+        // to keep, otherwise (direct reads' reused staging buffer) one copy into a pooled buffer.
         const q = this.reader.queue;
         if (q.length >= length) {
           this.pendingWrite = null;
