@@ -30,6 +30,13 @@ export interface OpenOptions {
  */
 export const SYNC_LIMIT = 1024 * 1024;
 
+/**
+ * Writes above this go to the thread pool even on tmpfs: the copy then overlaps with the event
+ * loop receiving the next payload, which for big sequential writes is worth more than the
+ * thread-pool round trip.
+ */
+export const SYNC_WRITE_LIMIT = 64 * 1024;
+
 const TMPFS_MAGIC = 0x01021994;
 const RAMFS_MAGIC = 0x858458f6;
 
@@ -250,7 +257,7 @@ export class OpenFile {
     let done = 0;
     while (done < buf.length) {
       const n =
-        buf.length <= this.syncMax
+        buf.length <= Math.min(this.syncMax, SYNC_WRITE_LIMIT)
           ? fs.writeSync(this.fd, buf, done, buf.length - done, offset + done)
           : await writeAt(this.fd, buf, done, buf.length - done, offset + done);
       if (n <= 0) throw new NbdError(Errno.EIO, `write at ${offset + done}: the kernel wrote nothing`);
