@@ -18,13 +18,6 @@ export class ReplyWriter {
     this.stream = stream;
   }
 
-  /** Bytes accepted but not yet on the wire (queued here or in the socket). */
-  get backlog(): number {
-    let n = this.stream.writableLength;
-    for (const b of this.pending) n += b.length;
-    return n;
-  }
-
   push(...buffers: Uint8Array[]): void {
     if (this.closed) return;
     for (const b of buffers) {

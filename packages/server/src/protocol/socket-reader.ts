@@ -112,31 +112,4 @@ export class SocketReader {
     this.want = n;
     return new Promise((resolve, reject) => (this.waiter = { resolve, reject }));
   }
-
-  /** Read and throw away n bytes without holding them all in memory. */
-  async discard(n: number): Promise<void> {
-    while (n > 0) {
-      if (this.queue.length === 0) await this.waitForData();
-      const m = Math.min(n, this.queue.length);
-      this.queue.skip(m);
-      n -= m;
-    }
-  }
-
-  private waitForData(): Promise<void> {
-    if (this.queue.length > 0) return Promise.resolve();
-    if (this.ended) return Promise.reject(this.ended);
-    this.want = 1;
-    return new Promise((resolve, reject) => {
-      this.waiter = {
-        resolve: (b) => {
-          // Put the byte back: discard() consumes from the queue itself.
-          const rest = this.queue.drain();
-          this.queue.push(Buffer.concat([b, rest]));
-          resolve();
-        },
-        reject,
-      };
-    });
-  }
 }
