@@ -13,6 +13,16 @@ export const PLUGIN_API_VERSION_LATEST = 2;
 export const FILTER_API_VERSIONS = [1, 2] as const;
 export const FILTER_API_VERSION_LATEST = 2;
 
+/**
+ * Why a plugin or filter cannot be used with this core's API versions, or null when it can.
+ * One wording for the loader and the backend alike.
+ */
+export function unsupportedApiVersion(kind: 'plugin' | 'filter', version: unknown): string | null {
+  const versions: readonly number[] = kind === 'plugin' ? PLUGIN_API_VERSIONS : FILTER_API_VERSIONS;
+  if (versions.includes(version as number)) return null;
+  return `asks for ${kind} API version ${String(version)}, but this nbdx supports versions ${versions.join(' and ')}`;
+}
+
 /** Identity helper that gives a plugin object its types (and checks them). */
 export function definePlugin<H>(plugin: PluginV2<H>): PluginV2<H>;
 export function definePlugin<H>(plugin: PluginV1<H>): PluginV1<H>;

@@ -1,5 +1,5 @@
 import { FLAG_MAY_TRIM, FLAG_REQ_ONE, NbdError, Errno } from '../api/common.js';
-import { PLUGIN_API_VERSIONS, type Plugin } from '../api/define.js';
+import { unsupportedApiVersion, type Plugin } from '../api/define.js';
 import type { PluginV1 } from '../api/plugin/v1.js';
 import type { PluginV2 } from '../api/plugin/v2.js';
 
@@ -9,13 +9,8 @@ import type { PluginV2 } from '../api/plugin/v2.js';
  */
 export function asPluginV2(plugin: Plugin): PluginV2 {
   const version = plugin.apiVersion ?? 1;
-  if (!(PLUGIN_API_VERSIONS as readonly number[]).includes(version)) {
-    throw new NbdError(
-      Errno.EINVAL,
-      `plugin '${plugin.name}' asks for plugin API version ${version}, but this nbdx supports versions ` +
-        `${PLUGIN_API_VERSIONS[0]} to ${PLUGIN_API_VERSIONS[PLUGIN_API_VERSIONS.length - 1]}`,
-    );
-  }
+  const unsupported = unsupportedApiVersion('plugin', version);
+  if (unsupported) throw new NbdError(Errno.EINVAL, `plugin '${plugin.name}' ${unsupported}`);
   if (version === 2) return plugin as PluginV2;
   return fromV1(plugin as PluginV1);
 }

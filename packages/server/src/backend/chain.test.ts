@@ -54,7 +54,7 @@ async function open(b: Backend, readonly = false) {
 describe('backend chain', () => {
   it('refuses a plugin asking for API version 3, naming the supported versions', () => {
     const p = { name: 'future', apiVersion: 3, getSize: () => 0, pread: () => {} } as never;
-    expect(() => new Backend(p)).toThrow(/plugin API version 3.*versions 1 to 2/);
+    expect(() => new Backend(p)).toThrow(/plugin 'future' asks for plugin API version 3, but this nbdx supports versions 1 and 2/);
   });
 
   it('refuses a filter asking for an unknown filter API version', () => {

@@ -1,5 +1,5 @@
 import { Errno, NbdError, type ExportEntry } from '../api/common.js';
-import { FILTER_API_VERSIONS, type Filter } from '../api/define.js';
+import { unsupportedApiVersion, type Filter } from '../api/define.js';
 import type { LayerBelow, Next, NextOpener, OpenContextOptions, OwnedContext } from '../api/filter/next.js';
 import type { FilterV2 } from '../api/filter/v2.js';
 import { Context, type ZeroMode } from './context.js';
@@ -24,13 +24,8 @@ export class FilterLayer {
     readonly below: Layer,
   ) {
     const version = original.apiVersion ?? 1;
-    if (!(FILTER_API_VERSIONS as readonly number[]).includes(version)) {
-      throw new NbdError(
-        Errno.EINVAL,
-        `filter '${original.name}' asks for filter API version ${version}, but this nbdx supports versions ` +
-          `${FILTER_API_VERSIONS[0]} to ${FILTER_API_VERSIONS[FILTER_API_VERSIONS.length - 1]}`,
-      );
-    }
+    const unsupported = unsupportedApiVersion('filter', version);
+    if (unsupported) throw new NbdError(Errno.EINVAL, `filter '${original.name}' ${unsupported}`);
     this.declaredVersion = version;
     this.filter = original as FilterV2;
   }

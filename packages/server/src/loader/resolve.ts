@@ -1,7 +1,7 @@
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
-import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS, type Filter, type Plugin } from '../api/define.js';
+import { unsupportedApiVersion, type Filter, type Plugin } from '../api/define.js';
 
 export type Kind = 'plugin' | 'filter';
 
@@ -142,13 +142,8 @@ export function validate(value: unknown, kind: Kind, what: string): void {
   const v = value as Record<string, unknown>;
   if (v.kind !== undefined && v.kind !== kind) throw new LoadError(`${what} is a ${String(v.kind)}, not a ${kind}`);
   if (typeof v.name !== 'string' || !v.name) throw new LoadError(`${what} has no name`);
-  const versions: readonly number[] = kind === 'plugin' ? PLUGIN_API_VERSIONS : FILTER_API_VERSIONS;
-  const version = v.apiVersion ?? 1;
-  if (!versions.includes(version as number)) {
-    throw new LoadError(
-      `${what} asks for ${kind} API version ${String(version)}, but this nbdx supports versions ${versions.join(' and ')}`,
-    );
-  }
+  const unsupported = unsupportedApiVersion(kind, v.apiVersion ?? 1);
+  if (unsupported) throw new LoadError(`${what} ${unsupported}`);
   if (kind === 'plugin') {
     for (const m of ['getSize', 'pread']) {
       if (typeof v[m] !== 'function') throw new LoadError(`${what} is not a plugin: it has no ${m}()`);
