@@ -174,8 +174,9 @@ export abstract class Context implements OwnedContext {
     }
   }
 
-  private async checkWritable(what: string): Promise<void> {
-    if (!(await this.canWrite())) throw new NbdError(Errno.EPERM, `${what}: the export is read-only`);
+  /** Uses the answer prepare() cached, so it costs no promise. */
+  private checkWritable(what: string): void {
+    if (!this.writable) throw new NbdError(Errno.EPERM, `${what}: the export is read-only`);
   }
 
   // pread and pwrite are the hot paths: no async wrappers, one promise, checks done inline.
@@ -191,7 +192,7 @@ export abstract class Context implements OwnedContext {
 
   pwrite(buf: Uint8Array, offset: number, flags = 0): Promise<void> {
     try {
-      if (!this.writable) throw new NbdError(Errno.EPERM, 'write: the export is read-only');
+      this.checkWritable('write');
       this.checkRange(buf.length, offset, Errno.ENOSPC, 'write');
       if (this.lock || (flags & FLAG_FUA && this.fuaMode !== 'native')) {
         return this.locked(() => this.pwriteUnlocked(buf, offset, flags));
@@ -222,7 +223,7 @@ export abstract class Context implements OwnedContext {
   }
 
   async trim(count: number, offset: number, flags = 0): Promise<void> {
-    await this.checkWritable('trim');
+    this.checkWritable('trim');
     if (!(await this.canTrim())) throw new NbdError(Errno.EINVAL, 'trim: not supported by this export');
     this.checkRange(count, offset, Errno.EINVAL, 'trim');
     return this.locked(async () => {
@@ -233,7 +234,7 @@ export abstract class Context implements OwnedContext {
   }
 
   async zero(count: number, offset: number, flags = 0): Promise<void> {
-    await this.checkWritable('zero');
+    this.checkWritable('zero');
     const mode = await this.zeroMode();
     if (mode === 'none') throw new NbdError(Errno.EINVAL, 'zero: not supported by this export');
     this.checkRange(count, offset, Errno.ENOSPC, 'zero');
