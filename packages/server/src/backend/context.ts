@@ -179,12 +179,27 @@ export abstract class Context implements OwnedContext {
     if (!this.writable) throw new NbdError(Errno.EPERM, `${what}: the export is read-only`);
   }
 
-  // pread and pwrite are the hot paths: no async wrappers, one promise, checks done inline.
+  // pread and pwrite are the hot paths: no async wrappers, checks done inline. The *Now forms
+  // answer without any promise when the layer below answered at once (a synchronous plugin), so
+  // a request to an in-memory disk is parsed, served and answered in one go; they may throw.
+  preadNow(buf: Uint8Array, offset: number, flags = 0): ReadResult | Promise<ReadResult> {
+    this.checkRange(buf.length, offset, Errno.EINVAL, 'read');
+    if (this.lock) return this.lock.run(async () => this.implPread(buf, offset, flags));
+    return this.implPread(buf, offset, flags);
+  }
+
+  pwriteNow(buf: Uint8Array, offset: number, flags = 0): void | Promise<void> {
+    this.checkWritable('write');
+    this.checkRange(buf.length, offset, Errno.ENOSPC, 'write');
+    if (this.lock || (flags & FLAG_FUA && this.fuaMode !== 'native')) {
+      return this.locked(() => this.pwriteUnlocked(buf, offset, flags));
+    }
+    return this.implPwrite(buf, offset, flags);
+  }
+
   pread(buf: Uint8Array, offset: number, flags = 0): Promise<ReadResult> {
     try {
-      this.checkRange(buf.length, offset, Errno.EINVAL, 'read');
-      if (this.lock) return this.lock.run(async () => this.implPread(buf, offset, flags));
-      return Promise.resolve(this.implPread(buf, offset, flags));
+      return Promise.resolve(this.preadNow(buf, offset, flags));
     } catch (err) {
       return Promise.reject(err);
     }
@@ -192,12 +207,7 @@ export abstract class Context implements OwnedContext {
 
   pwrite(buf: Uint8Array, offset: number, flags = 0): Promise<void> {
     try {
-      this.checkWritable('write');
-      this.checkRange(buf.length, offset, Errno.ENOSPC, 'write');
-      if (this.lock || (flags & FLAG_FUA && this.fuaMode !== 'native')) {
-        return this.locked(() => this.pwriteUnlocked(buf, offset, flags));
-      }
-      return Promise.resolve(this.implPwrite(buf, offset, flags));
+      return Promise.resolve(this.pwriteNow(buf, offset, flags));
     } catch (err) {
       return Promise.reject(err);
     }

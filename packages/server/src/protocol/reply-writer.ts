@@ -2,13 +2,17 @@ import type { Duplex } from 'node:stream';
 
 /**
  * Collects reply buffers and hands them to the socket in batches: everything that completes in
- * one turn of the event loop goes out in one corked write (one writev system call).
+ * one turn of the event loop goes out in one corked write (one writev system call). While the
+ * parser holds the writer (it is handling the bytes of one read), replies wait for its release and
+ * go out then, without waiting for the turn to end: requests a synchronous plugin served are
+ * answered straight from the read callback.
  */
 export class ReplyWriter {
   private pending: Uint8Array[] = [];
   /** Called once the buffer at the same index in `pending` has been written (or dropped). */
   private pendingDone: Array<(() => void) | undefined> = [];
   private scheduled = false;
+  private holds = 0;
   private closed = false;
   private idleWaiters: Array<() => void> = [];
 
@@ -35,8 +39,17 @@ export class ReplyWriter {
     this.schedule();
   }
 
+  /** Keep replies back until release(); holds nest. */
+  hold(): void {
+    this.holds++;
+  }
+
+  release(): void {
+    if (--this.holds === 0 && this.pending.length > 0) this.flush();
+  }
+
   private schedule(): void {
-    if (!this.scheduled) {
+    if (!this.scheduled && this.holds === 0) {
       this.scheduled = true;
       setImmediate(this.flush);
     }
@@ -50,6 +63,7 @@ export class ReplyWriter {
 
   readonly flush = (): void => {
     this.scheduled = false;
+    if (this.holds > 0) return; // release() writes them
     const list = this.pending;
     if (list.length === 0 || this.closed) {
       this.notifyIdle();

@@ -117,6 +117,15 @@ export class Transmission {
   }
 
   private parse(): void {
+    this.writer.hold();
+    try {
+      this.parseHeld();
+    } finally {
+      this.writer.release();
+    }
+  }
+
+  private parseHeld(): void {
     const q = this.reader.queue;
     while (!this.stopping) {
       if (this.pendingWrite) {
@@ -210,8 +219,13 @@ export class Transmission {
       return;
     }
     this.pendingWrite = null;
-    this.start(p.req, p.buf, null, true);
-    this.parse();
+    this.writer.hold();
+    try {
+      this.start(p.req, p.buf, null, true);
+      this.parseHeld();
+    } finally {
+      this.writer.release();
+    }
   }
 
   private unsupportedPayload(): NbdError {
@@ -281,15 +295,21 @@ export class Transmission {
       this.paused = true;
       this.reader.stream.pause();
     }
-    const run = () => this.execute(req, payload);
     const lock = this.settings.requestLock;
-    let p: Promise<void>;
+    let pending: void | Promise<void>;
     if (this.connLock || lock) {
-      p = (this.connLock ?? lock!).run(() => (this.connLock && lock ? lock.run(run) : run()));
+      const run = () => this.execute(req, payload);
+      pending = (this.connLock ?? lock!).run(() => (this.connLock && lock ? lock.run(run) : run()));
     } else {
-      p = run();
+      pending = this.executeNow(req, payload);
     }
-    p.then(
+    if (pending === undefined) {
+      // Answered already (a synchronous plugin): no promise turn at all.
+      if (pooled) bufferPool.put(payload!);
+      this.finish(cost);
+      return;
+    }
+    pending.then(
       () => {
         // Plugins may not keep the buffer after pwrite returns, so it can be reused.
         if (pooled) bufferPool.put(payload!);
@@ -315,6 +335,30 @@ export class Transmission {
       this.idleWaiters = [];
       for (const fn of w) fn();
     }
+  }
+
+  /**
+   * READ and WRITE without promises when the layers below answer at once; everything else, and
+   * any layer that answers later, through execute(). Returns undefined once the reply is queued.
+   */
+  private executeNow(req: Request, payload: Buffer | null): void | Promise<void> {
+    if (req.type === C.CMD_READ) return this.read(req);
+    if (req.type !== C.CMD_WRITE) return this.execute(req, payload);
+    let done: void | Promise<void>;
+    try {
+      done = this.ctx.pwriteNow(payload!, req.offset, req.flags & C.CMD_FLAG_FUA ? FLAG_FUA : 0);
+    } catch (err) {
+      this.replyError(req, err);
+      return;
+    }
+    if (!isPromiseLike(done)) {
+      this.replyOk(req);
+      return;
+    }
+    return done.then(
+      () => this.replyOk(req),
+      (err) => this.replyError(req, err),
+    );
   }
 
   private async execute(req: Request, payload: Buffer | null): Promise<void> {
@@ -388,18 +432,33 @@ export class Transmission {
     if (isFatalError(err)) this.stop(`fatal error: ${message}`);
   }
 
-  private async read(req: Request): Promise<void> {
+  /** Reads straight into a pooled reply buffer; replies at once when the layer below answered at once. */
+  private read(req: Request): void | Promise<void> {
+    const b = bufferPool.get(DATA_ALIGN + req.length);
+    const data = b.subarray(DATA_ALIGN);
+    let result: ReadResult | Promise<ReadResult>;
+    try {
+      result = this.ctx.preadNow(data, req.offset, 0);
+    } catch (err) {
+      bufferPool.put(b);
+      return this.replyError(req, err);
+    }
+    if (!isPromiseLike(result)) return this.replyRead(req, b, data, result);
+    return result.then(
+      (r) => this.replyRead(req, b, data, r),
+      (err) => {
+        bufferPool.put(b);
+        this.replyError(req, err);
+      },
+    );
+  }
+
+  /** `b` is the pooled buffer holding `data` at DATA_ALIGN; it goes back once the socket wrote it. */
+  private replyRead(req: Request, b: Buffer, data: Buffer, result: ReadResult): void {
     const len = req.length;
     if (!this.structured) {
-      // One buffer for header and data: the plugin fills the data in place.
-      const b = bufferPool.get(DATA_ALIGN + len);
-      const data = b.subarray(DATA_ALIGN);
-      try {
-        fillHoles(data, await this.ctx.pread(data, req.offset, 0));
-      } catch (err) {
-        bufferPool.put(b);
-        return this.replyError(req, err);
-      }
+      // One buffer for header and data: the plugin filled the data in place.
+      fillHoles(data, result);
       const reply = b.subarray(DATA_ALIGN - C.SIMPLE_REPLY_SIZE);
       writeSimpleReplyHeader(reply, 0, 0, req.cookie);
       this.writer.pushThen(reply, () => bufferPool.put(b));
@@ -407,15 +466,6 @@ export class Transmission {
     }
     const hs = chunkHeaderSize(this.extended);
     const prefix = hs + 8;
-    const b = bufferPool.get(DATA_ALIGN + len);
-    const data = b.subarray(DATA_ALIGN);
-    let result: ReadResult;
-    try {
-      result = await this.ctx.pread(data, req.offset, 0);
-    } catch (err) {
-      bufferPool.put(b);
-      return this.replyError(req, err);
-    }
     const holes = result && result.length ? bigHoles(data, result) : null;
     if (!holes || holes.length === 0 || req.flags & C.CMD_FLAG_DF) {
       if (result && result.length) fillHoles(data, result);
@@ -470,6 +520,10 @@ export class Transmission {
     writeChunkHeader(h, 0, this.extended, C.REPLY_FLAG_DONE, type, req.cookie, req.offset, payload.length);
     this.writer.push(h, payload);
   }
+}
+
+function isPromiseLike<T>(v: T | Promise<T>): v is Promise<T> {
+  return typeof (v as { then?: unknown } | undefined)?.then === 'function';
 }
 
 /** Zero the spans a plugin reported as holes, for replies that must carry every byte. */
