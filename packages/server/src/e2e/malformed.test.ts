@@ -158,3 +158,47 @@ describe('malformed input never takes the server down', () => {
     await stillServes(socketPath(s));
   });
 });
+
+describe('a client that asks for more than it reads back', () => {
+  let s: Srv;
+  const LIMIT = 4 << 20;
+  beforeAll(async () => {
+    s = await serve({ plugin: createMemoryPlugin(), config: { size: '16M' }, maxInFlightBytes: LIMIT });
+  });
+  afterAll(() => s.close());
+
+  it('is held off: unsent READ replies count as in flight, and none is lost once it reads', async () => {
+    const COUNT = 400;
+    const SIZE = 1 << 20;
+    const requests = Buffer.alloc(28 * COUNT);
+    for (let i = 0; i < COUNT; i++) {
+      requests.writeUInt32BE(C.REQUEST_MAGIC, 28 * i);
+      requests.writeUInt16BE(C.CMD_READ, 28 * i + 6);
+      requests.writeBigUInt64BE(BigInt(i), 28 * i + 8);
+      requests.writeUInt32BE((i % 15) * SIZE, 28 * i + 20);
+      requests.writeUInt32BE(SIZE, 28 * i + 24);
+    }
+    const sock = net.connect(socketPath(s));
+    await new Promise((r) => sock.once('connect', r));
+    const before = process.memoryUsage().arrayBuffers;
+    for (const b of handshake([requests])) sock.write(b);
+    // Read nothing for a while: the server may hold about its limit in replies, not 400 MiB.
+    sock.pause();
+    await new Promise((r) => setTimeout(r, 500));
+    const held = process.memoryUsage().arrayBuffers - before;
+    expect(held).toBeLessThan(8 * LIMIT);
+    // Then take everything: every reply arrives, in full.
+    let got = 0;
+    const expected = 18 + 20 + 12 + 20 + COUNT * (16 + SIZE);
+    await new Promise<void>((resolve) => {
+      sock.on('data', (d: Buffer) => {
+        got += d.length;
+        if (got >= expected) resolve();
+      });
+      sock.resume();
+    });
+    expect(got).toBe(expected);
+    sock.destroy();
+    await stillServes(socketPath(s));
+  });
+});

@@ -6,7 +6,8 @@
  */
 const MIN_POOLED = 1024;
 const MAX_POOLED_BYTES = 128 * 1024 * 1024;
-const MAX_PER_SIZE = 64;
+/** Enough for nbdcopy's 4 connections x 64 requests of 256 KiB; the byte cap bounds the rest. */
+const MAX_PER_SIZE = 1024;
 
 class BufferPool {
   private free = new Map<number, Buffer[]>();

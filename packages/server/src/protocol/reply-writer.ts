@@ -97,8 +97,11 @@ export class ReplyWriter {
 
   close(): void {
     this.closed = true;
+    const done = this.pendingDone;
     this.pending = [];
     this.pendingDone = [];
+    // Nothing will be written: whoever waits to reuse a buffer may do so now.
+    for (const cb of done) cb?.();
     this.notifyIdle();
   }
 }

@@ -69,6 +69,11 @@ export class Transmission {
   private readonly connLock: Mutex | null;
   private inFlight = 0;
   private inFlightBytes = 0;
+  /**
+   * READ data queued for the socket and not yet taken by it. It counts against the in-flight
+   * limit too: a client that asks faster than it reads would otherwise pile replies up here.
+   */
+  private replyBytes = 0;
   private paused = false;
   private stopping = false;
   /** WRITE payload still to arrive for the request being parsed. */
@@ -291,7 +296,7 @@ export class Transmission {
     const cost = req.type === C.CMD_READ || req.type === C.CMD_WRITE ? req.length : 0;
     this.inFlight++;
     this.inFlightBytes += cost;
-    if (this.inFlightBytes > this.settings.maxInFlightBytes && !this.paused) {
+    if (this.inFlightBytes + this.replyBytes > this.settings.maxInFlightBytes && !this.paused) {
       this.paused = true;
       this.reader.stream.pause();
     }
@@ -325,16 +330,32 @@ export class Transmission {
   private finish(cost: number): void {
     this.inFlight--;
     this.inFlightBytes -= cost;
-    if (this.paused && this.inFlightBytes <= this.settings.maxInFlightBytes / 2) {
-      this.paused = false;
-      this.reader.stream.resume();
-      this.parse();
-    }
+    this.resumeIfRoom();
     if (this.inFlight === 0 && this.idleWaiters.length) {
       const w = this.idleWaiters;
       this.idleWaiters = [];
       for (const fn of w) fn();
     }
+  }
+
+  private resumeIfRoom(): void {
+    if (this.paused && this.inFlightBytes + this.replyBytes <= this.settings.maxInFlightBytes / 2) {
+      this.paused = false;
+      this.reader.stream.resume();
+      this.parse();
+    }
+  }
+
+  /** Queue READ reply buffers; `b` (the pooled buffer behind them) goes back once they are sent. */
+  private pushReadReply(buffers: Uint8Array[], b: Buffer, dataLength: number, recycle: boolean): void {
+    this.replyBytes += dataLength;
+    const last = buffers.pop()!;
+    if (buffers.length) this.writer.push(...buffers);
+    this.writer.pushThen(last, () => {
+      if (recycle) bufferPool.put(b);
+      this.replyBytes -= dataLength;
+      this.resumeIfRoom();
+    });
   }
 
   /**
@@ -461,7 +482,7 @@ export class Transmission {
       fillHoles(data, result);
       const reply = b.subarray(DATA_ALIGN - C.SIMPLE_REPLY_SIZE);
       writeSimpleReplyHeader(reply, 0, 0, req.cookie);
-      this.writer.pushThen(reply, () => bufferPool.put(b));
+      this.pushReadReply([reply], b, len, true);
       return;
     }
     const hs = chunkHeaderSize(this.extended);
@@ -472,7 +493,7 @@ export class Transmission {
       const reply = b.subarray(DATA_ALIGN - prefix);
       writeChunkHeader(reply, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + len);
       writeU64(reply, req.offset, hs);
-      this.writer.pushThen(reply, () => bufferPool.put(b));
+      this.pushReadReply([reply], b, len, true);
       return;
     }
     // Data and hole chunks in order; the last one carries DONE.
@@ -501,7 +522,8 @@ export class Transmission {
         out.push(c, data.subarray(p.start, p.start + p.length));
       }
     });
-    this.writer.push(...out);
+    // Only the last chunk says when all were sent; `b` is not recycled, as it was cut into views.
+    this.pushReadReply(out, b, len, false);
   }
 
   private async blockStatus(req: Request): Promise<void> {
