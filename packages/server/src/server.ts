@@ -23,6 +23,11 @@ export interface ServeOptions {
   handshakeMask?: number;
   maxPayload?: number;
   maxInFlightBytes?: number;
+  /**
+   * Longest an idle connection keeps polling for its next request before the event loop sleeps,
+   * in microseconds (default 50; 0 turns polling off). See "Polling" in the README.
+   */
+  pollMicroseconds?: number;
   tls?: TlsSettings;
   /** Called with debug lines (-v). */
   debug?: (message: string) => void;
@@ -64,6 +69,7 @@ export class NbdServer {
       handshakeMask: options.handshakeMask ?? DEFAULT_SETTINGS.handshakeMask,
       maxPayload: options.maxPayload ?? DEFAULT_SETTINGS.maxPayload,
       maxInFlightBytes: options.maxInFlightBytes ?? DEFAULT_SETTINGS.maxInFlightBytes,
+      pollMaxNs: options.pollMicroseconds !== undefined ? options.pollMicroseconds * 1000 : DEFAULT_SETTINGS.pollMaxNs,
       tls: options.tls ?? { mode: 'off', socketOptions: {} },
       requestLock: serializeAll ? new Mutex() : null,
       perConnectionLock: this.threadModel !== 'parallel',

@@ -34,6 +34,8 @@ export interface CliOptions {
   help: boolean;
   version: boolean;
   maxPayload?: string;
+  /** --poll=MICROSECONDS (see ServeOptions.pollMicroseconds). */
+  poll?: number;
   noInstall: boolean;
   plugin?: string;
   /** key=value pairs in order; bare values arrive as [null, value] until the magic key is known. */
@@ -101,6 +103,16 @@ const LONG: Record<string, Spec> = {
   help: { takesValue: false, set: (o) => (o.help = true) },
   version: { takesValue: false, set: (o) => (o.version = true) },
   'max-payload': { takesValue: true, set: (o, v) => (o.maxPayload = v) },
+  poll: {
+    takesValue: true,
+    set: (o, v) => {
+      const n = Number(v);
+      if (v.trim() === '' || !Number.isInteger(n) || n < 0 || n > 1_000_000) {
+        throw new UsageError(`--poll: '${v}' is not a number of microseconds from 0 to 1000000`);
+      }
+      o.poll = n;
+    },
+  },
   'no-install': { takesValue: false, set: (o) => (o.noInstall = true) },
   newstyle: { takesValue: false, set: () => {} },
   oldstyle: {
@@ -243,6 +255,7 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
       --mask-handshake=MASK handshake flags to offer (bits: 1 fixed newstyle, 2 no zeroes)
       --no-sr               no structured replies (nor extended headers)
       --max-payload=SIZE    largest read/write request (default 32M)
+      --poll=MICROSECONDS   poll an idle connection this long before sleeping (default 50, 0 = off)
       --log=stderr|syslog|null  where messages go (syslog is written to stderr)
       --print-uri           print the URI clients can use
       --no-install          never install missing first-party plugins (also NBDX_NO_INSTALL=1)

@@ -102,6 +102,7 @@ async function run(o: CliOptions): Promise<number> {
     noStructuredReplies: o.noSr,
     handshakeMask: o.maskHandshake,
     maxPayload: o.maxPayload ? parseSize(o.maxPayload, '--max-payload') : undefined,
+    pollMicroseconds: o.poll,
     tls: tlsSettings(o),
     debug: verbose ? (m) => process.stderr.write(`nbdx: debug: ${m}\n`) : () => {},
     error: o.log === 'null' ? () => {} : (m) => process.stderr.write(`nbdx: ${m}\n`),

@@ -10,8 +10,10 @@
  * symbol names on a probe socket) and its handle's `useUserBuffer`. When anything it needs is
  * missing (another Node version, a TLS socket, a pipe), it declines and reading stays as it was.
  */
+import { readSync } from 'node:fs';
 import * as net from 'node:net';
 import * as tls from 'node:tls';
+import { POLL_EMPTY, POLL_STOP } from './poller.js';
 
 interface OnreadSymbols {
   buffer: symbol;
@@ -51,20 +53,52 @@ export interface DirectReader {
   small?: () => boolean;
 }
 
-/** Switch `stream` to reading into supplied buffers. Returns false when that is not possible. */
-export function enableDirectReads(stream: unknown, reader: DirectReader, stagingSize = 64 * 1024): boolean {
-  if (!(stream instanceof net.Socket) || stream instanceof tls.TLSSocket) return false;
-  const handle = (stream as unknown as { _handle?: { useUserBuffer?: (b: Uint8Array) => void } })._handle;
-  if (!handle || typeof handle.useUserBuffer !== 'function') return false;
+/** A socket switched to direct reads. */
+export interface DirectReads {
+  /**
+   * Read what has arrived without waiting, into the buffer the next read would use, and hand it
+   * to `onRead` as a read by the event loop would: bytes read, POLL_EMPTY, or POLL_STOP when
+   * the socket is closed or failed (the event loop reports that itself) or has no descriptor.
+   */
+  readNow(): number;
+}
+
+/** Switch `stream` to reading into supplied buffers. Returns null when that is not possible. */
+export function enableDirectReads(stream: unknown, reader: DirectReader, stagingSize = 64 * 1024): DirectReads | null {
+  if (!(stream instanceof net.Socket) || stream instanceof tls.TLSSocket) return null;
+  const handle = (stream as unknown as { _handle?: { useUserBuffer?: (b: Uint8Array) => void; fd?: number } })._handle;
+  if (!handle || typeof handle.useUserBuffer !== 'function') return null;
   const sym = onreadSymbols();
-  if (!sym) return false;
+  if (!sym) return null;
   const s = stream as unknown as Record<symbol, unknown>;
-  if (s[sym.buffer] !== null && s[sym.buffer] !== undefined) return false; // already in that mode
+  if (s[sym.buffer] !== null && s[sym.buffer] !== undefined) return null; // already in that mode
   const staging = Buffer.allocUnsafeSlow(stagingSize);
   s[sym.buffer] = staging;
   s[sym.callback] = (nread: number, buf: Buffer) => reader.onRead(nread, buf);
   const smallStaging = staging.subarray(0, SMALL_STAGING);
-  s[sym.generator] = () => reader.nextBuffer() ?? (reader.small?.() ? smallStaging : staging);
+  const next = (): Uint8Array => reader.nextBuffer() ?? (reader.small?.() ? smallStaging : staging);
+  s[sym.generator] = next;
   handle.useUserBuffer(staging);
-  return true;
+  const fd = handle.fd;
+  return {
+    readNow() {
+      if (typeof fd !== 'number' || fd < 0 || stream.destroyed) return POLL_STOP;
+      const buf = next();
+      let n: number;
+      try {
+        n = readSync(fd, buf, 0, buf.byteLength, null);
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        return code === 'EAGAIN' || code === 'EWOULDBLOCK' ? POLL_EMPTY : POLL_STOP;
+      }
+      if (n === 0) return POLL_STOP;
+      reader.onRead(n, buf as Buffer);
+      // Where the event loop's next read lands, as it would have chosen after its own read
+      // (a payload's remainder moves on as it fills).
+      const following = next();
+      s[sym.buffer] = following;
+      handle.useUserBuffer!(following);
+      return n;
+    },
+  };
 }

@@ -30,6 +30,8 @@ export interface ProtocolSettings {
   maxInFlightBytes: number;
   /** Longest option payload accepted during the handshake. */
   maxOptionLength: number;
+  /** Longest an idle connection polls for its next request before sleeping, in ns (poller.ts); 0 = never. */
+  pollMaxNs: number;
   tls: TlsSettings;
   /** Held around every request (serialize_all_requests and stricter). */
   requestLock: Mutex | null;
@@ -48,4 +50,5 @@ export const DEFAULT_SETTINGS = {
   maxPayload: DEFAULT_MAX_PAYLOAD,
   maxInFlightBytes: 256 * 1024 * 1024,
   maxOptionLength: 64 * 1024,
+  pollMaxNs: 50_000,
 };

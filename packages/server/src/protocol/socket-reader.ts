@@ -1,6 +1,7 @@
 import type { Duplex } from 'node:stream';
 import { ChunkQueue } from '../wire/bytes.js';
-import { enableDirectReads } from './direct-reads.js';
+import { enableDirectReads, type DirectReads } from './direct-reads.js';
+import { POLL_STOP } from './poller.js';
 
 /**
  * Buffers what a socket sends. The handshake reads with `await read(n)`; the transmission phase
@@ -22,6 +23,13 @@ export class SocketReader {
   volatile = false;
   /** Told how many bytes a read put into `directTarget` (which is cleared first). */
   onDirect: ((n: number) => void) | null = null;
+  /** Told when the event loop delivered bytes (not readNow): the connection was asleep. */
+  onWake: (() => void) | null = null;
+  private direct: DirectReads | null = null;
+  private polled = false;
+  /** Reads so far, and how many of them readNow() made (for the debug line at the end). */
+  reads = 0;
+  polledReads = 0;
   private readonly dataListener = (chunk: Buffer) => this.push(chunk);
   private readonly endListener = () => this.end(new Error('connection closed by the client'));
   private readonly errorListener = (err: Error) => this.end(err);
@@ -58,8 +66,11 @@ export class SocketReader {
    * handed to `onDirect` without any copy.
    */
   useDirectReads(): boolean {
-    return enableDirectReads(this.stream, {
+    this.direct = enableDirectReads(this.stream, {
       onRead: (nread, buf) => {
+        this.reads++;
+        if (this.polled) this.polledReads++;
+        else this.onWake?.();
         const target = this.directTarget;
         if (target !== null && buf === target) {
           this.directTarget = null;
@@ -78,6 +89,18 @@ export class SocketReader {
       nextBuffer: () => this.directTarget,
       small: () => this.expectBigPayload,
     });
+    return this.direct !== null;
+  }
+
+  /** Read what has arrived, without waiting (see DirectReads.readNow); only with direct reads. */
+  readNow(): number {
+    if (!this.direct || this.ended) return POLL_STOP;
+    this.polled = true;
+    try {
+      return this.direct.readNow();
+    } finally {
+      this.polled = false;
+    }
   }
 
   private push(chunk: Buffer): void {

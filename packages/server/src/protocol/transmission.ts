@@ -26,6 +26,7 @@ import {
 } from '../wire/codec.js';
 import { writeU64 } from '../wire/bytes.js';
 import { bufferPool } from './buffer-pool.js';
+import { Poller } from './poller.js';
 import type { Negotiated } from './handshake.js';
 import type { ReplyWriter } from './reply-writer.js';
 import type { ProtocolSettings } from './settings.js';
@@ -81,6 +82,8 @@ export class Transmission {
   private idleWaiters: Array<() => void> = [];
   /** Whether big WRITE payloads are read straight into their buffers (direct-reads.ts). */
   private readonly direct: boolean;
+  /** Polls the socket for a while once everything is answered (poller.ts); needs direct reads. */
+  private readonly poller: Poller | null;
   private finished!: () => void;
   readonly done: Promise<void>;
 
@@ -104,6 +107,11 @@ export class Transmission {
     };
     this.direct = reader.useDirectReads();
     reader.onDirect = (n) => this.payloadArrived(n);
+    this.poller = this.direct && settings.pollMaxNs > 0 ? new Poller(settings.pollMaxNs, () => reader.readNow()) : null;
+    if (this.poller) {
+      const poller = this.poller;
+      reader.onWake = () => poller.woke();
+    }
     this.parse();
   }
 
@@ -111,7 +119,9 @@ export class Transmission {
   stop(reason: string): void {
     if (this.stopping) return;
     this.stopping = true;
-    this.settings.debug(`connection ending: ${reason}`);
+    this.poller?.stop();
+    const polled = this.poller ? ` (${this.reader.polledReads} of ${this.reader.reads} reads found by polling)` : '';
+    this.settings.debug(`connection ending: ${reason}${polled}`);
     this.reader.onData = null;
     this.whenIdle(() => this.finished());
   }
@@ -128,6 +138,12 @@ export class Transmission {
     } finally {
       this.writer.release();
     }
+    this.idleIfDone();
+  }
+
+  /** Everything asked so far is answered: the poller may look for the next request. */
+  private idleIfDone(): void {
+    if (this.poller && this.inFlight === 0 && !this.paused && !this.stopping) this.poller.idle();
   }
 
   private parseHeld(): void {
@@ -231,6 +247,7 @@ export class Transmission {
     } finally {
       this.writer.release();
     }
+    this.idleIfDone();
   }
 
   private unsupportedPayload(): NbdError {
@@ -298,6 +315,7 @@ export class Transmission {
     this.inFlightBytes += cost;
     if (this.inFlightBytes + this.replyBytes > this.settings.maxInFlightBytes && !this.paused) {
       this.paused = true;
+      this.poller?.stop();
       this.reader.stream.pause();
     }
     const lock = this.settings.requestLock;
@@ -331,6 +349,8 @@ export class Transmission {
     this.inFlight--;
     this.inFlightBytes -= cost;
     this.resumeIfRoom();
+    // An answer that came later (an asynchronous plugin): the connection may be idle now.
+    if (this.inFlight === 0) this.idleIfDone();
     if (this.inFlight === 0 && this.idleWaiters.length) {
       const w = this.idleWaiters;
       this.idleWaiters = [];
@@ -341,6 +361,7 @@ export class Transmission {
   private resumeIfRoom(): void {
     if (this.paused && this.inFlightBytes + this.replyBytes <= this.settings.maxInFlightBytes / 2) {
       this.paused = false;
+      if (!this.stopping) this.poller?.resume();
       this.reader.stream.resume();
       this.parse();
     }
