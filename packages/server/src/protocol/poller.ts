@@ -50,15 +50,19 @@ export class Poller {
     this.windowNs = slept <= this.maxNs ? Math.min(this.maxNs, Math.max(MIN_WINDOW_NS, slept * 1.5)) : 0;
   }
 
-  /** The connection has answered everything it was asked: maybe poll before sleeping. */
-  idle(): void {
+  /**
+   * The connection has answered everything it was asked: maybe poll before sleeping. `poll`
+   * false: the client does not look like one waiting for each answer (it sent several requests
+   * at once, or a request took several reads), so just note the time.
+   */
+  idle(poll = true): void {
     if (this.polling) {
-      this.idleAgain = true;
+      this.idleAgain = poll;
       return;
     }
     if (this.stopped) return;
     this.idleSince = now();
-    if (this.windowNs >= MIN_WINDOW_NS && !this.scheduled) {
+    if (poll && this.windowNs >= MIN_WINDOW_NS && !this.scheduled) {
       this.scheduled = true;
       setImmediate(this.poll);
     }

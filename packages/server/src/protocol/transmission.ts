@@ -84,6 +84,12 @@ export class Transmission {
   private readonly direct: boolean;
   /** Polls the socket for a while once everything is answered (poller.ts); needs direct reads. */
   private readonly poller: Poller | null;
+  /** Requests started so far, and the counts of those and of reads when last idle. */
+  private started = 0;
+  private startedAtIdle = 0;
+  private readsAtIdle = 0;
+  /** Inside parse(): requests answered there wait for its end before the connection counts as idle. */
+  private parsing = 0;
   private finished!: () => void;
   readonly done: Promise<void>;
 
@@ -133,17 +139,28 @@ export class Transmission {
 
   private parse(): void {
     this.writer.hold();
+    this.parsing++;
     try {
       this.parseHeld();
     } finally {
+      this.parsing--;
       this.writer.release();
     }
     this.idleIfDone();
   }
 
-  /** Everything asked so far is answered: the poller may look for the next request. */
+  /**
+   * Everything asked so far is answered: the poller may look for the next request, if the client
+   * looks like one that waits for each answer: one read brought exactly one request since the
+   * last time. A client streaming requests (several per read, or payloads over several reads)
+   * wakes us soon enough anyway, and polling would only take CPU from it.
+   */
   private idleIfDone(): void {
-    if (this.poller && this.inFlight === 0 && !this.paused && !this.stopping) this.poller.idle();
+    if (!this.poller || this.inFlight !== 0 || this.paused || this.stopping || this.parsing > 0) return;
+    const oneByOne = this.started - this.startedAtIdle === 1 && this.reader.reads - this.readsAtIdle === 1;
+    this.startedAtIdle = this.started;
+    this.readsAtIdle = this.reader.reads;
+    this.poller.idle(oneByOne);
   }
 
   private parseHeld(): void {
@@ -241,10 +258,12 @@ export class Transmission {
     }
     this.pendingWrite = null;
     this.writer.hold();
+    this.parsing++;
     try {
       this.start(p.req, p.buf, null, true);
       this.parseHeld();
     } finally {
+      this.parsing--;
       this.writer.release();
     }
     this.idleIfDone();
@@ -311,6 +330,7 @@ export class Transmission {
       return;
     }
     const cost = req.type === C.CMD_READ || req.type === C.CMD_WRITE ? req.length : 0;
+    this.started++;
     this.inFlight++;
     this.inFlightBytes += cost;
     if (this.inFlightBytes + this.replyBytes > this.settings.maxInFlightBytes && !this.paused) {
@@ -350,7 +370,7 @@ export class Transmission {
     this.inFlightBytes -= cost;
     this.resumeIfRoom();
     // An answer that came later (an asynchronous plugin): the connection may be idle now.
-    if (this.inFlight === 0) this.idleIfDone();
+    if (this.inFlight === 0 && this.parsing === 0) this.idleIfDone();
     if (this.inFlight === 0 && this.idleWaiters.length) {
       const w = this.idleWaiters;
       this.idleWaiters = [];
