@@ -307,7 +307,7 @@ except nbd.Error as e:
   });
 
   it('refuses bad values at configuration time', async () => {
-    await expect(delayed([['rdelay', 'soon']])).rejects.toThrow(/rdelay: could not parse 'soon' as a delay/);
+    await expect(delayed([['rdelay', 'soon']])).rejects.toThrow(/rdelay: could not parse 'soon' as a duration/);
   });
 });
 

@@ -1,26 +1,7 @@
-import { Errno, FLAG_FAST_ZERO, NbdError, defineFilter, parseBool, packageVersion } from '@nbdx/server/api';
-import { MAX_DELAY_MS, Waits } from './waits.js';
+import { Errno, FLAG_FAST_ZERO, NbdError, defineFilter, parseBool, parseDuration, packageVersion } from '@nbdx/server/api';
+import { Waits } from './waits.js';
 
-export { Waits, MAX_DELAY_MS } from './waits.js';
-
-/**
- * Parse a delay: seconds (`2`, `1.5`, `2s`) or milliseconds (`10ms`). Returns milliseconds.
- */
-export function parseDelay(value: string, what = 'delay'): number {
-  const m = /^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)?\s*$/i.exec(value);
-  if (!m) {
-    throw new NbdError(
-      Errno.EINVAL,
-      `${what}: could not parse '${value}' as a delay: give seconds (2, 0.5, 2s) or milliseconds (100ms)`,
-    );
-  }
-  const n = Number(m[1]);
-  const ms = m[2]?.toLowerCase() === 'ms' ? n : n * 1000;
-  if (!Number.isFinite(ms) || ms > MAX_DELAY_MS) {
-    throw new NbdError(Errno.EINVAL, `${what}: '${value}' is longer than the longest delay possible (${MAX_DELAY_MS} ms)`);
-  }
-  return ms;
-}
+export { Waits } from './waits.js';
 
 interface Handle {
   waits: Waits;
@@ -74,31 +55,31 @@ export function createDelayFilter() {
       switch (key) {
         case 'rdelay':
         case 'delay-read':
-          d.read = parseDelay(value, key);
+          d.read = parseDuration(value, key);
           return;
         case 'wdelay':
-          d.write = d.zero = d.trim = parseDelay(value, key);
+          d.write = d.zero = d.trim = parseDuration(value, key);
           return;
         case 'delay-write':
-          d.write = parseDelay(value, key);
+          d.write = parseDuration(value, key);
           return;
         case 'delay-zero':
-          d.zero = parseDelay(value, key);
+          d.zero = parseDuration(value, key);
           return;
         case 'delay-trim':
-          d.trim = parseDelay(value, key);
+          d.trim = parseDuration(value, key);
           return;
         case 'delay-extents':
-          d.extents = parseDelay(value, key);
+          d.extents = parseDuration(value, key);
           return;
         case 'delay-cache':
-          d.cache = parseDelay(value, key);
+          d.cache = parseDuration(value, key);
           return;
         case 'delay-open':
-          d.open = parseDelay(value, key);
+          d.open = parseDuration(value, key);
           return;
         case 'delay-close':
-          d.close = parseDelay(value, key);
+          d.close = parseDuration(value, key);
           return;
         case 'delay-fast-zero':
           d.fastZero = parseBool(value, key);

@@ -1,26 +1,8 @@
 import { getEventListeners } from 'node:events';
 import { afterEach, describe, expect, it, vi } from 'vitest';
 import { Errno, NbdError, type Next } from '@nbdx/server/api';
-import { createDelayFilter, parseDelay } from './index.js';
+import { createDelayFilter } from './index.js';
 import { Waits } from './waits.js';
-
-describe('parseDelay', () => {
-  it('takes seconds and milliseconds', () => {
-    expect(parseDelay('10ms')).toBe(10);
-    expect(parseDelay('1.5')).toBe(1500);
-    expect(parseDelay('2s')).toBe(2000);
-    expect(parseDelay('0')).toBe(0);
-    expect(parseDelay('.25')).toBe(250);
-    expect(parseDelay(' 200MS ')).toBe(200);
-    expect(parseDelay('0.5ms')).toBe(0.5);
-  });
-  it('refuses anything else with a clear message', () => {
-    expect(() => parseDelay('-1', 'rdelay')).toThrow(/rdelay: could not parse '-1' as a delay: give seconds/);
-    for (const bad of ['abc', '1h', '1e3', '', 'ms', '10 m']) expect(() => parseDelay(bad)).toThrow(NbdError);
-    expect(() => parseDelay('30d', 'wdelay')).toThrow(/could not parse/);
-    expect(() => parseDelay('3000000', 'wdelay')).toThrow(/wdelay: '3000000' is longer than the longest delay possible/);
-  });
-});
 
 describe('Waits', () => {
   it('sleeps with a timer and resolves', async () => {

@@ -5,9 +5,6 @@
  */
 import { Errno, NbdError } from '@nbdx/server/api';
 
-/** The longest delay setTimeout can do in one go (about 24.8 days). */
-export const MAX_DELAY_MS = 2 ** 31 - 1;
-
 function shutdownError(reason: unknown): NbdError {
   if (reason instanceof NbdError && reason.errno === Errno.ESHUTDOWN) {
     return new NbdError(Errno.ESHUTDOWN, `delay cut short: ${reason.message}`);

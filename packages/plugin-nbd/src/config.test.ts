@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { NbdConnectionError, NbdOptionError, NbdProtocolError, NbdRequestError, NBD } from '@nbdx/client';
 import { Errno, NbdError, isFatalError, toErrno } from '@nbdx/server/api';
-import { applyParam, completeConfig, describeAddress, parseTimeout, type RawParams } from './config.js';
+import { applyParam, completeConfig, describeAddress, type RawParams } from './config.js';
 import { translateError, upstreamLost, withRetry } from './upstream.js';
 import { createNbdPlugin } from './index.js';
 
@@ -36,9 +36,7 @@ describe('parameters', () => {
   it('takes dynamic-export, retry and timeout', () => {
     const c = configure([['socket', '/s'], ['dynamic-export', 'true'], ['retry', '3'], ['timeout', '2.5'], ['request-timeout', '60']]);
     expect(c).toMatchObject({ dynamicExport: true, retry: 3, timeoutMs: 2500, requestTimeoutMs: 60_000 });
-    expect(parseTimeout('500ms')).toBe(500);
-    expect(parseTimeout('10s')).toBe(10_000);
-    expect(parseTimeout('0')).toBe(0);
+    expect(configure([['socket', '/s'], ['timeout', '500ms'], ['request-timeout', '0']])).toMatchObject({ timeoutMs: 500, requestTimeoutMs: 0 });
   });
 
   it('refuses TLS URIs and tls=on with a message that says why', () => {
@@ -60,8 +58,8 @@ describe('parameters', () => {
       [[['uri', 'nbd://h/a'], ['dynamic-export', 'true']], /no export may be named \(got 'a' from the URI\)/],
       [[['socket', '/s'], ['export', 'a'], ['dynamic-export', 'yes']], /got 'a' from export=/],
       [[['socket', '/s'], ['retry', '-1']], /retry=-1: not a whole number/],
-      [[['socket', '/s'], ['timeout', 'soon']], /timeout=soon: expected seconds/],
-      [[['socket', '/s'], ['request-timeout', '-5']], /request-timeout=-5: expected seconds/],
+      [[['socket', '/s'], ['timeout', 'soon']], /timeout: could not parse 'soon' as a duration/],
+      [[['socket', '/s'], ['request-timeout', '-5']], /request-timeout: could not parse '-5' as a duration/],
       [[['socket', '/s'], ['dynamic-export', 'maybe']], /dynamic-export: could not parse 'maybe'/],
       [[['socket', '/s'], ['shared', 'true']], /nbdx --filter=shared nbd \.\.\./],
       [[['socket', '/s'], ['vsock', '3']], /unknown parameter 'vsock'/],

@@ -1,5 +1,5 @@
 import { parseNbdUri } from '@nbdx/client';
-import { Errno, NbdError, parseBool } from '@nbdx/server/api';
+import { Errno, NbdError, parseBool, parseDuration } from '@nbdx/server/api';
 
 /** Where the upstream server listens. */
 export type UpstreamAddress = { kind: 'unix'; path: string } | { kind: 'tcp'; host: string; port: number };
@@ -98,10 +98,10 @@ export function applyParam(p: RawParams, key: string, value: string): void {
       return;
     }
     case 'timeout':
-      p.timeoutMs = parseTimeout(value, 'timeout');
+      p.timeoutMs = Math.round(parseDuration(value, 'timeout'));
       return;
     case 'request-timeout':
-      p.requestTimeoutMs = parseTimeout(value, 'request-timeout');
+      p.requestTimeoutMs = Math.round(parseDuration(value, 'request-timeout'));
       return;
     case 'tls':
       // nbdkit takes tls=off|on|require; only "off" can be honoured.
@@ -112,15 +112,6 @@ export function applyParam(p: RawParams, key: string, value: string): void {
     default:
       throw bad(`unknown parameter '${key}' (see nbdx nbd --help)`);
   }
-}
-
-/** `timeout=10`, `timeout=2.5`, `timeout=500ms`, `timeout=10s`; 0 turns the limit off. */
-export function parseTimeout(value: string, key = 'timeout'): number {
-  const m = /^\s*(\d+(?:\.\d+)?)\s*(ms|s)?\s*$/i.exec(value);
-  if (!m) throw bad(`${key}=${value}: expected seconds (10, 2.5, 10s) or milliseconds (500ms)`);
-  const ms = Number(m[1]) * (m[2]?.toLowerCase() === 'ms' ? 1 : 1000);
-  if (!Number.isFinite(ms) || ms > 2 ** 31 - 1) throw bad(`${key}=${value}: too long`);
-  return Math.round(ms);
 }
 
 /** Check that the parameters fit together and resolve the upstream address. */

@@ -15,7 +15,7 @@ import {
 import { CONFIG_HELP, applyParam, completeConfig, describeAddress, type ProxyConfig, type RawParams } from './config.js';
 import { NAME, connectUpstream, targetOf, translateError, withRetry } from './upstream.js';
 
-export { completeConfig, applyParam, parseTimeout, describeAddress, type ProxyConfig, type UpstreamAddress } from './config.js';
+export { completeConfig, applyParam, describeAddress, type ProxyConfig, type UpstreamAddress } from './config.js';
 export { upstreamLost, translateError, withRetry } from './upstream.js';
 
 /** One client connection's upstream connection. */

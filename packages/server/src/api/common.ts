@@ -222,6 +222,28 @@ export function parseSize(text: string, what = 'size'): number {
   return value;
 }
 
+/** The longest duration a timer can wait (setTimeout's limit), in milliseconds. */
+export const MAX_DURATION_MS = 2 ** 31 - 1;
+
+/**
+ * Parse a duration as nbdkit's delay and timeout parameters take it: seconds (`2`, `0.5`, `.25`,
+ * `2s`) or milliseconds (`100ms`, `0.5ms`). Returns milliseconds, fractions kept.
+ */
+export function parseDuration(text: string, what = 'duration'): number {
+  const m = /^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s)?\s*$/i.exec(text);
+  if (!m) {
+    throw new NbdError(
+      Errno.EINVAL,
+      `${what}: could not parse '${text}' as a duration: give seconds (2, 0.5, 2s) or milliseconds (100ms)`,
+    );
+  }
+  const ms = Number(m[1]) * (m[2]?.toLowerCase() === 'ms' ? 1 : 1000);
+  if (!(ms <= MAX_DURATION_MS)) {
+    throw new NbdError(Errno.EINVAL, `${what}: '${text}' is longer than the longest wait possible (${MAX_DURATION_MS} ms)`);
+  }
+  return ms;
+}
+
 export function parseBool(text: string, what = 'value'): boolean {
   const t = text.trim().toLowerCase();
   if (['1', 'true', 'yes', 'on', 'y'].includes(t)) return true;
