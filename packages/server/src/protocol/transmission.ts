@@ -150,14 +150,19 @@ export class Transmission {
   }
 
   /**
-   * Everything asked so far is answered: the poller may look for the next request, if the client
-   * looks like one that waits for each answer: one read brought exactly one request since the
-   * last time. A client streaming requests (several per read, or payloads over several reads)
-   * wakes us soon enough anyway, and polling would only take CPU from it.
+   * Everything asked so far is answered: the poller may look for what comes next, when that is
+   * about to come: the client looks like one that waits for each answer (one read brought exactly
+   * one request since the last time), or a WRITE payload is still arriving. Not while replies
+   * wait for the socket: that client is busy taking them in and needs the CPU; nor for clients
+   * that send several requests per read, which wake us soon enough anyway.
    */
   private idleIfDone(): void {
     if (!this.poller || this.inFlight !== 0 || this.paused || this.stopping || this.parsing > 0) return;
-    const oneByOne = this.started - this.startedAtIdle === 1 && this.reader.reads - this.readsAtIdle === 1;
+    // Replies still waiting for the socket: the client is busy taking them in, and needs the CPU.
+    const backlog = this.reader.stream.writableLength > 0;
+    const oneByOne =
+      !backlog &&
+      (this.pendingWrite !== null || (this.started - this.startedAtIdle === 1 && this.reader.reads - this.readsAtIdle === 1));
     this.startedAtIdle = this.started;
     this.readsAtIdle = this.reader.reads;
     this.poller.idle(oneByOne);
@@ -254,6 +259,7 @@ export class Transmission {
     p.got += n;
     if (p.got < p.req.length) {
       this.reader.directTarget = p.buf!.subarray(p.got, p.req.length);
+      this.idleIfDone();
       return;
     }
     this.pendingWrite = null;
