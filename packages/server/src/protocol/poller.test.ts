@@ -27,7 +27,7 @@ describe('Poller', () => {
     });
     p.idle();
     await sleep(3);
-    p.woke(); // back after a few ms (timers may fire early): poll about that long next time
+    p.woke(); // back after a few ms (timers may fire early): poll that long next time
     expect(p.window).toBeGreaterThan(1_000_000);
     p.idle();
     await tick();
@@ -43,7 +43,7 @@ describe('Poller', () => {
     const p = new Poller(50_000_000, () => (calls++, POLL_EMPTY));
     p.idle();
     await sleep(3);
-    p.woke(); // slept a few ms: within 50 ms, so the window is about 1.5 times that
+    p.woke(); // slept a few ms: well within the limit, so the window is that long
     const learnt = p.window;
     expect(learnt).toBeGreaterThan(1_000_000);
     p.idle();
@@ -53,7 +53,7 @@ describe('Poller', () => {
     const slow = new Poller(50_000, () => POLL_EMPTY);
     slow.idle();
     await sleep(5);
-    slow.woke(); // 5 ms is far beyond 50 us: no polling for this client
+    slow.woke(); // 5 ms is far beyond twice 50 us: no polling for this client
     expect(slow.window).toBe(0);
   });
 

@@ -7,8 +7,8 @@
  * answering everything, a connection may keep reading for a short while without sleeping.
  *
  * The window adapts to the client: it is learnt from how long the loop actually slept before
- * the next request came (grown up to `maxNs`), halved whenever a poll finds nothing, and zero
- * for clients that pause longer than `maxNs`, which therefore cost nothing. Each poll runs from
+ * the next request came (up to `maxNs`), halved whenever a poll finds nothing, and zero for
+ * clients that pause much longer than `maxNs`, which therefore cost nothing. Each poll runs from
  * setImmediate, so timers and other connections get their turn between two polls, and waits at
  * most one window.
  */
@@ -45,9 +45,10 @@ export class Poller {
     if (this.polling || this.idleSince === 0) return;
     const slept = now() - this.idleSince;
     this.idleSince = 0;
-    // The next request came within reach: poll next time for about as long as it took (the
-    // sleep included waking up, so this is generous). Otherwise polling would only burn time.
-    this.windowNs = slept <= this.maxNs ? Math.min(this.maxNs, Math.max(MIN_WINDOW_NS, slept * 1.5)) : 0;
+    // The sleep includes waking up, which is what polling saves (often half of it or more): a
+    // client back within twice the limit is worth polling for, as long as it took, up to the
+    // limit. A slower one would only make us burn time.
+    this.windowNs = slept <= 2 * this.maxNs ? Math.min(this.maxNs, Math.max(MIN_WINDOW_NS, slept)) : 0;
   }
 
   /**
