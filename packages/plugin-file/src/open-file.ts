@@ -204,26 +204,36 @@ export class OpenFile {
   }
 
   // ---- data -----------------------------------------------------------------------------------
-  async pread(buf: Uint8Array, offset: number): Promise<void> {
+  /**
+   * Small requests (and all on tmpfs) are done right here and return nothing, so the core can
+   * answer them without a promise turn; the rest resolve on the thread pool.
+   */
+  pread(buf: Uint8Array, offset: number): void | Promise<void> {
+    if (buf.length > this.syncMax) return this.preadLater(buf, offset);
+    this.readSync(buf, offset, 0);
+    if (this.options.cacheNone) return this.evict(offset, buf.length, false);
+  }
+
+  private readSync(buf: Uint8Array, offset: number, done: number): void {
+    while (done < buf.length) {
+      const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
+      if (n === 0) throw this.shortRead(offset + done);
+      done += n;
+    }
+  }
+
+  private async preadLater(buf: Uint8Array, offset: number): Promise<void> {
     const length = buf.length;
     let done = 0;
-    if (length <= this.syncMax) {
-      while (done < length) {
-        const n = fs.readSync(this.fd, buf, done, length - done, offset + done);
-        if (n === 0) throw this.shortRead(offset + done);
-        done += n;
-      }
-    } else {
-      if (this.canNowait && length <= SYNC_LIMIT) {
-        const n = this.options.native!.preadNowait(this.fd, buf, offset);
-        if (n > 0) done = n;
-        else if (n === -2) this.canNowait = false;
-      }
-      while (done < length) {
-        const n = await readAt(this.fd, buf, done, length - done, offset + done);
-        if (n === 0) throw this.shortRead(offset + done);
-        done += n;
-      }
+    if (this.canNowait && length <= SYNC_LIMIT) {
+      const n = this.options.native!.preadNowait(this.fd, buf, offset);
+      if (n > 0) done = n;
+      else if (n === -2) this.canNowait = false;
+    }
+    while (done < length) {
+      const n = await readAt(this.fd, buf, done, length - done, offset + done);
+      if (n === 0) throw this.shortRead(offset + done);
+      done += n;
     }
     if (this.options.cacheNone) await this.evict(offset, length, false);
   }
@@ -235,7 +245,20 @@ export class OpenFile {
     );
   }
 
-  async pwrite(buf: Uint8Array, offset: number, flags: number): Promise<void> {
+  /** As pread: a small plain write (no FUA, no cache=none) is done here and returns nothing. */
+  pwrite(buf: Uint8Array, offset: number, flags: number): void | Promise<void> {
+    if ((flags & FLAG_FUA) !== 0 || this.options.cacheNone || buf.length > Math.min(this.syncMax, SYNC_WRITE_LIMIT)) {
+      return this.pwriteLater(buf, offset, flags);
+    }
+    let done = 0;
+    while (done < buf.length) {
+      const n = fs.writeSync(this.fd, buf, done, buf.length - done, offset + done);
+      if (n <= 0) throw new NbdError(Errno.EIO, `write at ${offset + done}: the kernel wrote nothing`);
+      done += n;
+    }
+  }
+
+  private async pwriteLater(buf: Uint8Array, offset: number, flags: number): Promise<void> {
     const fua = (flags & FLAG_FUA) !== 0;
     if (fua && this.canDsync) {
       try {
