@@ -26,6 +26,7 @@ describe('bad command lines: one clear line, exit 1', () => {
     [['--filter=nosuch', 'memory', '1G'], /filter 'nosuch' not found/],
     [['-p', 'x', 'memory', '1G'], /not a port number/],
     [['--tls=maybe', 'memory', '1G'], /--tls: 'maybe'/],
+    [['--poll=soon', 'memory', '1G'], /--poll: 'soon' is not a number of microseconds/],
     [[], /no plugin given/],
   ] as const) {
     it(`nbdx ${args.join(' ')}`, async () => {
