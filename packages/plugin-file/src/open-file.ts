@@ -210,12 +210,12 @@ export class OpenFile {
    */
   pread(buf: Uint8Array, offset: number): void | Promise<void> {
     if (buf.length > this.syncMax) return this.preadLater(buf, offset);
-    this.readSync(buf, offset, 0);
+    this.readSync(buf, offset);
     if (this.options.cacheNone) return this.evict(offset, buf.length, false);
   }
 
-  private readSync(buf: Uint8Array, offset: number, done: number): void {
-    while (done < buf.length) {
+  private readSync(buf: Uint8Array, offset: number): void {
+    for (let done = 0; done < buf.length; ) {
       const n = fs.readSync(this.fd, buf, done, buf.length - done, offset + done);
       if (n === 0) throw this.shortRead(offset + done);
       done += n;
@@ -247,11 +247,19 @@ export class OpenFile {
 
   /** As pread: a small plain write (no FUA, no cache=none) is done here and returns nothing. */
   pwrite(buf: Uint8Array, offset: number, flags: number): void | Promise<void> {
-    if ((flags & FLAG_FUA) !== 0 || this.options.cacheNone || buf.length > Math.min(this.syncMax, SYNC_WRITE_LIMIT)) {
+    if ((flags & FLAG_FUA) !== 0 || this.options.cacheNone || !this.writesHere(buf.length)) {
       return this.pwriteLater(buf, offset, flags);
     }
-    let done = 0;
-    while (done < buf.length) {
+    this.writeSync(buf, offset);
+  }
+
+  /** Whether a write this long is done on the event loop rather than on the thread pool. */
+  private writesHere(length: number): boolean {
+    return length <= Math.min(this.syncMax, SYNC_WRITE_LIMIT);
+  }
+
+  private writeSync(buf: Uint8Array, offset: number): void {
+    for (let done = 0; done < buf.length; ) {
       const n = fs.writeSync(this.fd, buf, done, buf.length - done, offset + done);
       if (n <= 0) throw new NbdError(Errno.EIO, `write at ${offset + done}: the kernel wrote nothing`);
       done += n;
@@ -277,12 +285,9 @@ export class OpenFile {
   }
 
   private async writeAll(buf: Uint8Array, offset: number): Promise<void> {
-    let done = 0;
-    while (done < buf.length) {
-      const n =
-        buf.length <= Math.min(this.syncMax, SYNC_WRITE_LIMIT)
-          ? fs.writeSync(this.fd, buf, done, buf.length - done, offset + done)
-          : await writeAt(this.fd, buf, done, buf.length - done, offset + done);
+    if (this.writesHere(buf.length)) return this.writeSync(buf, offset);
+    for (let done = 0; done < buf.length; ) {
+      const n = await writeAt(this.fd, buf, done, buf.length - done, offset + done);
       if (n <= 0) throw new NbdError(Errno.EIO, `write at ${offset + done}: the kernel wrote nothing`);
       done += n;
     }

@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { POLL_EMPTY, Poller } from './poller.js';
+import { POLL_EMPTY, POLL_STOP, Poller } from './poller.js';
 
 const tick = () => new Promise((r) => setImmediate(r));
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -57,14 +57,16 @@ describe('Poller', () => {
     expect(slow.window).toBe(0);
   });
 
-  it('never polls once stopped', async () => {
+  it('ends a poll at once, window kept, when the read says stop (connection paused or ending)', async () => {
     let calls = 0;
-    const p = new Poller(50_000_000, () => (calls++, POLL_EMPTY));
+    const p = new Poller(50_000_000, () => (calls++, POLL_STOP));
     p.idle();
+    await sleep(3);
     p.woke();
-    p.stop();
+    const learnt = p.window;
     p.idle();
     await tick();
-    expect(calls).toBe(0);
+    expect(calls).toBe(1);
+    expect(p.window).toBe(learnt);
   });
 });

@@ -27,11 +27,13 @@ export class Poller {
   private polling = false;
   /** idle() came while a poll was handing data on: poll again afterwards. */
   private idleAgain = false;
-  private stopped = false;
 
   constructor(
     private readonly maxNs: number,
-    /** Read whatever has arrived, without waiting, and hand it on (POLL_EMPTY when nothing has). */
+    /**
+     * Read whatever has arrived, without waiting, and hand it on: bytes handled, POLL_EMPTY when
+     * nothing has, POLL_STOP when the connection must not be read now (ended, paused).
+     */
     private readonly readNow: () => number,
   ) {}
 
@@ -61,7 +63,6 @@ export class Poller {
       this.idleAgain = poll;
       return;
     }
-    if (this.stopped) return;
     this.idleSince = now();
     if (poll && this.windowNs >= MIN_WINDOW_NS && !this.scheduled) {
       this.scheduled = true;
@@ -69,18 +70,9 @@ export class Poller {
     }
   }
 
-  /** No more polling (the connection is paused, ending or closed). */
-  stop(): void {
-    this.stopped = true;
-  }
-
-  resume(): void {
-    this.stopped = false;
-  }
-
   private readonly poll = (): void => {
     this.scheduled = false;
-    if (this.stopped || this.idleSince === 0) return;
+    if (this.idleSince === 0) return;
     const deadline = this.idleSince + this.windowNs;
     this.polling = true;
     this.idleAgain = false;

@@ -26,7 +26,7 @@ import {
 } from '../wire/codec.js';
 import { writeU64 } from '../wire/bytes.js';
 import { bufferPool } from './buffer-pool.js';
-import { Poller } from './poller.js';
+import { POLL_STOP, Poller } from './poller.js';
 import type { Negotiated } from './handshake.js';
 import type { ReplyWriter } from './reply-writer.js';
 import type { ProtocolSettings } from './settings.js';
@@ -58,6 +58,15 @@ const VALID_FLAGS: Record<number, number> = {
   [C.CMD_BLOCK_STATUS]: C.CMD_FLAG_REQ_ONE,
 };
 
+/** A WRITE (or other request with a payload) whose payload is still arriving. */
+interface PendingWrite {
+  req: Request;
+  error: NbdError | null;
+  /** Where the payload goes (pooled), or null when it is read and dropped. */
+  buf: Buffer | null;
+  got: number;
+}
+
 /**
  * The transmission phase of one connection: parse requests as bytes arrive, run them with many
  * in flight, reply in completion order.
@@ -78,7 +87,7 @@ export class Transmission {
   private paused = false;
   private stopping = false;
   /** WRITE payload still to arrive for the request being parsed. */
-  private pendingWrite: { req: Request; error: NbdError | null; buf: Buffer | null; got: number } | null = null;
+  private pendingWrite: PendingWrite | null = null;
   private idleWaiters: Array<() => void> = [];
   /** Whether big WRITE payloads are read straight into their buffers (direct-reads.ts). */
   private readonly direct: boolean;
@@ -113,7 +122,9 @@ export class Transmission {
     };
     this.direct = reader.useDirectReads();
     reader.onDirect = (n) => this.payloadArrived(n);
-    this.poller = this.direct && settings.pollMaxNs > 0 ? new Poller(settings.pollMaxNs, () => reader.readNow()) : null;
+    // A paused or ending connection reads nothing more, polled or not.
+    const readNow = () => (this.paused || this.stopping ? POLL_STOP : reader.readNow());
+    this.poller = this.direct && settings.pollMaxNs > 0 ? new Poller(settings.pollMaxNs, readNow) : null;
     if (this.poller) {
       const poller = this.poller;
       reader.onWake = () => poller.woke();
@@ -125,7 +136,6 @@ export class Transmission {
   stop(reason: string): void {
     if (this.stopping) return;
     this.stopping = true;
-    this.poller?.stop();
     const polled = this.poller ? ` (${this.reader.polledReads} of ${this.reader.reads} reads found by polling)` : '';
     this.settings.debug(`connection ending: ${reason}${polled}`);
     this.reader.onData = null;
@@ -137,10 +147,15 @@ export class Transmission {
     else this.idleWaiters.push(fn);
   }
 
-  private parse(): void {
+  /**
+   * Parse and start what has arrived, `completed` (a WRITE whose payload just came in) first.
+   * Replies are held until the end, so those a synchronous plugin gave go out together.
+   */
+  private parse(completed: PendingWrite | null = null): void {
     this.writer.hold();
     this.parsing++;
     try {
+      if (completed) this.start(completed.req, completed.buf, null, true);
       this.parseHeld();
     } finally {
       this.parsing--;
@@ -158,10 +173,8 @@ export class Transmission {
    */
   private idleIfDone(): void {
     if (!this.poller || this.inFlight !== 0 || this.paused || this.stopping || this.parsing > 0) return;
-    // Replies still waiting for the socket: the client is busy taking them in, and needs the CPU.
-    const backlog = this.reader.stream.writableLength > 0;
     const oneByOne =
-      !backlog &&
+      this.reader.stream.writableLength === 0 &&
       (this.pendingWrite !== null || (this.started - this.startedAtIdle === 1 && this.reader.reads - this.readsAtIdle === 1));
     this.startedAtIdle = this.started;
     this.readsAtIdle = this.reader.reads;
@@ -263,16 +276,7 @@ export class Transmission {
       return;
     }
     this.pendingWrite = null;
-    this.writer.hold();
-    this.parsing++;
-    try {
-      this.start(p.req, p.buf, null, true);
-      this.parseHeld();
-    } finally {
-      this.parsing--;
-      this.writer.release();
-    }
-    this.idleIfDone();
+    this.parse(p);
   }
 
   private unsupportedPayload(): NbdError {
@@ -341,7 +345,6 @@ export class Transmission {
     this.inFlightBytes += cost;
     if (this.inFlightBytes + this.replyBytes > this.settings.maxInFlightBytes && !this.paused) {
       this.paused = true;
-      this.poller?.stop();
       this.reader.stream.pause();
     }
     const lock = this.settings.requestLock;
@@ -376,7 +379,7 @@ export class Transmission {
     this.inFlightBytes -= cost;
     this.resumeIfRoom();
     // An answer that came later (an asynchronous plugin): the connection may be idle now.
-    if (this.inFlight === 0 && this.parsing === 0) this.idleIfDone();
+    this.idleIfDone();
     if (this.inFlight === 0 && this.idleWaiters.length) {
       const w = this.idleWaiters;
       this.idleWaiters = [];
@@ -387,7 +390,6 @@ export class Transmission {
   private resumeIfRoom(): void {
     if (this.paused && this.inFlightBytes + this.replyBytes <= this.settings.maxInFlightBytes / 2) {
       this.paused = false;
-      if (!this.stopping) this.poller?.resume();
       this.reader.stream.resume();
       this.parse();
     }
@@ -508,17 +510,18 @@ export class Transmission {
     try {
       result = this.ctx.preadNow(data, req.offset, 0);
     } catch (err) {
-      bufferPool.put(b);
-      return this.replyError(req, err);
+      return this.readFailed(req, b, err);
     }
     if (!isPromiseLike(result)) return this.replyRead(req, b, data, result);
     return result.then(
       (r) => this.replyRead(req, b, data, r),
-      (err) => {
-        bufferPool.put(b);
-        this.replyError(req, err);
-      },
+      (err) => this.readFailed(req, b, err),
     );
+  }
+
+  private readFailed(req: Request, b: Buffer, err: unknown): void {
+    bufferPool.put(b);
+    this.replyError(req, err);
   }
 
   /** `b` is the pooled buffer holding `data` at DATA_ALIGN; it goes back once the socket wrote it. */
