@@ -400,38 +400,62 @@ static napi_value js_zeroout(napi_env env, napi_callback_info info) { return ran
 /* evict(fd, offset, length, wasWrite) → Promise */
 static napi_value js_evict(napi_env env, napi_callback_info info) { return range_call(env, info, OP_EVICT, 1); }
 
-/* pwriteDsync(fd, buffer, offset) → Promise<bytes written> */
-static napi_value js_pwrite_dsync(napi_env env, napi_callback_info info) {
+/* The arguments (fd) of a call; on a mismatch a TypeError is thrown and 0 returned. */
+static int fd_args(napi_env env, napi_callback_info info, int32_t *fd) {
+  size_t argc = 1;
+  napi_value argv[1];
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 1 ||
+      napi_get_value_int32(env, argv[0], fd) != napi_ok) {
+    napi_throw_type_error(env, NULL, "expected (fd)");
+    return 0;
+  }
+  return 1;
+}
+
+/* The arguments (fd, Uint8Array, position) of a call; on a mismatch a TypeError naming `usage`. */
+typedef struct {
+  int32_t fd;
+  napi_value buffer;
+  void *bytes;
+  size_t length;
+  int64_t position;
+} buffer_args_t;
+
+static int buffer_args(napi_env env, napi_callback_info info, const char *usage, buffer_args_t *a) {
   size_t argc = 3;
   napi_value argv[3];
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  int32_t fd;
-  int64_t offset;
   bool is_typed = false;
-  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_is_typedarray(env, argv[1], &is_typed) != napi_ok || !is_typed || !read_int64(env, argv[2], &offset)) {
-    napi_throw_type_error(env, NULL, "expected (fd, Uint8Array, offset)");
-    return NULL;
-  }
   napi_typedarray_type type;
-  size_t length;
-  void *bytes;
-  CHECK(napi_get_typedarray_info(env, argv[1], &type, &length, &bytes, NULL, NULL));
-  if (type != napi_uint8_array) {
-    napi_throw_type_error(env, NULL, "the buffer must be a Uint8Array");
-    return NULL;
+  if (napi_get_cb_info(env, info, &argc, argv, NULL, NULL) != napi_ok || argc < 3 ||
+      napi_get_value_int32(env, argv[0], &a->fd) != napi_ok || napi_is_typedarray(env, argv[1], &is_typed) != napi_ok ||
+      !is_typed || !read_int64(env, argv[2], &a->position)) {
+    napi_throw_type_error(env, NULL, usage);
+    return 0;
   }
+  if (napi_get_typedarray_info(env, argv[1], &type, &a->length, &a->bytes, NULL, NULL) != napi_ok ||
+      type != napi_uint8_array) {
+    napi_throw_type_error(env, NULL, "the buffer must be a Uint8Array");
+    return 0;
+  }
+  a->buffer = argv[1];
+  return 1;
+}
+
+/* pwriteDsync(fd, buffer, offset) → Promise<bytes written> */
+static napi_value js_pwrite_dsync(napi_env env, napi_callback_info info) {
+  buffer_args_t a;
+  if (!buffer_args(env, info, "expected (fd, Uint8Array, offset)", &a)) return NULL;
   op_t *op = calloc(1, sizeof *op);
   if (!op) {
     napi_throw_error(env, "ENOMEM", "out of memory");
     return NULL;
   }
   op->kind = OP_PWRITE_DSYNC;
-  op->fd = fd;
-  op->offset = offset;
-  op->length = (int64_t)length;
-  op->data = bytes;
-  if (napi_create_reference(env, argv[1], 1, &op->buffer_ref) != napi_ok) {
+  op->fd = a.fd;
+  op->offset = a.position;
+  op->length = (int64_t)a.length;
+  op->data = a.bytes;
+  if (napi_create_reference(env, a.buffer, 1, &op->buffer_ref) != napi_ok) {
     free(op);
     napi_throw_error(env, NULL, "nbdx file addon: cannot reference the buffer");
     return NULL;
@@ -449,14 +473,9 @@ static napi_value throw_errno(napi_env env, const char *call, int e) {
 
 /* blockDeviceSize(fd) → number: BLKGETSIZE64, else the offset of the end. Constant time. */
 static napi_value js_device_size(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], result;
+  napi_value result;
   int32_t fd;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok) {
-    napi_throw_type_error(env, NULL, "expected (fd)");
-    return NULL;
-  }
+  if (!fd_args(env, info, &fd)) return NULL;
   uint64_t size = 0;
 #ifdef BLKGETSIZE64
   if (ioctl(fd, BLKGETSIZE64, &size) == 0) {
@@ -476,34 +495,20 @@ static napi_value js_device_size(napi_env env, napi_callback_info info) {
  * Synchronous on purpose: with RWF_NOWAIT the kernel only copies cached pages and never sleeps.
  */
 static napi_value js_pread_nowait(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3], result;
-  int32_t fd;
-  int64_t position;
-  bool is_typed = false;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_is_typedarray(env, argv[1], &is_typed) != napi_ok || !is_typed || !read_int64(env, argv[2], &position)) {
-    napi_throw_type_error(env, NULL, "expected (fd, Uint8Array, position)");
-    return NULL;
-  }
-  napi_typedarray_type type;
-  size_t length;
-  void *bytes;
-  CHECK(napi_get_typedarray_info(env, argv[1], &type, &length, &bytes, NULL, NULL));
+  napi_value result;
+  buffer_args_t a;
+  if (!buffer_args(env, info, "expected (fd, Uint8Array, position)", &a)) return NULL;
   double n;
 #if defined(__linux__) && defined(RWF_NOWAIT)
-  struct iovec iov = {bytes, length};
+  struct iovec iov = {a.bytes, a.length};
   ssize_t r;
-  do r = preadv2(fd, &iov, 1, (off_t)position, RWF_NOWAIT);
+  do r = preadv2(a.fd, &iov, 1, (off_t)a.position, RWF_NOWAIT);
   while (r < 0 && errno == EINTR);
   if (r >= 0) n = (double)r;
   else if (errno == EAGAIN) n = -1;
   else if (errno == EOPNOTSUPP || errno == ENOSYS || errno == EINVAL) n = -2;
   else return throw_errno(env, "preadv2", errno);
 #else
-  (void)bytes;
-  (void)length;
   n = -2;
 #endif
   CHECK(napi_create_double(env, n, &result));
@@ -512,14 +517,9 @@ static napi_value js_pread_nowait(napi_env env, napi_callback_info info) {
 
 /* sectorSize(fd) → logical sector size of a block device (BLKSSZGET), or 512. */
 static napi_value js_sector_size(napi_env env, napi_callback_info info) {
-  size_t argc = 1;
-  napi_value argv[1], result;
+  napi_value result;
   int32_t fd;
-  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
-  if (argc < 1 || napi_get_value_int32(env, argv[0], &fd) != napi_ok) {
-    napi_throw_type_error(env, NULL, "expected (fd)");
-    return NULL;
-  }
+  if (!fd_args(env, info, &fd)) return NULL;
   int sector = 512;
 #ifdef BLKSSZGET
   if (ioctl(fd, BLKSSZGET, &sector) != 0 || sector <= 0) sector = 512;
