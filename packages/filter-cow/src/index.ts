@@ -1,7 +1,19 @@
 import { existsSync } from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { Errno, FLAG_REQ_ONE, NbdError, debug, defineFilter, logError, parseBool, parseSize, packageVersion } from '@nbdx/server/api';
+import {
+  Errno,
+  FLAG_REQ_ONE,
+  NbdError,
+  debug,
+  defineFilter,
+  logError,
+  parseBool,
+  parseSize,
+  packageVersion,
+  type ExportEntry,
+  type LayerBelow,
+} from '@nbdx/server/api';
 import { Overlay } from './overlay.js';
 import { TempFile } from './temp-file.js';
 
@@ -48,6 +60,64 @@ export function syncLimitOf(io: CowIo): number {
   return io === 'sync' ? Infinity : io === 'async' ? -1 : AUTO_SYNC_LIMIT;
 }
 
+/** cow-max-overlays: how many exports of the layer below may have an overlay (default). */
+export const DEFAULT_MAX_OVERLAYS = 256;
+
+export function parseMaxOverlays(value: string): number {
+  const n = /^\s*\d+\s*$/.test(value) ? Number(value) : NaN;
+  if (!Number.isSafeInteger(n) || n < 1) {
+    throw new NbdError(Errno.EINVAL, `cow-max-overlays: '${value}' is not a whole number of at least 1`);
+  }
+  return n;
+}
+
+/**
+ * Which export of the layer below `exportName` reaches: the key of its overlay. Called once the
+ * layer below has opened `exportName`, so the name is one it accepts. The filter API gives an
+ * open export no identity of its own, so this goes by what the layer below says about its names:
+ *
+ * - `''` is the layer below's default export, under the name that export is listed with;
+ * - a name the layer below lists is that export;
+ * - a name it does not list, when it lists exactly one export and that export is its default,
+ *   reaches that one export. That is how a layer without export names looks (a plugin without
+ *   listExports, memory, file=, nbd without dynamic-export, shared): each serves its one export
+ *   whatever name a client gives, and client-chosen names must not each get an overlay;
+ * - any other name is an export the layer below serves without listing it (dynamic exports):
+ *   it keeps its own overlay, under that name, counted against cow-max-overlays.
+ *
+ * `known` tells whether a key already has an overlay: such a name was resolved before, to itself,
+ * so it needs no listing again (listing may cost a round trip to an upstream server).
+ */
+export async function overlayKey(
+  below: LayerBelow,
+  exportName: string,
+  isTls: boolean,
+  known: (key: string) => boolean = () => false,
+): Promise<string> {
+  // Asked as cow opens below: read-only. A layer that cannot say keeps the name as given.
+  const defaultName = () => below.defaultExport(true, isTls).catch(() => undefined);
+  let def: string | undefined;
+  let name = exportName;
+  if (name === '') {
+    def = await defaultName();
+    name = def ?? '';
+  }
+  if (known(name)) return name;
+  let list: ExportEntry[];
+  try {
+    list = await below.listExports(true, isTls);
+  } catch {
+    // Without a listing nothing says two names are one export: keep them apart (and bounded).
+    return name;
+  }
+  if (list.some((e) => e.name === name)) return name;
+  if (list.length === 1) {
+    if (def === undefined) def = await defaultName();
+    if (def !== undefined && list[0]!.name === def) return def;
+  }
+  return name;
+}
+
 interface Handle {
   overlay: Overlay;
   /** The export size, from the layer below. */
@@ -65,19 +135,34 @@ export function createCowFilter() {
   let onCache = false;
   let io: CowIo = 'auto';
   let dir = os.tmpdir();
-  /** One overlay per export name. */
+  let maxOverlays = DEFAULT_MAX_OVERLAYS;
+  /**
+   * One overlay per export of the layer below, keyed by overlayKey(): never by the name a client
+   * typed, or every new name would cost a temporary file and a descriptor for the server's life.
+   */
   const overlays = new Map<string, Promise<Overlay>>();
 
-  function overlayFor(exportName: string): Promise<Overlay> {
-    let p = overlays.get(exportName);
+  function overlayFor(key: string): Promise<Overlay> {
+    let p = overlays.get(key);
     if (!p) {
+      // Overlays are never dropped while the server runs (their data would vanish under clients
+      // that come back), so the number of them is bounded instead.
+      if (overlays.size >= maxOverlays) {
+        return Promise.reject(
+          new NbdError(
+            Errno.ENOSPC,
+            `${NAME}: export '${key}' needs an overlay of its own, but ${overlays.size} exports have one already ` +
+              `(cow-max-overlays=${maxOverlays})`,
+          ),
+        );
+      }
       p = TempFile.create(dir).then((file) => {
         file.syncLimit = syncLimitOf(io);
-        debug(NAME, `overlay for export '${exportName}': block size ${blockSize}, in ${dir}, cow-io=${io}`);
+        debug(NAME, `overlay for export '${key}': block size ${blockSize}, in ${dir}, cow-io=${io}`);
         return new Overlay(file, blockSize);
       });
-      overlays.set(exportName, p);
-      p.catch(() => overlays.delete(exportName));
+      overlays.set(key, p);
+      p.catch(() => overlays.delete(key));
     }
     return p;
   }
@@ -98,6 +183,7 @@ export function createCowFilter() {
       'cow-on-read=true|false|PATH copy blocks into the overlay when they are read (PATH: while PATH exists)',
       'cow-on-cache=true|false     copy blocks into the overlay on NBD_CMD_CACHE (default false)',
       'cow-io=auto|sync|async      overlay file I/O: synchronous up to 64K (default), always, or never',
+      `cow-max-overlays=N          at most N exports of the layer below get an overlay (default ${DEFAULT_MAX_OVERLAYS})`,
     ].join('\n'),
     threadModel: 'parallel',
 
@@ -106,6 +192,7 @@ export function createCowFilter() {
       onRead = false;
       onCache = false;
       io = 'auto';
+      maxOverlays = DEFAULT_MAX_OVERLAYS;
     },
 
     config(next, key, value) {
@@ -124,6 +211,9 @@ export function createCowFilter() {
             throw new NbdError(Errno.EINVAL, `cow-io: '${value}' is not one of auto, sync, async`);
           }
           io = value;
+          return;
+        case 'cow-max-overlays':
+          maxOverlays = parseMaxOverlays(value);
           return;
         default:
           return next(key, value);
@@ -156,13 +246,21 @@ export function createCowFilter() {
     },
 
     dumpPlugin() {
-      return { cow_block_size_default: DEFAULT_BLOCK_SIZE, cow_on_read: 'true,false,PATH', cow_on_cache: 'true,false' };
+      return {
+        cow_block_size_default: DEFAULT_BLOCK_SIZE,
+        cow_on_read: 'true,false,PATH',
+        cow_on_cache: 'true,false',
+        cow_max_overlays_default: DEFAULT_MAX_OVERLAYS,
+      };
     },
 
-    async open(next, _readonly, exportName) {
+    async open(next, _readonly, exportName, isTls) {
       // The layer below is never written: open it read-only whatever the client asked for.
+      // It is opened first, so a name it refuses never gets as far as creating an overlay. If
+      // anything below fails, the core closes what was opened.
       await next.open(true, exportName);
-      return { overlay: await overlayFor(exportName), size: 0 };
+      const key = await overlayKey(next, exportName, isTls, (k) => overlays.has(k));
+      return { overlay: await overlayFor(key), size: 0 };
     },
 
     async prepare(next, h) {
@@ -178,7 +276,8 @@ export function createCowFilter() {
     canExtents: () => true,
     // The overlay is temporary: there is nothing a flush or FUA could make more durable.
     canFua: () => 'native',
-    // Every connection to an export shares one overlay, and flush has nothing to do.
+    // Every connection to an export shares one overlay (whatever name it reached the export by),
+    // and flush has nothing to do.
     canMultiConn: () => true,
     async canCache(next) {
       if (onCache) return 'native';

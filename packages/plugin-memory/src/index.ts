@@ -1,6 +1,7 @@
 import {
   EXTENT_HOLE,
   EXTENT_ZERO,
+  FLAG_REQ_ONE,
   Errno,
   NbdError,
   definePlugin,
@@ -16,7 +17,7 @@ interface Disk {
   read(buf: Uint8Array, offset: number): ReturnType<SparseArray['read']>;
   write(buf: Uint8Array, offset: number): void;
   zero(count: number, offset: number): void;
-  extents(count: number, offset: number): Iterable<Extent>;
+  extents(count: number, offset: number, maxExtents?: number): Iterable<Extent>;
 }
 
 /** allocator=malloc: one flat buffer, allocated (and zeroed) at start-up. */
@@ -100,7 +101,10 @@ export function createMemoryPlugin() {
     flush: () => {},
     trim: (_h, count, offset) => disk.zero(count, offset),
     zero: (_h, count, offset) => disk.zero(count, offset),
-    extents: (_h, count, offset) => disk.extents(count, offset),
+    // With REQ_ONE the core keeps only the first extent, so there is no point working out more.
+    // (Without it the core reads a short answer's uncovered tail as HOLE, so never stop early.)
+    extents: (_h, count, offset, flags) =>
+      disk.extents(count, offset, flags & FLAG_REQ_ONE ? 1 : undefined),
     cache: () => {},
   });
 }
