@@ -5,6 +5,7 @@ import type { Filter, Plugin } from './api/define.js';
 import { Backend } from './backend/backend.js';
 import { Mutex } from './backend/mutex.js';
 import { Connection } from './protocol/connection.js';
+import { ServerBudget } from './protocol/memory-budget.js';
 import { DEFAULT_SETTINGS, type ProtocolSettings, type TlsSettings } from './protocol/settings.js';
 import { bind, type BoundListener, type ListenTarget } from './listeners/listen.js';
 
@@ -22,7 +23,22 @@ export interface ServeOptions {
   noStructuredReplies?: boolean;
   handshakeMask?: number;
   maxPayload?: number;
+  /**
+   * Bytes one connection may hold (requests being served, replies its client has not read yet)
+   * before the server stops reading from it until the client catches up. Default 32 MiB.
+   */
+  maxConnectionMemory?: number;
+  /** @deprecated the old name of maxConnectionMemory. */
   maxInFlightBytes?: number;
+  /**
+   * The same, over all connections together. Default 128 MiB. A connection holding nothing may
+   * always take one request, so the bound is this plus one request per connection.
+   */
+  maxServerMemory?: number;
+  /** Options a client may send before choosing an export (default 32, as nbdkit). */
+  maxOptions?: number;
+  /** Seconds a client has to finish the handshake, TLS included (default 60; 0 = no limit). */
+  handshakeTimeout?: number;
   /**
    * Longest an idle connection keeps polling for its next request before the event loop sleeps,
    * in microseconds (default 50; 0 turns polling off). See "Polling" in the README.
@@ -68,7 +84,11 @@ export class NbdServer {
       noStructuredReplies: options.noStructuredReplies ?? false,
       handshakeMask: options.handshakeMask ?? DEFAULT_SETTINGS.handshakeMask,
       maxPayload: options.maxPayload ?? DEFAULT_SETTINGS.maxPayload,
-      maxInFlightBytes: options.maxInFlightBytes ?? DEFAULT_SETTINGS.maxInFlightBytes,
+      maxConnectionMemory: options.maxConnectionMemory ?? options.maxInFlightBytes ?? DEFAULT_SETTINGS.maxConnectionMemory,
+      serverBudget: new ServerBudget(options.maxServerMemory ?? DEFAULT_SETTINGS.maxServerMemory),
+      maxOptions: options.maxOptions ?? DEFAULT_SETTINGS.maxOptions,
+      handshakeTimeoutMs:
+        options.handshakeTimeout !== undefined ? options.handshakeTimeout * 1000 : DEFAULT_SETTINGS.handshakeTimeoutMs,
       pollMaxNs: options.pollMicroseconds !== undefined ? options.pollMicroseconds * 1000 : DEFAULT_SETTINGS.pollMaxNs,
       tls: options.tls ?? { mode: 'off', socketOptions: {} },
       requestLock: serializeAll ? new Mutex() : null,

@@ -59,4 +59,37 @@ describe('normalizeExtents', () => {
     await expect(norm([{ offset: -1, length: 5, type: 0 }], 0, 10)).rejects.toThrow(/invalid extent/);
     await expect(norm([{ offset: 0, length: 5, type: 9 }], 0, 10)).rejects.toThrow(/invalid extent/);
   });
+
+  it('stops at the limit, ending the answer with the last extent kept', async () => {
+    const alternating = (n: number) => Array.from({ length: n }, (_, i) => ({ offset: i * 10, length: 10, type: i % 2 ? H : 0 }));
+    const out = await normalizeExtents(alternating(100), 0, 1000, false, 'test', 5);
+    expect(out).toHaveLength(5);
+    expect(out[4]).toEqual({ offset: 40, length: 10, type: 0 });
+    // The same from an unsorted array: sorted first, then cut.
+    const shuffled = await normalizeExtents(alternating(100).reverse(), 0, 1000, false, 'test', 5);
+    expect(shuffled).toEqual(out);
+  });
+
+  it('reads an in-order generator only as far as the limit needs', async () => {
+    let yielded = 0;
+    function* many() {
+      for (let i = 0; i < 1_000_000; i++) {
+        yielded++;
+        yield { offset: i * 10, length: 10, type: i % 2 ? H : 0 };
+      }
+    }
+    const out = await normalizeExtents(many(), 0, 10_000_000, false, 'test', 100);
+    expect(out).toHaveLength(100);
+    expect(out[99]!.offset + out[99]!.length).toBe(1000);
+    expect(yielded).toBe(101);
+  });
+
+  it('merges same-type neighbours before counting against the limit', async () => {
+    const same = Array.from({ length: 50 }, (_, i) => ({ offset: i * 10, length: 10, type: 0 }));
+    const out = await normalizeExtents([...same, { offset: 500, length: 10, type: H }], 0, 600, false, 'test', 2);
+    expect(out).toEqual([
+      { offset: 0, length: 500, type: 0 },
+      { offset: 500, length: 100, type: H },
+    ]);
+  });
 });

@@ -1,20 +1,21 @@
 import { EXTENT_HOLE, Errno, NbdError, type Extent, type ExtentSource } from '../api/common.js';
 
-async function collect(source: ExtentSource): Promise<Extent[]> {
-  if (Array.isArray(source)) return source;
-  const out: Extent[] = [];
-  if (Symbol.asyncIterator in (source as object)) {
-    for await (const e of source as AsyncIterable<Extent>) out.push(e);
-  } else {
-    for (const e of source as Iterable<Extent>) out.push(e);
-  }
-  return out;
-}
+/**
+ * Most extents one answer carries. A client asking about a huge, fragmented range gets the first
+ * part and asks again for the rest (the spec lets a reply cover less than the request), so no
+ * request makes the server build, hold or send an unbounded list. 64 Ki descriptors are 512 KiB
+ * (1 MiB with extended headers) on the wire, well under the spec's 2^20 per chunk.
+ */
+export const MAX_EXTENTS = 64 * 1024;
 
 /**
  * Turn whatever a layer said about [offset, offset+count) into what the protocol needs: sorted,
  * clipped to the request, neighbours of the same type merged, contiguous from `offset`. Gaps are
  * HOLE (never ZERO: silence must not make a client skip data). Overlaps are a plugin bug.
+ *
+ * At most `max` extents come back; the answer then stops where the last one ends. A layer that
+ * yields its extents in order (a generator, as the memory plugin's) is not even asked for more
+ * than that: reading stops once the list is full, so its work is bounded too.
  */
 export async function normalizeExtents(
   source: ExtentSource,
@@ -22,21 +23,51 @@ export async function normalizeExtents(
   count: number,
   reqOne: boolean,
   who: string,
+  max = MAX_EXTENTS,
 ): Promise<Extent[]> {
-  const raw = await collect(source);
+  const limit = reqOne ? 1 : max;
   const end = offset + count;
-  const sorted: Extent[] = [];
-  for (const e of raw) {
+  const raw: Extent[] = [];
+  // While extents arrive in order, those merged so far are final; count them to stop early.
+  let inOrder = true;
+  let lastEnd = -Infinity;
+  let lastType = -1;
+  let runs = 0;
+  const take = (e: Extent): boolean => {
     const o = Number(e.offset);
     const l = Number(e.length);
     const t = Number(e.type ?? 0);
     if (!Number.isFinite(o) || !Number.isFinite(l) || o < 0 || l < 0 || !(t >= 0 && t <= 3)) {
       throw new NbdError(Errno.EIO, `${who}: invalid extent ${JSON.stringify(e)}`);
     }
-    if (l === 0 || o + l <= offset || o >= end) continue;
-    sorted.push({ offset: o, length: l, type: t });
+    if (l === 0 || o + l <= offset || o >= end) return true;
+    raw.push({ offset: o, length: l, type: t });
+    if (!inOrder) return true;
+    if (o < lastEnd) {
+      inOrder = false;
+      return true;
+    }
+    // A gap becomes a HOLE run of its own; a type change starts a new run.
+    if (o > Math.max(lastEnd, offset)) {
+      if (lastType !== EXTENT_HOLE) runs++;
+      lastType = EXTENT_HOLE;
+    }
+    if (t !== lastType) {
+      runs++;
+      lastType = t;
+    }
+    lastEnd = o + l;
+    // One run more than we keep: the last kept one is complete.
+    return runs <= limit;
+  };
+  if (Array.isArray(source)) {
+    for (const e of source) if (!take(e)) break;
+  } else if (Symbol.asyncIterator in (source as object)) {
+    for await (const e of source as AsyncIterable<Extent>) if (!take(e)) break;
+  } else {
+    for (const e of source as Iterable<Extent>) if (!take(e)) break;
   }
-  sorted.sort((a, b) => a.offset - b.offset);
+  if (!inOrder) raw.sort((a, b) => a.offset - b.offset);
 
   const out: Extent[] = [];
   let pos = offset;
@@ -46,7 +77,7 @@ export async function normalizeExtents(
     else out.push({ offset: o, length: l, type });
   };
   let prevEnd = -1;
-  for (const e of sorted) {
+  for (const e of raw) {
     if (e.offset < prevEnd) {
       throw new NbdError(Errno.EIO, `${who}: extents overlap at offset ${e.offset}`);
     }
@@ -56,8 +87,10 @@ export async function normalizeExtents(
     if (s > pos) emit(pos, s - pos, EXTENT_HOLE);
     emit(s, f - s, e.type);
     pos = f;
-    if (reqOne) break;
+    if (out.length > limit) break;
   }
+  // Full: the answer ends with the last extent kept (the client asks again for the rest).
+  if (out.length > limit) return out.slice(0, limit);
   if (pos < end && !(reqOne && out.length > 0)) emit(pos, end - pos, EXTENT_HOLE);
-  return reqOne ? out.slice(0, 1) : out;
+  return out.slice(0, limit);
 }

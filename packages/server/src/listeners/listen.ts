@@ -34,7 +34,9 @@ function listenOn(server: net.Server, arg: net.ListenOptions): Promise<void> {
 
 /** Bind every listener a target needs (TCP without -i listens on IPv4 and IPv6 both). */
 export async function bind(target: ListenTarget, onConnection: (s: net.Socket) => void): Promise<BoundListener[]> {
-  const make = () => net.createServer({ noDelay: true, pauseOnConnect: false }, onConnection);
+  // allowHalfOpen: a client that shuts down its sending side after DISC (libnbd does) still gets
+  // the replies to what it sent before; the connection closes our side when it is done.
+  const make = () => net.createServer({ noDelay: true, pauseOnConnect: false, allowHalfOpen: true }, onConnection);
   switch (target.kind) {
     case 'tcp': {
       const server = make();

@@ -1,6 +1,7 @@
 import type { Duplex } from 'node:stream';
 import { Errno, NbdError } from '../api/common.js';
 import { HandshakeClose, negotiate } from './handshake.js';
+import { ConnectionBudget } from './memory-budget.js';
 import { ReplyWriter } from './reply-writer.js';
 import type { ProtocolSettings } from './settings.js';
 import { SocketReader } from './socket-reader.js';
@@ -9,14 +10,26 @@ import { Transmission } from './transmission.js';
 let nextId = 1;
 
 /**
+ * How long the last replies may take to reach a client at the end of a connection before the
+ * socket is closed anyway (a client that stopped reading must not keep the connection open).
+ */
+const LINGER_MS = 5_000;
+
+/**
  * One client connection from greeting to close. Nothing a client sends can throw out of here:
  * errors end this connection only.
+ *
+ * How a connection ends: input is dropped at once (nothing more is read), every request already
+ * taken is answered and its reply handed to the socket, the layers' close runs, and only then is
+ * the socket closed in both directions, so a client that waits for EOF after DISC sees it after
+ * close has run.
  */
 export class Connection {
   readonly id = nextId++;
   private transmission: Transmission | null = null;
   private reader: SocketReader;
   private writer: ReplyWriter;
+  private readonly budget: ConnectionBudget;
   /** Aborted when the client vanishes or the server shuts down: see Next.signal. */
   private readonly abort = new AbortController();
   readonly closed: Promise<void>;
@@ -29,7 +42,8 @@ export class Connection {
     this.reader = new SocketReader(stream);
     // During the handshake (a slow open); the transmission installs its own handler.
     this.reader.onEnd = () => this.abort.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
-    this.writer = new ReplyWriter(output);
+    this.budget = new ConnectionBudget(settings.serverBudget, settings.maxConnectionMemory);
+    this.writer = new ReplyWriter(output, this.budget);
     stream.on('error', () => {});
     output.on('error', () => {});
     this.closed = this.run();
@@ -42,28 +56,88 @@ export class Connection {
   private async run(): Promise<void> {
     const { settings } = this;
     let ctx = null;
+    let timer: NodeJS.Timeout | null = null;
     try {
       await settings.backend.preconnect(settings.readonly);
+      if (settings.handshakeTimeoutMs > 0) {
+        timer = setTimeout(() => {
+          this.debug(`handshake not finished after ${settings.handshakeTimeoutMs / 1000} s: closing`);
+          this.reader.discardInput();
+          this.reader.stream.destroy();
+        }, settings.handshakeTimeoutMs);
+        timer.unref();
+      }
       const n = await negotiate({ ...settings, abort: this.abort, debug: (m) => this.debug(m) }, this.reader, this.writer);
+      if (timer) clearTimeout(timer);
       if (!n) return;
       ctx = n.ctx;
       this.debug(
         `transmission: export '${ctx.exportName}' size ${ctx.size} flags 0x${n.flags.toString(16)}` +
           `${n.extended ? ' extended' : n.structured ? ' structured' : ''}${n.isTls ? ' tls' : ''}`,
       );
-      this.transmission = new Transmission({ ...settings, abort: this.abort, debug: (m) => this.debug(m) }, n, this.reader, this.writer);
+      this.transmission = new Transmission(
+        { ...settings, abort: this.abort, debug: (m) => this.debug(m) },
+        n,
+        this.reader,
+        this.writer,
+        this.budget,
+      );
       await this.transmission.done;
-      await this.writer.drained();
     } catch (err) {
       if (err instanceof HandshakeClose) this.debug(`handshake ended: ${err.message}`);
       else if (!this.reader.isEnded) settings.error(`conn ${this.id}: ${(err as Error).message}`);
       else this.debug(`client went away: ${(err as Error).message}`);
     } finally {
+      if (timer) clearTimeout(timer);
+      this.reader.discardInput();
+      // The replies go out before close runs and before the client sees EOF.
+      await this.lingerFor(this.writer.settled());
       if (ctx) await ctx.close().catch((e) => settings.error(`close: ${(e as Error).message}`));
       this.writer.close();
-      this.reader.stream.end();
-      if (this.output !== this.reader.stream) this.output.end();
+      this.budget.close();
+      await this.closeStreams();
     }
+  }
+
+  /** Wait for `p`, at most LINGER_MS, and not at all once the socket is gone. */
+  private lingerFor(p: Promise<void>): Promise<void> {
+    const s = this.output;
+    if (s.destroyed || !s.writable) return Promise.resolve();
+    return new Promise((resolve) => {
+      const t = setTimeout(done, LINGER_MS);
+      s.once('close', done);
+      void p.then(done);
+      function done() {
+        clearTimeout(t);
+        s.off('close', done);
+        resolve();
+      }
+    });
+  }
+
+  /** Close both directions: FIN after the last reply, then let go of the descriptor. */
+  private async closeStreams(): Promise<void> {
+    const input = this.reader.stream;
+    const streams = input === this.output ? [input] : [this.output, input];
+    await Promise.all(
+      streams.map(
+        (s) =>
+          new Promise<void>((resolve) => {
+            if (s.destroyed) return resolve();
+            const t = setTimeout(finish, LINGER_MS);
+            s.once('close', finish);
+            function finish() {
+              clearTimeout(t);
+              s.off('close', finish);
+              s.destroy();
+              resolve();
+            }
+            // A stream whose writing side is done (or never existed) is simply closed.
+            if (s.writableEnded || !s.writable) finish();
+            else s.end(finish);
+          }),
+      ),
+    );
   }
 
   /** Shutting down: finish what is in flight, then close. */

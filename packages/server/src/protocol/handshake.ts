@@ -100,7 +100,9 @@ export async function negotiate(
   const canonicalName = async (name: string) =>
     name === '' ? backend.defaultExport(settings.readonly, isTls) : name;
 
-  for (;;) {
+  for (let count = 1; ; count++) {
+    // A client that does not read its option replies is not read either (memory-budget.ts).
+    if (writer.backlog > settings.maxOptionLength) await writer.settled();
     const header = decodeOptionHeader(await reader.read(C.OPTION_HEADER_SIZE));
     if (!header) throw new HandshakeClose('bad option magic');
     const { option, length } = header;
@@ -111,6 +113,10 @@ export async function negotiate(
     const data = await reader.read(length);
     const name = C.OPTION_NAMES[option] ?? `unknown option ${option}`;
     settings.debug(`client option ${name} (length ${length})`);
+    if (count > settings.maxOptions) {
+      replyError(option, C.REP_ERR_POLICY, `too many options (the limit is ${settings.maxOptions})`);
+      throw new HandshakeClose(`client sent more than ${settings.maxOptions} options without choosing an export`);
+    }
 
     if (settings.tls.mode === 'require' && !isTls && option !== C.OPT_STARTTLS && option !== C.OPT_ABORT) {
       if (option === C.OPT_EXPORT_NAME) throw new HandshakeClose('EXPORT_NAME before TLS');
@@ -161,6 +167,10 @@ export async function negotiate(
           replyError(option, C.REP_ERR_INVALID, 'TLS is already on');
           break;
         }
+        // Whatever the client sent after STARTTLS and before its TLS handshake would otherwise be
+        // read later as if it had come through TLS: a man in the middle could inject options
+        // into the encrypted session (CVE-2021-3716 in nbdkit). Such a client is dropped.
+        if (reader.unread > 0) throw new HandshakeClose('client sent data after STARTTLS before the TLS handshake');
         reply(option, C.REP_ACK);
         stream = await startTls(settings, reader, writer);
         isTls = true;
@@ -260,8 +270,11 @@ export async function negotiate(
 }
 
 async function startTls(settings: ProtocolSettings, reader: SocketReader, writer: ReplyWriter): Promise<Duplex> {
-  await writer.drained();
+  // The ACK is handed to the socket at once and the socket changes hands in the same turn: no
+  // plaintext can be read in between, and the check below catches any that was already here.
+  writer.flush();
   reader.detach();
+  if (reader.unread > 0) throw new HandshakeClose('client sent data after STARTTLS before the TLS handshake');
   const raw = reader.stream;
   const { requestCert, rejectUnauthorized, pskCallback, ...contextOptions } = settings.tls.socketOptions;
   const secure = new tls.TLSSocket(raw as import('node:net').Socket, {

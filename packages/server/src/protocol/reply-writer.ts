@@ -1,4 +1,5 @@
 import type { Duplex } from 'node:stream';
+import type { ConnectionBudget } from './memory-budget.js';
 
 /**
  * Collects reply buffers and hands them to the socket in batches: everything that completes in
@@ -6,17 +7,27 @@ import type { Duplex } from 'node:stream';
  * parser holds the writer (it is handling the bytes of one read), replies wait for its release and
  * go out then, without waiting for the turn to end: requests a synchronous plugin served are
  * answered straight from the read callback.
+ *
+ * Every byte pushed counts against the connection's memory budget until the socket has taken
+ * it (the write callback of the batch's last buffer: writes complete in order).
  */
 export class ReplyWriter {
   private pending: Uint8Array[] = [];
-  /** Called once the buffer at the same index in `pending` has been written (or dropped). */
-  private pendingDone: Array<(() => void) | undefined> = [];
+  private pendingBytes = 0;
+  /** Called once the batch they came with has been written (or dropped): buffers to recycle. */
+  private pendingDone: Array<() => void> = [];
   private scheduled = false;
   private holds = 0;
   private closed = false;
+  /** Bytes pushed and not yet taken by the socket (queued here or in the socket's buffer). */
+  backlog = 0;
   private idleWaiters: Array<() => void> = [];
+  private settledWaiters: Array<() => void> = [];
 
-  constructor(private stream: Duplex) {}
+  constructor(
+    private stream: Duplex,
+    private readonly budget: ConnectionBudget,
+  ) {}
 
   setStream(stream: Duplex): void {
     this.stream = stream;
@@ -24,11 +35,12 @@ export class ReplyWriter {
 
   push(...buffers: Uint8Array[]): void {
     if (this.closed) return;
+    let bytes = 0;
     for (const b of buffers) {
       this.pending.push(b);
-      this.pendingDone.push(undefined);
+      bytes += b.byteLength;
     }
-    this.schedule();
+    this.queued(bytes);
   }
 
   /** Queue one buffer and call `done` when the socket no longer needs it (to recycle it). */
@@ -36,6 +48,14 @@ export class ReplyWriter {
     if (this.closed) return done();
     this.pending.push(buffer);
     this.pendingDone.push(done);
+    this.queued(buffer.byteLength);
+  }
+
+  /** Replies count against the budget from the moment they are queued. */
+  private queued(bytes: number): void {
+    this.pendingBytes += bytes;
+    this.backlog += bytes;
+    this.budget.take(bytes);
     this.schedule();
   }
 
@@ -57,8 +77,8 @@ export class ReplyWriter {
 
   /** Write now, without waiting for the batch (used during the handshake). */
   writeNow(buf: Uint8Array): void {
+    this.push(buf);
     this.flush();
-    if (!this.closed) this.stream.write(buf);
   }
 
   readonly flush = (): void => {
@@ -70,18 +90,29 @@ export class ReplyWriter {
       return;
     }
     const done = this.pendingDone;
+    const bytes = this.pendingBytes;
     this.pending = [];
     this.pendingDone = [];
+    this.pendingBytes = 0;
     const s = this.stream;
-    if (list.length > 1) s.cork();
-    for (let i = 0; i < list.length; i++) {
-      const cb = done[i];
-      if (cb) s.write(list[i], () => cb());
-      else s.write(list[i]);
-    }
-    if (list.length > 1) s.uncork();
+    const last = list.length - 1;
+    if (last > 0) s.cork();
+    for (let i = 0; i < last; i++) s.write(list[i]);
+    s.write(list[last], () => this.written(bytes, done));
+    if (last > 0) s.uncork();
     this.notifyIdle();
   };
+
+  private written(bytes: number, done: Array<() => void>): void {
+    this.backlog -= bytes;
+    for (const cb of done) cb();
+    this.budget.give(bytes);
+    if (this.backlog === 0 && this.settledWaiters.length) {
+      const w = this.settledWaiters;
+      this.settledWaiters = [];
+      for (const f of w) f();
+    }
+  }
 
   private notifyIdle(): void {
     const w = this.idleWaiters;
@@ -95,13 +126,26 @@ export class ReplyWriter {
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
+  /** Resolves once the socket has taken everything pushed so far (a client that reads). */
+  async settled(): Promise<void> {
+    await this.drained();
+    if (this.backlog === 0 || this.closed) return;
+    return new Promise((resolve) => this.settledWaiters.push(resolve));
+  }
+
   close(): void {
     this.closed = true;
     const done = this.pendingDone;
     this.pending = [];
     this.pendingDone = [];
+    this.backlog -= this.pendingBytes;
+    this.budget.give(this.pendingBytes);
+    this.pendingBytes = 0;
     // Nothing will be written: whoever waits to reuse a buffer may do so now.
-    for (const cb of done) cb?.();
+    for (const cb of done) cb();
     this.notifyIdle();
+    const w = this.settledWaiters;
+    this.settledWaiters = [];
+    for (const f of w) f();
   }
 }

@@ -2,6 +2,7 @@ import type { SecureContextOptions, TLSSocket } from 'node:tls';
 import type { Backend } from '../backend/backend.js';
 import type { Mutex } from '../backend/mutex.js';
 import { DEFAULT_MAX_PAYLOAD } from '../wire/constants.js';
+import { DEFAULT_CONNECTION_MEMORY, DEFAULT_SERVER_MEMORY, ServerBudget } from './memory-budget.js';
 
 export type TlsMode = 'off' | 'on' | 'require';
 
@@ -26,10 +27,19 @@ export interface ProtocolSettings {
   handshakeMask: number;
   /** Largest READ/WRITE payload accepted (advertised as the maximum block size). */
   maxPayload: number;
-  /** Bytes of requests a connection may have in flight before we stop reading from it. */
-  maxInFlightBytes: number;
+  /**
+   * Bytes a connection may hold (requests being served, replies the client has not taken) before
+   * we stop reading from it (memory-budget.ts).
+   */
+  maxConnectionMemory: number;
+  /** The same, summed over every connection of the server; shared by all of them. */
+  serverBudget: ServerBudget;
   /** Longest option payload accepted during the handshake. */
   maxOptionLength: number;
+  /** Options a client may send before choosing an export; one more ends the connection. */
+  maxOptions: number;
+  /** Milliseconds a client has from connecting to choosing an export (TLS included); 0 = no limit. */
+  handshakeTimeoutMs: number;
   /** Longest an idle connection polls for its next request before sleeping, in ns (poller.ts); 0 = never. */
   pollMaxNs: number;
   tls: TlsSettings;
@@ -48,7 +58,10 @@ export const DEFAULT_SETTINGS = {
   noStructuredReplies: false,
   handshakeMask: 3,
   maxPayload: DEFAULT_MAX_PAYLOAD,
-  maxInFlightBytes: 256 * 1024 * 1024,
+  maxConnectionMemory: DEFAULT_CONNECTION_MEMORY,
+  maxServerMemory: DEFAULT_SERVER_MEMORY,
   maxOptionLength: 64 * 1024,
+  maxOptions: 32,
+  handshakeTimeoutMs: 60_000,
   pollMaxNs: 50_000,
 };

@@ -12,6 +12,7 @@ import {
   type ZeroSpan,
 } from '../api/common.js';
 import type { Context } from '../backend/context.js';
+import { MAX_EXTENTS } from '../backend/extents.js';
 import { Mutex } from '../backend/mutex.js';
 import * as C from '../wire/constants.js';
 import {
@@ -29,8 +30,9 @@ import { bufferPool } from './buffer-pool.js';
 import { POLL_STOP, Poller } from './poller.js';
 import type { Negotiated } from './handshake.js';
 import type { ReplyWriter } from './reply-writer.js';
+import type { ConnectionBudget } from './memory-budget.js';
 import type { ProtocolSettings } from './settings.js';
-import type { SocketReader } from './socket-reader.js';
+import { PAUSE_BUDGET, type SocketReader } from './socket-reader.js';
 
 /**
  * READ data starts this far into its reply buffer, with the reply header just before it: copying
@@ -43,7 +45,7 @@ const MIN_HOLE_CHUNK = 4096;
 const BIG_PAYLOAD = 64 * 1024;
 /** WRITE payload still missing beyond which it is read straight into its buffer. */
 const DIRECT_READ_MIN = 16 * 1024;
-/** Hard cap on a WRITE payload we are willing to read and drop after rejecting the request. */
+/** Hard cap on a compact-header WRITE payload we read and drop after rejecting the request. */
 const MAX_DROPPABLE_PAYLOAD = 0xffffffff;
 
 /** Which command flags each command accepts, before checking what the export advertises. */
@@ -76,14 +78,9 @@ export class Transmission {
   private readonly extended: boolean;
   private readonly structured: boolean;
   private readonly headerSize: number;
+  private readonly maxBlockStatusReply: number;
   private readonly connLock: Mutex | null;
   private inFlight = 0;
-  private inFlightBytes = 0;
-  /**
-   * READ data queued for the socket and not yet taken by it. It counts against the in-flight
-   * limit too: a client that asks faster than it reads would otherwise pile replies up here.
-   */
-  private replyBytes = 0;
   private paused = false;
   private stopping = false;
   /** WRITE payload still to arrive for the request being parsed. */
@@ -107,19 +104,25 @@ export class Transmission {
     private readonly n: Negotiated,
     private readonly reader: SocketReader,
     private readonly writer: ReplyWriter,
+    /** Request bytes being served and reply bytes not yet sent count here (memory-budget.ts). */
+    private readonly budget: ConnectionBudget,
   ) {
     this.ctx = n.ctx;
     this.extended = n.extended;
     this.structured = n.structured;
     this.headerSize = requestSize(n.extended);
+    this.maxBlockStatusReply = C.EXTENDED_REPLY_SIZE + 8 + MAX_EXTENTS * (n.extended ? 16 : 8);
     this.connLock = settings.perConnectionLock ? new Mutex() : null;
     this.done = new Promise((resolve) => (this.finished = resolve));
     reader.onData = () => this.parse();
-    reader.onEnd = () => {
-      // Gone without DISC: nobody waits for the replies, so long waits below may end early.
-      if (!this.stopping) settings.abort?.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
-      this.stop('client went away');
+    reader.onEnd = (hard) => {
+      // Gone: nobody waits for the replies, so long waits below may end early. A client that
+      // only half-closed (EOF, often right after DISC) still reads what it asked for.
+      if (hard) settings.abort?.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
+      this.stop(hard ? 'client went away' : 'client closed its sending side');
     };
+    budget.onRelease = () => this.resumeIfRoom();
+    this.wakeFromServer = () => this.resumeIfRoom();
     this.direct = reader.useDirectReads();
     reader.onDirect = (n) => this.payloadArrived(n);
     // A paused or ending connection reads nothing more, polled or not.
@@ -132,13 +135,17 @@ export class Transmission {
     this.parse();
   }
 
-  /** Stop reading requests; `done` resolves once in-flight requests have replied. */
+  private readonly wakeFromServer: () => void;
+
+  /** Stop reading requests (input is dropped from now on); `done` resolves once in-flight requests have replied. */
   stop(reason: string): void {
     if (this.stopping) return;
     this.stopping = true;
     const polled = this.poller ? ` (${this.reader.polledReads} of ${this.reader.reads} reads found by polling)` : '';
     this.settings.debug(`connection ending: ${reason}${polled}`);
-    this.reader.onData = null;
+    this.reader.discardInput();
+    this.budget.server.cancel(this.wakeFromServer);
+    this.budget.onRelease = null;
     this.whenIdle(() => this.finished());
   }
 
@@ -190,15 +197,17 @@ export class Transmission {
       }
       if (q.length < this.headerSize) return;
       const req = decodeRequest(q.take(this.headerSize), this.extended);
-      if (!req) {
-        this.settings.error('bad request magic: closing the connection');
-        this.stop('broken framing');
-        this.reader.stream.destroy();
-        return;
-      }
+      if (!req) return this.dropClient('bad request magic');
       if (!this.admit(req)) return;
       if (this.paused) return;
     }
+  }
+
+  /** Framing is broken: no reply can be trusted to line up with a request. Close at once. */
+  private dropClient(why: string): void {
+    this.settings.error(`${why}: closing the connection`);
+    this.stop('broken framing');
+    this.reader.stream.destroy();
   }
 
   /** Validate and start one request. Returns false when the connection must stop parsing. */
@@ -213,10 +222,11 @@ export class Transmission {
     const error = this.validate(req);
     if (this.direct) this.reader.expectBigPayload = type === C.CMD_WRITE && length >= BIG_PAYLOAD;
     if (hasPayload) {
-      if (length > MAX_DROPPABLE_PAYLOAD) {
-        this.settings.error(`request payload of ${length} bytes is impossible: closing the connection`);
-        this.stop('broken framing');
-        this.reader.stream.destroy();
+      // With extended headers the length says how many payload bytes follow whatever the
+      // command: more than we would ever accept is a client we cannot stay in step with (the
+      // spec: the server should disconnect), not a payload to read and drop.
+      if (this.extended ? length > this.settings.maxPayload : length > MAX_DROPPABLE_PAYLOAD) {
+        this.dropClient(`request payload of ${length} bytes exceeds the maximum payload of ${this.settings.maxPayload}`);
         return false;
       }
       const keep = !error && type === C.CMD_WRITE;
@@ -339,13 +349,14 @@ export class Transmission {
       this.replyError(req, error);
       return;
     }
-    const cost = req.type === C.CMD_READ || req.type === C.CMD_WRITE ? req.length : 0;
+    const cost = this.costOf(req);
     this.started++;
     this.inFlight++;
-    this.inFlightBytes += cost;
-    if (this.inFlightBytes + this.replyBytes > this.settings.maxInFlightBytes && !this.paused) {
+    this.budget.take(cost);
+    if (!this.paused && this.budget.full) {
       this.paused = true;
-      this.reader.stream.pause();
+      this.reader.pause(PAUSE_BUDGET);
+      this.budget.server.wait(this.wakeFromServer);
     }
     const lock = this.settings.requestLock;
     let pending: void | Promise<void>;
@@ -374,10 +385,19 @@ export class Transmission {
     );
   }
 
+  /**
+   * What a request may make us hold until it is answered: its data for READ and WRITE, the
+   * largest reply for BLOCK_STATUS (its reply is built later, after many may have started).
+   */
+  private costOf(req: Request): number {
+    if (req.type === C.CMD_READ || req.type === C.CMD_WRITE) return req.length;
+    if (req.type === C.CMD_BLOCK_STATUS) return this.maxBlockStatusReply;
+    return 0;
+  }
+
   private finish(cost: number): void {
     this.inFlight--;
-    this.inFlightBytes -= cost;
-    this.resumeIfRoom();
+    this.budget.give(cost);
     // An answer that came later (an asynchronous plugin): the connection may be idle now.
     this.idleIfDone();
     if (this.inFlight === 0 && this.idleWaiters.length) {
@@ -388,23 +408,23 @@ export class Transmission {
   }
 
   private resumeIfRoom(): void {
-    if (this.paused && this.inFlightBytes + this.replyBytes <= this.settings.maxInFlightBytes / 2) {
-      this.paused = false;
-      this.reader.stream.resume();
-      this.parse();
+    if (!this.paused || this.stopping) return;
+    if (!this.budget.roomy) {
+      this.budget.server.wait(this.wakeFromServer);
+      return;
     }
+    this.paused = false;
+    this.budget.server.cancel(this.wakeFromServer);
+    this.reader.resume(PAUSE_BUDGET);
+    this.parse();
   }
 
   /** Queue READ reply buffers; `b` (the pooled buffer behind them) goes back once they are sent. */
-  private pushReadReply(buffers: Uint8Array[], b: Buffer, dataLength: number, recycle: boolean): void {
-    this.replyBytes += dataLength;
+  private pushReadReply(buffers: Uint8Array[], b: Buffer, recycle: boolean): void {
+    if (!recycle) return this.writer.push(...buffers);
     const last = buffers.pop()!;
     if (buffers.length) this.writer.push(...buffers);
-    this.writer.pushThen(last, () => {
-      if (recycle) bufferPool.put(b);
-      this.replyBytes -= dataLength;
-      this.resumeIfRoom();
-    });
+    this.writer.pushThen(last, () => bufferPool.put(b));
   }
 
   /**
@@ -532,7 +552,7 @@ export class Transmission {
       fillHoles(data, result);
       const reply = b.subarray(DATA_ALIGN - C.SIMPLE_REPLY_SIZE);
       writeSimpleReplyHeader(reply, 0, 0, req.cookie);
-      this.pushReadReply([reply], b, len, true);
+      this.pushReadReply([reply], b, true);
       return;
     }
     const hs = chunkHeaderSize(this.extended);
@@ -543,7 +563,7 @@ export class Transmission {
       const reply = b.subarray(DATA_ALIGN - prefix);
       writeChunkHeader(reply, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + len);
       writeU64(reply, req.offset, hs);
-      this.pushReadReply([reply], b, len, true);
+      this.pushReadReply([reply], b, true);
       return;
     }
     // Data and hole chunks in order; the last one carries DONE.
@@ -573,7 +593,7 @@ export class Transmission {
       }
     });
     // Only the last chunk says when all were sent; `b` is not recycled, as it was cut into views.
-    this.pushReadReply(out, b, len, false);
+    this.pushReadReply(out, b, false);
   }
 
   private async blockStatus(req: Request): Promise<void> {
@@ -584,7 +604,10 @@ export class Transmission {
     } catch (err) {
       return this.replyError(req, err);
     }
-    // Compact replies carry 32-bit lengths; extended ones 64-bit.
+    // Compact replies carry 32-bit lengths; extended ones 64-bit. The reply may cover less than
+    // asked, never more than the advertised maximum payload.
+    const fit = Math.floor((this.settings.maxPayload - 8) / (this.extended ? 16 : 8));
+    if (extents.length > fit) extents = extents.slice(0, Math.max(1, fit));
     const descriptors = extents.map((e) => ({ length: e.length, flags: e.type }));
     const payload = encodeBlockStatus(this.n.baseAllocation!, descriptors, this.extended);
     const h = Buffer.allocUnsafe(chunkHeaderSize(this.extended));
