@@ -34,6 +34,12 @@ export interface CliOptions {
   help: boolean;
   version: boolean;
   maxPayload?: string;
+  /** --max-connection-memory / --max-server-memory (sizes, parsed later). */
+  maxConnectionMemory?: string;
+  maxServerMemory?: string;
+  maxOptions?: number;
+  /** --timeout=SECONDS: handshake time limit. */
+  timeout?: number;
   /** --poll=MICROSECONDS (see ServeOptions.pollMicroseconds). */
   poll?: number;
   noInstall: boolean;
@@ -103,6 +109,28 @@ const LONG: Record<string, Spec> = {
   help: { takesValue: false, set: (o) => (o.help = true) },
   version: { takesValue: false, set: (o) => (o.version = true) },
   'max-payload': { takesValue: true, set: (o, v) => (o.maxPayload = v) },
+  'max-connection-memory': { takesValue: true, set: (o, v) => (o.maxConnectionMemory = v) },
+  'max-server-memory': { takesValue: true, set: (o, v) => (o.maxServerMemory = v) },
+  'max-options': {
+    takesValue: true,
+    set: (o, v) => {
+      const n = Number(v);
+      if (v.trim() === '' || !Number.isInteger(n) || n < 1 || n > 65536) {
+        throw new UsageError(`--max-options: '${v}' is not a number from 1 to 65536`);
+      }
+      o.maxOptions = n;
+    },
+  },
+  timeout: {
+    takesValue: true,
+    set: (o, v) => {
+      const n = Number(v);
+      if (v.trim() === '' || !Number.isFinite(n) || n < 0 || n > 86400) {
+        throw new UsageError(`--timeout: '${v}' is not a number of seconds from 0 to 86400`);
+      }
+      o.timeout = n;
+    },
+  },
   poll: {
     takesValue: true,
     set: (o, v) => {
@@ -256,6 +284,13 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
       --no-sr               no structured replies (nor extended headers)
       --max-payload=SIZE    largest read/write request (default 32M)
       --poll=MICROSECONDS   poll an idle connection this long before sleeping (default 50, 0 = off)
+      --timeout=SECONDS     a client must finish the handshake (TLS included) in this time
+                            (default 60, 0 = no limit)
+      --max-options=N       options a client may send before choosing an export (default 32)
+      --max-connection-memory=SIZE  memory one client can make the server hold (requests being
+                            served, replies it has not read); beyond it the client is not read
+                            until it catches up (default 32M)
+      --max-server-memory=SIZE  the same over all clients together (default 128M)
       --log=stderr|syslog|null  where messages go (syslog is written to stderr)
       --print-uri           print the URI clients can use
       --no-install          never install missing first-party plugins (also NBDX_NO_INSTALL=1)

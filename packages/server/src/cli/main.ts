@@ -22,6 +22,10 @@ function fail(message: string): never {
 
 /** Entry point of the `nbdx` command. Resolves with the exit status. */
 export async function main(argv: readonly string[]): Promise<number> {
+  // Node opens its inspector (a debugger port, which is code execution for whoever reaches it)
+  // when the process gets SIGUSR1 and nothing listens for that signal. A network server must
+  // not: SIGUSR1 is ignored instead.
+  process.on('SIGUSR1', () => {});
   let o: CliOptions;
   try {
     o = parseArgs(argv);
@@ -102,6 +106,10 @@ async function run(o: CliOptions): Promise<number> {
     noStructuredReplies: o.noSr,
     handshakeMask: o.maskHandshake,
     maxPayload: o.maxPayload ? parseSize(o.maxPayload, '--max-payload') : undefined,
+    maxConnectionMemory: memoryLimit(o.maxConnectionMemory, '--max-connection-memory'),
+    maxServerMemory: memoryLimit(o.maxServerMemory, '--max-server-memory'),
+    maxOptions: o.maxOptions,
+    handshakeTimeout: o.timeout,
     pollMicroseconds: o.poll,
     tls: tlsSettings(o),
     debug: verbose ? (m) => process.stderr.write(`nbdx: debug: ${m}\n`) : () => {},
@@ -144,30 +152,38 @@ async function run(o: CliOptions): Promise<number> {
     const pidfile = o.pidfile;
     cleanups.push(() => fs.rmSync(pidfile, { force: true }));
   }
-  const uri = addresses[0]!.uri;
-  if (o.printUri) process.stdout.write(`${uri}\n`);
-  if (process.env[DAEMON_ENV] && process.send) {
-    process.send({ type: 'ready', uri });
-    process.disconnect?.();
-  }
-
+  let finish: (status: number) => void = () => {};
   const done = new Promise<number>((resolve) => {
     const onSignal = (sig: NodeJS.Signals) => {
       if (shuttingDown) process.exit(1); // a second signal: stop waiting
       server.settings.debug(`${sig}: shutting down`);
       void shutdown(0).then(resolve);
     };
-    process.on('SIGINT', onSignal);
-    process.on('SIGTERM', onSignal);
+    // As nbdkit: these four end the server cleanly (exit 0, socket and pidfile removed).
+    for (const sig of ['SIGINT', 'SIGTERM', 'SIGQUIT', 'SIGHUP'] as const) process.on(sig, onSignal);
     if (o.exitWithParent) watchParent(() => void shutdown(0).then(resolve));
-    if (o.run) {
-      const child = runCaptive(o.run, addresses[0]!, o.exportName ?? '');
-      child.on('exit', (code, signal) => {
-        void shutdown(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1)).then(resolve);
-      });
-    }
+    finish = (status) => void shutdown(status).then(resolve);
   });
+  // Only now say we are up: a signal sent as soon as the URI appears finds its handler.
+  const uri = addresses[0]!.uri;
+  if (o.printUri) process.stdout.write(`${uri}\n`);
+  if (process.env[DAEMON_ENV] && process.send) {
+    process.send({ type: 'ready', uri });
+    process.disconnect?.();
+  }
+  if (o.run) {
+    const child = runCaptive(o.run, addresses[0]!, o.exportName ?? '');
+    child.on('exit', (code, signal) => finish(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1)));
+  }
   return done;
+}
+
+/** A memory limit: a size of at least 1 MiB (less would stall every client on one big request). */
+function memoryLimit(value: string | undefined, option: string): number | undefined {
+  if (value === undefined) return undefined;
+  const n = parseSize(value, option);
+  if (n < 1024 * 1024) fail(`${option}: '${value}' is below the smallest useful limit of 1M`);
+  return n;
 }
 
 function argv(): string[] {

@@ -1,0 +1,308 @@
+/**
+ * What no client may do to the server: inject into TLS, outstay its welcome in the handshake,
+ * keep a connection it was dropped from, send payloads we would have to swallow, lose replies by
+ * half-closing, or reach a debugger through a signal.
+ */
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import * as tls from 'node:tls';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createMemoryPlugin } from '@nbdx/plugin-memory';
+import { NbdClient } from '@nbdx/client';
+import { needTools, nbdshOk, run, startCli, tmpDir, waitFor } from '@nbdx/testkit';
+import { defineFilter } from '../api/define.js';
+import { serve } from '../server.js';
+import * as C from '../wire/constants.js';
+import {
+  GO_REPLY_SIZE,
+  GREETING_SIZE,
+  RawSession,
+  clientFlags,
+  go,
+  option,
+  optionReplies,
+  request,
+} from './raw-session.js';
+
+type Srv = Awaited<ReturnType<typeof serve>>;
+const have = needTools('nbdsh', 'nbdinfo');
+const dir = tmpDir();
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+const PSK_IDENTITY = 'alice';
+const PSK = Buffer.from('0123456789abcdef0123456789abcdef', 'hex');
+const pathOf = (s: Srv) => s.addresses[0]!.path!;
+
+describe('STARTTLS: nothing sent in clear after it is ever read', () => {
+  let s: Srv;
+  beforeAll(async () => {
+    s = await serve({
+      plugin: createMemoryPlugin(),
+      config: { size: '1M' },
+      tls: {
+        mode: 'require',
+        socketOptions: {
+          ciphers: 'PSK',
+          minVersion: 'TLSv1.2',
+          maxVersion: 'TLSv1.2',
+          pskCallback: (_sock, id) => (id === PSK_IDENTITY ? PSK : null),
+        },
+      },
+    });
+  });
+  afterAll(() => s.close());
+
+  /** Finish a TLS handshake over `raw` and return the secure socket. */
+  function upgrade(raw: net.Socket): Promise<tls.TLSSocket> {
+    return new Promise((resolve, reject) => {
+      const t = tls.connect({
+        socket: raw,
+        ciphers: 'PSK',
+        maxVersion: 'TLSv1.2',
+        checkServerIdentity: () => undefined,
+        pskCallback: () => ({ identity: PSK_IDENTITY, psk: PSK }),
+      });
+      t.once('secureConnect', () => resolve(t));
+      t.once('error', reject);
+      t.once('close', () => reject(new Error('closed during the TLS handshake')));
+    });
+  }
+
+  it('a proper STARTTLS upgrades and options are answered inside TLS (the control case)', async () => {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), option(C.OPT_STARTTLS));
+    expect(await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + 20, 2000)).toBe(true);
+    expect(optionReplies(r.received)).toEqual([{ option: C.OPT_STARTTLS, type: C.REP_ACK, length: 0 }]);
+    const t = await upgrade(r.sock);
+    const got: Buffer[] = [];
+    t.on('data', (d) => got.push(d));
+    t.write(go());
+    await waitFor(() => Buffer.concat(got).length >= GO_REPLY_SIZE, 3000);
+    expect(optionReplies(Buffer.concat(got), 0).map((x) => x.type)).toEqual([C.REP_INFO, C.REP_ACK]);
+    t.destroy();
+  });
+
+  it('an option sent in the same write as STARTTLS closes the connection, unanswered in clear or in TLS', async () => {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), option(C.OPT_STARTTLS), go());
+    expect(await r.untilClosed(3000)).toBe(true);
+    // Only the greeting: no ACK for STARTTLS, nothing for the injected GO.
+    expect(r.receivedLength).toBe(GREETING_SIZE);
+  });
+
+  it('an option sent right behind STARTTLS, before the TLS handshake, is never answered', async () => {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags());
+    await r.waitUntil(() => r.receivedLength >= GREETING_SIZE, 2000);
+    // As a man in the middle would: STARTTLS, the injected option, then the real client's TLS.
+    r.send(option(C.OPT_STARTTLS));
+    r.send(go());
+    let secure: tls.TLSSocket | null = null;
+    const inside: Buffer[] = [];
+    try {
+      secure = await upgrade(r.sock);
+      secure.on('data', (d) => inside.push(d));
+      await new Promise((res) => secure!.once('close', res));
+    } catch {
+      // The server closed before or during the TLS handshake: what we want.
+    }
+    expect(await r.untilClosed(3000)).toBe(true);
+    const clear = optionReplies(r.received);
+    expect(clear.filter((x) => x.option !== C.OPT_STARTTLS)).toEqual([]);
+    expect(inside).toEqual([]);
+  });
+});
+
+describe('the handshake is bounded', () => {
+  let s: Srv;
+  beforeAll(async () => {
+    s = await serve({ plugin: createMemoryPlugin(), config: { size: '1M' }, handshakeTimeout: 0.5, maxOptions: 8 });
+  });
+  afterAll(() => s.close());
+
+  it('more options than the limit: each answered, then ERR_POLICY and the connection closes', async () => {
+    const r = await RawSession.open(pathOf(s));
+    const many = Array.from({ length: 20 }, () => option(999));
+    r.send(clientFlags(), ...many);
+    expect(await r.untilClosed(3000)).toBe(true);
+    const replies = optionReplies(r.received);
+    expect(replies.map((x) => x.type)).toEqual([...Array(8).fill(C.REP_ERR_UNSUP), C.REP_ERR_POLICY]);
+  });
+
+  it('a client that says nothing is dropped after the handshake timeout', async () => {
+    const r = await RawSession.open(pathOf(s));
+    const t0 = Date.now();
+    expect(await r.untilClosed(3000)).toBe(true);
+    expect(Date.now() - t0).toBeGreaterThanOrEqual(400);
+    expect(r.receivedLength).toBe(GREETING_SIZE);
+  });
+
+  it('the timeout ends with the handshake: an idle client in transmission stays', async () => {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), go());
+    await new Promise((res) => setTimeout(res, 1000));
+    expect(r.closed).toBe(false);
+    r.send(request(C.CMD_READ, 0, 512, { cookie: 7n }));
+    expect(await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + GO_REPLY_SIZE + 16 + 512, 2000)).toBe(true);
+    r.destroy();
+  });
+});
+
+describe('connection endings', () => {
+  let s: Srv;
+  let closeRan = 0;
+  // A filter whose close takes a while: the client must see EOF only after it has run.
+  const slowClose = defineFilter({
+    name: 'slow-close',
+    apiVersion: 2,
+    async close() {
+      await new Promise((res) => setTimeout(res, 300));
+      closeRan = Date.now();
+    },
+  });
+  beforeAll(async () => {
+    s = await serve({ plugin: createMemoryPlugin(), filters: [slowClose], config: { size: '1M' }, maxPayload: 1 << 20 });
+  });
+  afterAll(() => s.close());
+
+  it('READ, DISC, then a half-close: the READ is answered, close runs, and only then EOF', async () => {
+    const r = await RawSession.open(pathOf(s));
+    const data = Buffer.alloc(4096, 0x5a);
+    r.send(clientFlags(), go(), request(C.CMD_WRITE, 8192, data.length, { cookie: 1n }), data);
+    r.send(request(C.CMD_READ, 8192, 4096, { cookie: 2n }), request(C.CMD_DISC, 0, 0, { cookie: 3n }));
+    r.sock.end(); // shutdown(SHUT_WR), as libnbd does after DISC
+    closeRan = 0;
+    expect(await r.untilClosed(3000)).toBe(true);
+    const eofAt = Date.now();
+    const replies = r.received.subarray(GREETING_SIZE + GO_REPLY_SIZE);
+    expect(replies.length).toBe(16 + 16 + 4096);
+    expect(replies.readBigUInt64BE(8)).toBe(1n);
+    expect(replies.readBigUInt64BE(16 + 8)).toBe(2n);
+    expect(replies.subarray(32).equals(data)).toBe(true);
+    expect(closeRan).toBeGreaterThan(0);
+    expect(eofAt).toBeGreaterThanOrEqual(closeRan);
+  });
+
+  it.skipIf(!have)('libnbd: a read in flight, then disconnect: the read completes', async () => {
+    const out = await nbdshOk(
+      s.uri,
+      [
+        'buf = nbd.Buffer(65536)',
+        'c = h.aio_pread(buf, 0)',
+        'h.aio_disconnect()',
+        'while not h.aio_is_closed():',
+        '    h.poll(-1)',
+        'print(h.aio_command_completed(c))',
+      ].join('\n'),
+    );
+    expect(out.trim()).toBe('True');
+  });
+
+  for (const [what, bytes] of [
+    ['bad request magic', () => Buffer.alloc(28, 0xee)],
+    ['DISC', () => request(C.CMD_DISC, 0, 0)],
+  ] as const) {
+    it(`after ${what}, a client that keeps writing gets a reset within a second and is not buffered`, async () => {
+      const r = await RawSession.open(pathOf(s));
+      r.send(clientFlags(), go(), bytes());
+      const chunk = Buffer.alloc(64 * 1024, 1);
+      const t0 = Date.now();
+      let written = 0;
+      while (r.error === null && Date.now() - t0 < 3000) {
+        if (!r.sock.write(chunk)) await Promise.race([new Promise((res) => r.sock.once('drain', res)), r.waitUntil(() => r.error !== null, 200)]);
+        written += chunk.length;
+        await new Promise((res) => setImmediate(res));
+      }
+      expect(r.error?.code).toMatch(/^(EPIPE|ECONNRESET)$/);
+      expect(Date.now() - t0).toBeLessThan(1500);
+      // Far less than the writer managed to push: the server stopped reading at once.
+      expect(written).toBeLessThan(64 * 1024 * 1024);
+      await waitFor(() => s.connectionCount === 0, 2000);
+    });
+  }
+});
+
+describe('extended headers: a payload longer than the maximum disconnects at once', () => {
+  let s: Srv;
+  beforeAll(async () => {
+    s = await serve({ plugin: createMemoryPlugin(), config: { size: '64M' }, maxPayload: 1 << 20 });
+  });
+  afterAll(() => s.close());
+
+  for (const [name, type] of [
+    ['WRITE', C.CMD_WRITE],
+    ['BLOCK_STATUS with a payload', C.CMD_BLOCK_STATUS],
+  ] as const) {
+    it(`${name}`, async () => {
+      const r = await RawSession.open(pathOf(s));
+      r.send(clientFlags(), option(C.OPT_EXTENDED_HEADERS), go());
+      expect(await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + 20 + GO_REPLY_SIZE, 2000)).toBe(true);
+      r.send(request(type, 0, (1 << 20) + 1, { extended: true, flags: C.CMD_FLAG_PAYLOAD_LEN }));
+      // No payload follows: the server must not wait for it.
+      expect(await r.untilClosed(1000)).toBe(true);
+      expect(r.receivedLength).toBe(GREETING_SIZE + 20 + GO_REPLY_SIZE);
+    });
+  }
+
+  it('a payload at the maximum is still accepted', async () => {
+    const c = await NbdClient.connect(s.uri);
+    expect(c.extendedHeaders).toBe(true);
+    const data = Buffer.alloc(1 << 20, 3);
+    await c.pwrite(data, 0);
+    expect((await c.pread(1 << 20, 0)).equals(data)).toBe(true);
+    await c.disconnect();
+  });
+});
+
+describe.skipIf(!have)('signals', () => {
+  function socketInodes(pid: number): string[] {
+    return fs
+      .readdirSync(`/proc/${pid}/fd`)
+      .map((fd) => {
+        try {
+          return fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+        } catch {
+          return '';
+        }
+      })
+      .filter((l) => l.startsWith('socket:'))
+      .sort();
+  }
+
+  function listening(port: number): Promise<boolean> {
+    return new Promise((resolve) => {
+      const c = net.connect({ host: '127.0.0.1', port });
+      c.once('connect', () => {
+        c.destroy();
+        resolve(true);
+      });
+      c.once('error', () => resolve(false));
+    });
+  }
+
+  it('SIGUSR1 opens no debugger port and the server keeps serving', async () => {
+    const sock = path.join(dir, 'usr1.sock');
+    const srv = await startCli(['-U', sock, 'memory', '1M']);
+    const pid = srv.child.pid!;
+    const before = socketInodes(pid);
+    process.kill(pid, 'SIGUSR1');
+    await new Promise((res) => setTimeout(res, 500));
+    expect(socketInodes(pid)).toEqual(before);
+    expect(await listening(9229)).toBe(false);
+    expect((await run('nbdinfo', ['--size', srv.uri])).stdout.trim()).toBe('1048576');
+    expect(await srv.stop('SIGTERM')).toBe(0);
+  });
+
+  for (const sig of ['SIGHUP', 'SIGQUIT', 'SIGINT', 'SIGTERM'] as const) {
+    it(`${sig} ends the server cleanly, as nbdkit: exit 0, socket and pidfile removed`, async () => {
+      const sock = path.join(dir, `${sig}.sock`);
+      const pidfile = path.join(dir, `${sig}.pid`);
+      const srv = await startCli(['-U', sock, '-P', pidfile, 'memory', '1M']);
+      expect(fs.existsSync(pidfile)).toBe(true);
+      expect(await srv.stop(sig)).toBe(0);
+      expect(fs.existsSync(sock)).toBe(false);
+      expect(fs.existsSync(pidfile)).toBe(false);
+    });
+  }
+});
