@@ -15,6 +15,7 @@ import {
 } from '../api/common.js';
 import type { OwnedContext } from '../api/filter/next.js';
 import { normalizeExtents } from './extents.js';
+import { yieldIfBusy } from './fair-turns.js';
 import type { Mutex } from './mutex.js';
 
 /** Zeroes written when a layer cannot zero natively. Never handed to anything that writes into it. */
@@ -168,6 +169,19 @@ export abstract class Context implements OwnedContext {
     return this.lock ? this.lock.run(fn) : fn();
   }
 
+  /**
+   * For calls that may work a while without I/O (extents, trim, zero, cache over big ranges):
+   * once the event loop has been busy long enough in this turn, wait for the next one, so that
+   * many of them in a row do not keep other connections waiting (fair-turns.ts).
+   */
+  private lockedCostly<T>(fn: () => Promise<T>): Promise<T> {
+    return this.locked(async () => {
+      const turn = yieldIfBusy();
+      if (turn) await turn;
+      return fn();
+    });
+  }
+
   private checkRange(count: number, offset: number, errno: number, what: string): void {
     if (!(offset >= 0 && count >= 0 && offset + count <= this.size)) {
       throw new NbdError(errno, `${what} beyond the end: offset ${offset} + ${count} > size ${this.size}`);
@@ -236,7 +250,7 @@ export abstract class Context implements OwnedContext {
     this.checkWritable('trim');
     if (!(await this.canTrim())) throw new NbdError(Errno.EINVAL, 'trim: not supported by this export');
     this.checkRange(count, offset, Errno.EINVAL, 'trim');
-    return this.locked(async () => {
+    return this.lockedCostly(async () => {
       const fua = await this.splitFua(flags);
       await this.implTrim(count, offset, fua.flags);
       if (fua.flushAfter) await this.implFlush(0);
@@ -252,7 +266,7 @@ export abstract class Context implements OwnedContext {
     if (fast && !(await this.canFastZero())) {
       throw new NbdError(Errno.ENOTSUP, 'zero: a fast zero is not possible here');
     }
-    return this.locked(async () => {
+    return this.lockedCostly(async () => {
       const fua = await this.splitFua(flags);
       if (mode === 'native') {
         try {
@@ -280,7 +294,7 @@ export abstract class Context implements OwnedContext {
     const reqOne = (flags & FLAG_REQ_ONE) !== 0;
     if (count === 0) return [];
     if (!(await this.canExtents())) return [{ offset, length: count, type: 0 }];
-    return this.locked(async () =>
+    return this.lockedCostly(async () =>
       normalizeExtents(await this.implExtents(count, offset, flags), offset, count, reqOne, this.who),
     );
   }
@@ -289,7 +303,7 @@ export abstract class Context implements OwnedContext {
     this.checkRange(count, offset, Errno.EINVAL, 'cache');
     const mode = await this.canCache();
     if (mode === 'none') return;
-    return this.locked(async () => {
+    return this.lockedCostly(async () => {
       if (mode === 'native') return this.implCache(count, offset, flags);
       // Emulate by reading and discarding, in bounded pieces.
       const scratch = Buffer.allocUnsafe(Math.min(count, 4 * 1024 * 1024));

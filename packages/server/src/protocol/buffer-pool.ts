@@ -3,18 +3,26 @@
  * are the main cost of a fast NBD server in a garbage-collected runtime: reusing them keeps the
  * collector out of the hot path. Buffers come from allocUnsafeSlow (each owns its memory, so it can
  * be handed back on its own) and are kept per exact size, up to a global cap.
+ *
+ * A pool that nobody has used for a while is emptied: after a burst of clients the server goes
+ * back to what it needs when idle instead of keeping the burst's buffers for ever.
  */
 const MIN_POOLED = 1024;
-const MAX_POOLED_BYTES = 128 * 1024 * 1024;
+const MAX_POOLED_BYTES = 32 * 1024 * 1024;
 /** Enough for nbdcopy's 4 connections x 64 requests of 256 KiB; the byte cap bounds the rest. */
 const MAX_PER_SIZE = 1024;
+/** Unused this long, the pool lets its buffers go. */
+const IDLE_MS = 1_000;
 
 class BufferPool {
   private free = new Map<number, Buffer[]>();
   private pooledBytes = 0;
+  private used = false;
+  private timer: NodeJS.Timeout | null = null;
 
   get(size: number): Buffer {
     if (size >= MIN_POOLED) {
+      this.used = true;
       const b = this.free.get(size)?.pop();
       if (b) {
         this.pooledBytes -= size;
@@ -35,6 +43,27 @@ class BufferPool {
     if (list.length >= MAX_PER_SIZE) return;
     list.push(b);
     this.pooledBytes += size;
+    this.watch();
+  }
+
+  /** While buffers are pooled, check now and then whether anyone still uses them. */
+  private watch(): void {
+    if (this.timer) return;
+    this.timer = setInterval(() => {
+      if (this.used) {
+        this.used = false;
+        return;
+      }
+      this.free.clear();
+      this.pooledBytes = 0;
+      clearInterval(this.timer!);
+      this.timer = null;
+    }, IDLE_MS);
+    this.timer.unref();
+  }
+
+  get bytes(): number {
+    return this.pooledBytes;
   }
 }
 

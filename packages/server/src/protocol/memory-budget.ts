@@ -14,9 +14,12 @@
  * per connection.
  */
 
+import { Reclaimer } from './reclaim.js';
+
 /** The sum over all connections of one server. */
 export class ServerBudget {
   used = 0;
+  private readonly reclaimer = new Reclaimer(() => this.used);
   /** Connections waiting for the server to be back under its limit. */
   private readonly waiting = new Set<() => void>();
 
@@ -35,8 +38,14 @@ export class ServerBudget {
     this.waiting.delete(wake);
   }
 
+  /** Called after `used` went up. */
+  grew(): void {
+    this.reclaimer.rose(this.used);
+  }
+
   /** Called after `used` went down. */
   released(): void {
+    this.reclaimer.fell(this.used);
     if (this.waiting.size === 0 || this.used > this.limit / 2) return;
     const list = [...this.waiting];
     this.waiting.clear();
@@ -60,6 +69,7 @@ export class ConnectionBudget {
     if (this.closed) return;
     this.held += n;
     this.server.used += n;
+    this.server.grew();
   }
 
   give(n: number): void {

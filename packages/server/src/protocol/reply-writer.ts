@@ -10,7 +10,13 @@ import type { ConnectionBudget } from './memory-budget.js';
  *
  * Every byte pushed counts against the connection's memory budget until the socket has taken
  * it (the write callback of the batch's last buffer: writes complete in order).
+ *
+ * Small replies (acks, errors, chunk headers) are written in place into an arena, one after the
+ * other, and go to the socket as one view per run: a reply costs its bytes and no object of its
+ * own, so a client that never reads cannot make a few budgeted bytes cost much more in objects.
  */
+const ARENA_SIZE = 64 * 1024;
+
 export class ReplyWriter {
   private pending: Uint8Array[] = [];
   private pendingBytes = 0;
@@ -23,6 +29,10 @@ export class ReplyWriter {
   backlog = 0;
   private idleWaiters: Array<() => void> = [];
   private settledWaiters: Array<() => void> = [];
+  /** Where small replies are written (see reserve()); bytes from runStart to used are not yet queued. */
+  arena = Buffer.allocUnsafeSlow(ARENA_SIZE);
+  private used = 0;
+  private runStart = 0;
 
   constructor(
     private stream: Duplex,
@@ -33,8 +43,33 @@ export class ReplyWriter {
     this.stream = stream;
   }
 
+  /**
+   * Room for a small reply of `n` bytes: returns the offset in `arena` (read `arena` after this
+   * call: it may be a new one) where the caller writes it.
+   */
+  reserve(n: number): number {
+    if (this.used + n > this.arena.length) {
+      this.endRun();
+      this.arena = Buffer.allocUnsafeSlow(Math.max(ARENA_SIZE, n));
+      this.used = this.runStart = 0;
+    }
+    const at = this.used;
+    this.used += n;
+    if (this.closed) return at;
+    this.queued(n);
+    return at;
+  }
+
+  /** Queue the small replies written since the last run as one view (before anything else). */
+  private endRun(): void {
+    if (this.used === this.runStart) return;
+    this.pending.push(this.arena.subarray(this.runStart, this.used));
+    this.runStart = this.used;
+  }
+
   push(...buffers: Uint8Array[]): void {
     if (this.closed) return;
+    this.endRun();
     let bytes = 0;
     for (const b of buffers) {
       this.pending.push(b);
@@ -46,6 +81,7 @@ export class ReplyWriter {
   /** Queue one buffer and call `done` when the socket no longer needs it (to recycle it). */
   pushThen(buffer: Uint8Array, done: () => void): void {
     if (this.closed) return done();
+    this.endRun();
     this.pending.push(buffer);
     this.pendingDone.push(done);
     this.queued(buffer.byteLength);
@@ -59,13 +95,29 @@ export class ReplyWriter {
     this.schedule();
   }
 
+  /**
+   * Call `done` once everything queued so far has been sent (or dropped). `holds` bytes (memory
+   * the queued replies keep alive beyond their own length) count against the budget until then.
+   */
+  whenWritten(done: () => void, holds = 0): void {
+    if (this.closed) return done();
+    if (holds > 0) {
+      this.budget.take(holds);
+      this.pendingDone.push(() => {
+        this.budget.give(holds);
+        done();
+      });
+    } else this.pendingDone.push(done);
+    this.schedule();
+  }
+
   /** Keep replies back until release(); holds nest. */
   hold(): void {
     this.holds++;
   }
 
   release(): void {
-    if (--this.holds === 0 && this.pending.length > 0) this.flush();
+    if (--this.holds === 0 && this.pendingBytes > 0) this.flush();
   }
 
   private schedule(): void {
@@ -84,11 +136,14 @@ export class ReplyWriter {
   readonly flush = (): void => {
     this.scheduled = false;
     if (this.holds > 0) return; // release() writes them
+    if (!this.closed) this.endRun();
     const list = this.pending;
-    if (list.length === 0 || this.closed) {
+    if (this.closed || (list.length === 0 && this.pendingDone.length === 0)) {
       this.notifyIdle();
       return;
     }
+    // Only callbacks: they wait for what the socket still has (an empty write completes after it).
+    if (list.length === 0) list.push(Buffer.alloc(0));
     const done = this.pendingDone;
     const bytes = this.pendingBytes;
     this.pending = [];
@@ -122,7 +177,7 @@ export class ReplyWriter {
 
   /** Resolves once everything pushed so far has been handed to the socket. */
   drained(): Promise<void> {
-    if (this.pending.length === 0) return Promise.resolve();
+    if (this.pendingBytes === 0) return Promise.resolve();
     return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
@@ -135,6 +190,7 @@ export class ReplyWriter {
 
   close(): void {
     this.closed = true;
+    this.runStart = this.used;
     const done = this.pendingDone;
     this.pending = [];
     this.pendingDone = [];

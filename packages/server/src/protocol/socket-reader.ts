@@ -6,6 +6,7 @@ import { POLL_STOP } from './poller.js';
 /** Why reading is paused (several may hold at once; reading resumes when none does). */
 export const PAUSE_QUEUE = 1; // the handshake has not taken what is queued yet
 export const PAUSE_BUDGET = 2; // the connection holds too much (memory-budget.ts)
+export const PAUSE_TURN = 4; // the connection used its turn of the event loop (transmission.ts)
 
 /**
  * Bytes queued during the handshake beyond which the socket is not read until the handshake

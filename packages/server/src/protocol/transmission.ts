@@ -32,7 +32,7 @@ import type { Negotiated } from './handshake.js';
 import type { ReplyWriter } from './reply-writer.js';
 import type { ConnectionBudget } from './memory-budget.js';
 import type { ProtocolSettings } from './settings.js';
-import { PAUSE_BUDGET, type SocketReader } from './socket-reader.js';
+import { PAUSE_BUDGET, PAUSE_TURN, type SocketReader } from './socket-reader.js';
 
 /**
  * READ data starts this far into its reply buffer, with the reply header just before it: copying
@@ -45,6 +45,20 @@ const MIN_HOLE_CHUNK = 4096;
 const BIG_PAYLOAD = 64 * 1024;
 /** WRITE payload still missing beyond which it is read straight into its buffer. */
 const DIRECT_READ_MIN = 16 * 1024;
+/**
+ * Requests of one connection being served at once, at most. Each costs some memory beyond its
+ * data (its parsed header, promises, closures), which the byte budget does not see: a client
+ * pipelining tiny requests must still not make the server hold millions of them.
+ */
+const MAX_REQUESTS_IN_FLIGHT = 1024;
+/**
+ * Work one connection may start in one turn of the event loop: requests, and bytes of READ and
+ * WRITE data. Beyond it the connection lets the others have their turn before going on, so a
+ * client that pipelines thousands of requests per read cannot stall everyone else. Normal clients
+ * (64 requests in flight, 16 MiB of data) stay within one turn.
+ */
+const TURN_REQUESTS = 256;
+const TURN_BYTES = 32 * 1024 * 1024;
 /** Hard cap on a compact-header WRITE payload we read and drop after rejecting the request. */
 const MAX_DROPPABLE_PAYLOAD = 0xffffffff;
 
@@ -92,6 +106,9 @@ export class Transmission {
   private readonly poller: Poller | null;
   /** Requests started so far, and the counts of those and of reads when last idle. */
   private started = 0;
+  private startedBytes = 0;
+  /** A turn was yielded (see TURN_REQUESTS); parsing goes on from setImmediate. */
+  private yielded = false;
   private startedAtIdle = 0;
   private readsAtIdle = 0;
   /** Inside parse(): requests answered there wait for its end before the connection counts as idle. */
@@ -126,7 +143,7 @@ export class Transmission {
     this.direct = reader.useDirectReads();
     reader.onDirect = (n) => this.payloadArrived(n);
     // A paused or ending connection reads nothing more, polled or not.
-    const readNow = () => (this.paused || this.stopping ? POLL_STOP : reader.readNow());
+    const readNow = () => (this.paused || this.yielded || this.stopping ? POLL_STOP : reader.readNow());
     this.poller = this.direct && settings.pollMaxNs > 0 ? new Poller(settings.pollMaxNs, readNow) : null;
     if (this.poller) {
       const poller = this.poller;
@@ -179,7 +196,7 @@ export class Transmission {
    * that send several requests per read, which wake us soon enough anyway.
    */
   private idleIfDone(): void {
-    if (!this.poller || this.inFlight !== 0 || this.paused || this.stopping || this.parsing > 0) return;
+    if (!this.poller || this.inFlight !== 0 || this.paused || this.yielded || this.stopping || this.parsing > 0) return;
     const oneByOne =
       this.reader.stream.writableLength === 0 &&
       (this.pendingWrite !== null || (this.started - this.startedAtIdle === 1 && this.reader.reads - this.readsAtIdle === 1));
@@ -190,7 +207,12 @@ export class Transmission {
 
   private parseHeld(): void {
     const q = this.reader.queue;
-    while (!this.stopping) {
+    const bytesBefore = this.startedBytes;
+    for (let requests = 0; !this.stopping; ) {
+      if (requests >= TURN_REQUESTS || this.startedBytes - bytesBefore >= TURN_BYTES) {
+        this.yieldTurn();
+        return;
+      }
       if (this.pendingWrite) {
         if (!this.takePayload()) return;
         continue;
@@ -198,7 +220,10 @@ export class Transmission {
       if (q.length < this.headerSize) return;
       const req = decodeRequest(q.take(this.headerSize), this.extended);
       if (!req) return this.dropClient('bad request magic');
+      requests++;
       if (!this.admit(req)) return;
+      // Also after requests that failed at once: their replies count too.
+      this.pauseIfFull();
       if (this.paused) return;
     }
   }
@@ -351,13 +376,10 @@ export class Transmission {
     }
     const cost = this.costOf(req);
     this.started++;
+    if (req.type === C.CMD_READ || req.type === C.CMD_WRITE) this.startedBytes += req.length;
     this.inFlight++;
     this.budget.take(cost);
-    if (!this.paused && this.budget.full) {
-      this.paused = true;
-      this.reader.pause(PAUSE_BUDGET);
-      this.budget.server.wait(this.wakeFromServer);
-    }
+    this.pauseIfFull();
     const lock = this.settings.requestLock;
     let pending: void | Promise<void>;
     if (this.connLock || lock) {
@@ -391,7 +413,8 @@ export class Transmission {
    */
   private costOf(req: Request): number {
     if (req.type === C.CMD_READ || req.type === C.CMD_WRITE) return req.length;
-    if (req.type === C.CMD_BLOCK_STATUS) return this.maxBlockStatusReply;
+    // The reply, and the lists it is built from (several times its size while they live).
+    if (req.type === C.CMD_BLOCK_STATUS) return 4 * this.maxBlockStatusReply;
     return 0;
   }
 
@@ -407,8 +430,28 @@ export class Transmission {
     }
   }
 
+  /** Let other connections run; parse the rest of what was read in the next turn. */
+  private yieldTurn(): void {
+    if (this.yielded) return;
+    this.yielded = true;
+    this.reader.pause(PAUSE_TURN);
+    setImmediate(() => {
+      this.yielded = false;
+      this.reader.resume(PAUSE_TURN);
+      if (!this.stopping) this.parse();
+    });
+  }
+
+  /** Stop reading while this connection holds too much (memory-budget.ts) or serves too many requests. */
+  private pauseIfFull(): void {
+    if (this.paused || (!this.budget.full && this.inFlight < MAX_REQUESTS_IN_FLIGHT)) return;
+    this.paused = true;
+    this.reader.pause(PAUSE_BUDGET);
+    this.budget.server.wait(this.wakeFromServer);
+  }
+
   private resumeIfRoom(): void {
-    if (!this.paused || this.stopping) return;
+    if (!this.paused || this.stopping || this.inFlight > MAX_REQUESTS_IN_FLIGHT / 2) return;
     if (!this.budget.roomy) {
       this.budget.server.wait(this.wakeFromServer);
       return;
@@ -419,12 +462,9 @@ export class Transmission {
     this.parse();
   }
 
-  /** Queue READ reply buffers; `b` (the pooled buffer behind them) goes back once they are sent. */
-  private pushReadReply(buffers: Uint8Array[], b: Buffer, recycle: boolean): void {
-    if (!recycle) return this.writer.push(...buffers);
-    const last = buffers.pop()!;
-    if (buffers.length) this.writer.push(...buffers);
-    this.writer.pushThen(last, () => bufferPool.put(b));
+  /** Queue a READ reply held in `b` (pooled), which goes back once the socket has sent it. */
+  private pushReadReply(reply: Uint8Array, b: Buffer): void {
+    this.writer.pushThen(reply, () => bufferPool.put(b));
   }
 
   /**
@@ -489,14 +529,13 @@ export class Transmission {
   // ---- replies ---------------------------------------------------------------------------------
 
   private replyOk(req: Request): void {
+    const w = this.writer;
     if (this.extended) {
-      const b = Buffer.allocUnsafe(C.EXTENDED_REPLY_SIZE);
-      writeChunkHeader(b, 0, true, C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, req.cookie, req.offset, 0);
-      this.writer.push(b);
+      const at = w.reserve(C.EXTENDED_REPLY_SIZE);
+      writeChunkHeader(w.arena, at, true, C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, req.cookie, req.offset, 0);
     } else {
-      const b = Buffer.allocUnsafe(C.SIMPLE_REPLY_SIZE);
-      writeSimpleReplyHeader(b, 0, 0, req.cookie);
-      this.writer.push(b);
+      const at = w.reserve(C.SIMPLE_REPLY_SIZE);
+      writeSimpleReplyHeader(w.arena, at, 0, req.cookie);
     }
   }
 
@@ -508,15 +547,16 @@ export class Transmission {
     if (!(err instanceof NbdError) && !(err as { code?: string })?.code) {
       this.settings.error(`${cmd}: ${message}`);
     }
+    const w = this.writer;
     if (this.structured) {
       const payload = encodeErrorPayload(errno, message);
-      const h = Buffer.allocUnsafe(chunkHeaderSize(this.extended));
-      writeChunkHeader(h, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_ERROR, req.cookie, req.offset, payload.length);
-      this.writer.push(h, payload);
+      const hs = chunkHeaderSize(this.extended);
+      const at = w.reserve(hs + payload.length);
+      writeChunkHeader(w.arena, at, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_ERROR, req.cookie, req.offset, payload.length);
+      payload.copy(w.arena, at + hs);
     } else {
-      const b = Buffer.allocUnsafe(C.SIMPLE_REPLY_SIZE);
-      writeSimpleReplyHeader(b, 0, errno, req.cookie);
-      this.writer.push(b);
+      const at = w.reserve(C.SIMPLE_REPLY_SIZE);
+      writeSimpleReplyHeader(w.arena, at, errno, req.cookie);
     }
     // The layer below is beyond use: no more requests on this connection (see NbdErrorOptions).
     if (isFatalError(err)) this.stop(`fatal error: ${message}`);
@@ -552,7 +592,7 @@ export class Transmission {
       fillHoles(data, result);
       const reply = b.subarray(DATA_ALIGN - C.SIMPLE_REPLY_SIZE);
       writeSimpleReplyHeader(reply, 0, 0, req.cookie);
-      this.pushReadReply([reply], b, true);
+      this.pushReadReply(reply, b);
       return;
     }
     const hs = chunkHeaderSize(this.extended);
@@ -563,37 +603,38 @@ export class Transmission {
       const reply = b.subarray(DATA_ALIGN - prefix);
       writeChunkHeader(reply, 0, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + len);
       writeU64(reply, req.offset, hs);
-      this.pushReadReply([reply], b, true);
+      this.pushReadReply(reply, b);
       return;
     }
-    // Data and hole chunks in order; the last one carries DONE.
-    const out: Uint8Array[] = [];
+    // Data and hole chunks in order; the last one carries DONE. Chunk headers go to the writer's
+    // arena, data as views of `b`, which goes back to the pool once all of them were sent.
+    const w = this.writer;
     let pos = 0;
-    const pieces: Array<{ hole: boolean; start: number; length: number }> = [];
-    for (const h of holes) {
-      if (h.start > pos) pieces.push({ hole: false, start: pos, length: h.start - pos });
-      pieces.push({ hole: true, start: h.start, length: h.length });
-      pos = h.start + h.length;
-    }
-    if (pos < len) pieces.push({ hole: false, start: pos, length: len - pos });
-    pieces.forEach((p, i) => {
-      const last = i === pieces.length - 1 ? C.REPLY_FLAG_DONE : 0;
-      const off = req.offset + p.start;
-      if (p.hole) {
-        const c = Buffer.allocUnsafe(hs + 12);
-        writeChunkHeader(c, 0, this.extended, last, C.REPLY_TYPE_OFFSET_HOLE, req.cookie, req.offset, 12);
-        writeU64(c, off, hs);
-        c.writeUInt32BE(p.length, hs + 8);
-        out.push(c);
+    const chunk = (hole: boolean, start: number, length: number, last: boolean) => {
+      const flags = last ? C.REPLY_FLAG_DONE : 0;
+      const at = w.reserve(hs + (hole ? 12 : 8));
+      const off = req.offset + start;
+      if (hole) {
+        writeChunkHeader(w.arena, at, this.extended, flags, C.REPLY_TYPE_OFFSET_HOLE, req.cookie, req.offset, 12);
+        writeU64(w.arena, off, at + hs);
+        w.arena.writeUInt32BE(length, at + hs + 8);
       } else {
-        const c = Buffer.allocUnsafe(hs + 8);
-        writeChunkHeader(c, 0, this.extended, last, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + p.length);
-        writeU64(c, off, hs);
-        out.push(c, data.subarray(p.start, p.start + p.length));
+        writeChunkHeader(w.arena, at, this.extended, flags, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + length);
+        writeU64(w.arena, off, at + hs);
+        w.push(data.subarray(start, start + length));
       }
-    });
-    // Only the last chunk says when all were sent; `b` is not recycled, as it was cut into views.
-    this.pushReadReply(out, b, false);
+    };
+    for (let i = 0; i < holes.length; i++) {
+      const h = holes[i]!;
+      if (h.start > pos) chunk(false, pos, h.start - pos, false);
+      pos = h.start + h.length;
+      chunk(true, h.start, h.length, i === holes.length - 1 && pos >= len);
+    }
+    if (pos < len) chunk(false, pos, len - pos, true);
+    // All holes: nothing refers to `b`. Otherwise the views keep all of it until they are sent,
+    // so all of it counts against the budget until then.
+    if (holes.length === 1 && holes[0]!.start === 0 && holes[0]!.length === len) bufferPool.put(b);
+    else w.whenWritten(() => bufferPool.put(b), b.length);
   }
 
   private async blockStatus(req: Request): Promise<void> {
@@ -610,10 +651,11 @@ export class Transmission {
     if (extents.length > fit) extents = extents.slice(0, Math.max(1, fit));
     const descriptors = extents.map((e) => ({ length: e.length, flags: e.type }));
     const payload = encodeBlockStatus(this.n.baseAllocation!, descriptors, this.extended);
-    const h = Buffer.allocUnsafe(chunkHeaderSize(this.extended));
+    const w = this.writer;
     const type = this.extended ? C.REPLY_TYPE_BLOCK_STATUS_EXT : C.REPLY_TYPE_BLOCK_STATUS;
-    writeChunkHeader(h, 0, this.extended, C.REPLY_FLAG_DONE, type, req.cookie, req.offset, payload.length);
-    this.writer.push(h, payload);
+    const at = w.reserve(chunkHeaderSize(this.extended));
+    writeChunkHeader(w.arena, at, this.extended, C.REPLY_FLAG_DONE, type, req.cookie, req.offset, payload.length);
+    w.push(payload);
   }
 }
 

@@ -1,0 +1,191 @@
+/**
+ * Clients that send without ever reading a reply, of every kind of request and option, alone
+ * and eight at a time: the server's memory stays bounded (per connection and in total), a normal
+ * client is still served promptly during the flood, and the memory goes back once they leave.
+ *
+ * FLOOD_SECONDS sets how long each flood lasts (default 20).
+ */
+import { createHash } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NbdClient } from '@nbdx/client';
+import { needNbdx, startCli, tmpDir, type CliServer } from '@nbdx/testkit';
+import * as C from '../wire/constants.js';
+import { encodeMetaContextRequest } from '../wire/codec.js';
+import { clientFlags, go, option, request } from './raw-session.js';
+
+const SECONDS = Number(process.env.FLOOD_SECONDS ?? 20);
+const MiB = 1024 * 1024;
+const PER_CONNECTION = 64 * MiB;
+const TOTAL = 256 * MiB;
+const have = needNbdx();
+const dir = tmpDir();
+afterAll(() => fs.rmSync(dir, { recursive: true, force: true }));
+
+/** One flood: what a client sends once, then what it sends again and again. */
+interface Flood {
+  name: string;
+  opening: Buffer;
+  /** A block of requests (or options), repeated as fast as the server takes them. */
+  block: Buffer;
+  /** Option floods end in the handshake (the option limit closes them): reconnect and go on. */
+  reconnects?: boolean;
+}
+
+/** Handshake with structured replies and base:allocation, then transmission. */
+const structuredGo = Buffer.concat([
+  clientFlags(),
+  option(C.OPT_STRUCTURED_REPLY),
+  option(C.OPT_SET_META_CONTEXT, encodeMetaContextRequest('', [C.CONTEXT_BASE_ALLOCATION])),
+  go(),
+]);
+
+function repeat(one: () => Buffer, bytes = 256 * 1024): Buffer {
+  const parts: Buffer[] = [];
+  let n = 0;
+  while (n < bytes) {
+    const b = one();
+    parts.push(b);
+    n += b.length;
+  }
+  return Buffer.concat(parts);
+}
+
+const FRAGMENTED = 64 * MiB; // the first 64 MiB hold one written byte per 64 KiB (see beforeAll)
+let cookie = 0n;
+const floods: Flood[] = [
+  {
+    name: '1-byte WRITEs',
+    opening: structuredGo,
+    block: repeat(() => Buffer.concat([request(C.CMD_WRITE, 128 * MiB + Number(cookie % 1000n), 1, { cookie: cookie++ }), Buffer.from([1])])),
+  },
+  { name: 'FLUSHes', opening: structuredGo, block: repeat(() => request(C.CMD_FLUSH, 0, 0, { cookie: cookie++ })) },
+  {
+    name: 'failing requests (READ beyond the end)',
+    opening: structuredGo,
+    block: repeat(() => request(C.CMD_READ, 2 ** 40, 4096, { cookie: cookie++ })),
+  },
+  {
+    name: 'BLOCK_STATUS over a fragmented range',
+    opening: structuredGo,
+    block: repeat(() => request(C.CMD_BLOCK_STATUS, 0, FRAGMENTED, { cookie: cookie++ })),
+  },
+  {
+    name: '1 MiB READs',
+    opening: structuredGo,
+    block: repeat(() => request(C.CMD_READ, 256 * MiB, MiB, { cookie: cookie++ })),
+  },
+  { name: 'NBD_OPT_LIST', opening: clientFlags(), block: repeat(() => option(C.OPT_LIST)), reconnects: true },
+  { name: 'unknown options', opening: clientFlags(), block: repeat(() => option(4242, Buffer.alloc(64))), reconnects: true },
+];
+
+function rssOf(pid: number): number {
+  const m = /VmRSS:\s+(\d+) kB/.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  return Number(m![1]) * 1024;
+}
+
+/** A client that writes `flood` for ever and never reads. */
+function flooder(sock: string, flood: Flood): { stop: () => void } {
+  let stopped = false;
+  let current: net.Socket | null = null;
+  const connect = () => {
+    if (stopped) return;
+    const s = net.connect({ path: sock });
+    current = s;
+    s.pause(); // never read
+    s.on('error', () => {});
+    s.on('close', () => {
+      if (flood.reconnects) setTimeout(connect, 5);
+    });
+    s.on('connect', () => {
+      s.write(flood.opening);
+      const pump = () => {
+        while (!stopped && !s.destroyed && s.write(flood.block));
+      };
+      s.on('drain', pump);
+      pump();
+    });
+  };
+  connect();
+  return {
+    stop() {
+      stopped = true;
+      current?.destroy();
+    },
+  };
+}
+
+/** A well-behaved client reads a checksummed region; how long it took. */
+async function normalClient(uri: string, expected: string): Promise<number> {
+  const t0 = Date.now();
+  const c = await NbdClient.connect(uri, { timeout: 10_000, requestTimeout: 10_000 });
+  const data = await c.pread(4 * MiB, 512 * MiB);
+  await c.disconnect();
+  expect(createHash('sha256').update(data).digest('hex')).toBe(expected);
+  return Date.now() - t0;
+}
+
+describe.skipIf(!have)('floods: clients that never read', () => {
+  let srv: CliServer;
+  let idle = 0;
+  let checksum = '';
+
+  beforeAll(async () => {
+    srv = await startCli(['-U', path.join(dir, 'flood.sock'), 'memory', '1G']);
+    const c = await NbdClient.connect(srv.uri);
+    // The normal client's region, and a fragmented range for block status.
+    const region = Buffer.alloc(4 * MiB);
+    for (let i = 0; i < region.length; i += 4) region.writeUInt32LE((i * 2654435761) >>> 0, i);
+    await c.pwrite(region, 512 * MiB);
+    checksum = createHash('sha256').update(region).digest('hex');
+    for (let off = 0; off < FRAGMENTED; off += 64 * 1024) await c.pwrite(Buffer.from([1]), off);
+    await c.disconnect();
+    await new Promise((r) => setTimeout(r, 500));
+    idle = rssOf(srv.child.pid!);
+  }, 60_000);
+  afterAll(() => srv?.stop());
+
+  for (const flood of floods) {
+    for (const conns of [1, 8]) {
+      it(`${flood.name}, ${conns} connection${conns > 1 ? 's' : ''}`, async () => {
+        const pid = srv.child.pid!;
+        const before = rssOf(pid);
+        const clients = Array.from({ length: conns }, () => flooder(srv.uri.replace(/^.*socket=/, ''), flood));
+        let peak = before;
+        const sampler = setInterval(() => (peak = Math.max(peak, rssOf(pid))), 100);
+        const served: number[] = [];
+        try {
+          const end = Date.now() + SECONDS * 1000;
+          await new Promise((r) => setTimeout(r, 1000));
+          while (Date.now() < end) {
+            served.push(await normalClient(srv.uri, checksum));
+            await new Promise((r) => setTimeout(r, Math.min(2000, Math.max(0, end - Date.now()))));
+          }
+        } finally {
+          clearInterval(sampler);
+          for (const c of clients) c.stop();
+        }
+        const growth = peak - before;
+        // After they leave, the memory goes back: to where it was before this flood, or at least
+        // to within the server-wide budget (128 MiB) of idle. Freed memory is not always returned
+        // to the system at once (the C allocator and V8 keep some for reuse), but the next flood
+        // reuses it: RSS does not ratchet up flood after flood.
+        const settled = Math.max(before + 32 * MiB, idle + 128 * MiB);
+        let after = rssOf(pid);
+        for (let i = 0; i < 50 && after > settled; i++) {
+          await new Promise((r) => setTimeout(r, 200));
+          after = rssOf(pid);
+        }
+        console.log(
+          `${flood.name} x${conns}: RSS idle ${(idle / MiB).toFixed(0)} MiB, +${(growth / MiB).toFixed(1)} MiB at peak, ` +
+            `${(after / MiB).toFixed(0)} MiB after (${(before / MiB).toFixed(0)} before); normal client ${Math.max(...served)} ms at worst (${served.length} runs)`,
+        );
+        expect(growth).toBeLessThanOrEqual(Math.min(conns * PER_CONNECTION, TOTAL));
+        expect(Math.max(...served)).toBeLessThan(2000);
+        expect(after).toBeLessThanOrEqual(settled);
+      }, (SECONDS + 30) * 1000);
+    }
+  }
+});
