@@ -96,6 +96,7 @@ export class Transmission {
   private readonly connLock: Mutex | null;
   private inFlight = 0;
   private paused = false;
+  private sawDisc = false;
   private stopping = false;
   /** WRITE payload still to arrive for the request being parsed. */
   private pendingWrite: PendingWrite | null = null;
@@ -133,9 +134,10 @@ export class Transmission {
     this.done = new Promise((resolve) => (this.finished = resolve));
     reader.onData = () => this.parse();
     reader.onEnd = (hard) => {
-      // Gone: nobody waits for the replies, so long waits below may end early. A client that
-      // only half-closed (EOF, often right after DISC) still reads what it asked for.
-      if (hard) settings.abort?.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
+      // Gone without DISC (or the socket failed): nobody may wait for the replies, so long waits
+      // below may end early. Still, what is answered goes out: a client that sent DISC and then
+      // closed its sending side (libnbd) reads every reply it asked for.
+      if (hard || !this.sawDisc) settings.abort?.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
       this.stop(hard ? 'client went away' : 'client closed its sending side');
     };
     budget.onRelease = () => this.resumeIfRoom();
@@ -241,6 +243,7 @@ export class Transmission {
     const hasPayload =
       type === C.CMD_WRITE || (this.extended && (flags & C.CMD_FLAG_PAYLOAD_LEN) !== 0);
     if (type === C.CMD_DISC) {
+      this.sawDisc = true;
       this.stop('client sent DISC');
       return false;
     }
