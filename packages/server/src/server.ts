@@ -25,7 +25,7 @@ export interface ServeOptions {
   maxPayload?: number;
   /**
    * Bytes one connection may hold (requests being served, replies its client has not read yet)
-   * before the server stops reading from it until the client catches up. Default 32 MiB.
+   * before the server stops reading from it until the client catches up. Default 24 MiB.
    */
   maxConnectionMemory?: number;
   /** @deprecated the old name of maxConnectionMemory. */

@@ -26,7 +26,12 @@ export interface Extent {
   type: number;
 }
 
-/** What `extents` may hand back: an array, any iterable, or an async iterable (a generator). */
+/**
+ * What `extents` may hand back: an array (in any order), or an iterable or async iterable (a
+ * generator), which must yield in ascending offset order: the core reads it only as far as the
+ * answer needs (the first extent with REQ_ONE, at most 64 Ki extents otherwise) and then stops,
+ * so a generator over a huge range does only the work that is used.
+ */
 export type ExtentSource = Iterable<Extent> | AsyncIterable<Extent>;
 
 /**

@@ -33,6 +33,9 @@ export async function normalizeExtents(
   let lastEnd = -Infinity;
   let lastType = -1;
   let runs = 0;
+  // Arrays may come in any order and cost nothing more to read whole; iterables are read lazily
+  // and, as the API asks, in order.
+  const lazy = !Array.isArray(source);
   const take = (e: Extent): boolean => {
     const o = Number(e.offset);
     const l = Number(e.length);
@@ -42,6 +45,10 @@ export async function normalizeExtents(
     }
     if (l === 0 || o + l <= offset || o >= end) return true;
     raw.push({ offset: o, length: l, type: t });
+    // REQ_ONE: the layer was told only the first extent matters, so what follows it may be
+    // imprecise (the file plugin ends with the rest of the range as data): never merge it in.
+    if (!lazy) return true;
+    if (reqOne && inOrder) return false;
     if (!inOrder) return true;
     if (o < lastEnd) {
       inOrder = false;
@@ -67,7 +74,7 @@ export async function normalizeExtents(
   } else {
     for (const e of source as Iterable<Extent>) if (!take(e)) break;
   }
-  if (!inOrder) raw.sort((a, b) => a.offset - b.offset);
+  if (!lazy || !inOrder) raw.sort((a, b) => a.offset - b.offset);
 
   const out: Extent[] = [];
   let pos = offset;
@@ -87,7 +94,7 @@ export async function normalizeExtents(
     if (s > pos) emit(pos, s - pos, EXTENT_HOLE);
     emit(s, f - s, e.type);
     pos = f;
-    if (out.length > limit) break;
+    if (reqOne || out.length > limit) break;
   }
   // Full: the answer ends with the last extent kept (the client asks again for the rest).
   if (out.length > limit) return out.slice(0, limit);

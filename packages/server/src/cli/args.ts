@@ -289,7 +289,7 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
       --max-options=N       options a client may send before choosing an export (default 32)
       --max-connection-memory=SIZE  memory one client can make the server hold (requests being
                             served, replies it has not read); beyond it the client is not read
-                            until it catches up (default 32M)
+                            until it catches up (default 24M)
       --max-server-memory=SIZE  the same over all clients together (default 128M)
       --log=stderr|syslog|null  where messages go (syslog is written to stderr)
       --print-uri           print the URI clients can use

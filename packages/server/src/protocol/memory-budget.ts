@@ -102,5 +102,5 @@ export class ConnectionBudget {
 }
 
 /** Defaults (see SECURITY.md): per connection, per server. */
-export const DEFAULT_CONNECTION_MEMORY = 32 * 1024 * 1024;
+export const DEFAULT_CONNECTION_MEMORY = 24 * 1024 * 1024;
 export const DEFAULT_SERVER_MEMORY = 128 * 1024 * 1024;
