@@ -18,7 +18,6 @@ import * as C from '../wire/constants.js';
 import {
   chunkHeaderSize,
   decodeRequest,
-  encodeBlockStatus,
   encodeErrorPayload,
   requestSize,
   writeChunkHeader,
@@ -652,13 +651,33 @@ export class Transmission {
     // asked, never more than the advertised maximum payload.
     const fit = Math.floor((this.settings.maxPayload - 8) / (this.extended ? 16 : 8));
     if (extents.length > fit) extents = extents.slice(0, Math.max(1, fit));
-    const descriptors = extents.map((e) => ({ length: e.length, flags: e.type }));
-    const payload = encodeBlockStatus(this.n.baseAllocation!, descriptors, this.extended);
+    // Header and descriptors are written straight into the writer's arena: no list of
+    // descriptors and no payload buffer per reply (see memory-budget.ts on why objects matter).
     const w = this.writer;
-    const type = this.extended ? C.REPLY_TYPE_BLOCK_STATUS_EXT : C.REPLY_TYPE_BLOCK_STATUS;
-    const at = w.reserve(chunkHeaderSize(this.extended));
-    writeChunkHeader(w.arena, at, this.extended, C.REPLY_FLAG_DONE, type, req.cookie, req.offset, payload.length);
-    w.push(payload);
+    const ext = this.extended;
+    const type = ext ? C.REPLY_TYPE_BLOCK_STATUS_EXT : C.REPLY_TYPE_BLOCK_STATUS;
+    const hs = chunkHeaderSize(ext);
+    const payloadLength = (ext ? 8 : 4) + extents.length * (ext ? 16 : 8);
+    const at = w.reserve(hs + payloadLength);
+    const out = w.arena;
+    writeChunkHeader(out, at, ext, C.REPLY_FLAG_DONE, type, req.cookie, req.offset, payloadLength);
+    out.writeUInt32BE(this.n.baseAllocation!, at + hs);
+    let p = at + hs + 4;
+    if (ext) {
+      out.writeUInt32BE(extents.length, p);
+      p += 4;
+      for (const e of extents) {
+        writeU64(out, e.length, p);
+        writeU64(out, e.type, p + 8);
+        p += 16;
+      }
+    } else {
+      for (const e of extents) {
+        out.writeUInt32BE(e.length, p);
+        out.writeUInt32BE(e.type, p + 4);
+        p += 8;
+      }
+    }
   }
 }
 
