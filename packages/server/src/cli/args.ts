@@ -50,6 +50,27 @@ export interface CliOptions {
 
 type Spec = { takesValue: boolean; set: (o: CliOptions, v: string) => void };
 
+/** An option whose value is a number in [min, max] (whole, when `integer`). */
+function numberOption(
+  name: string,
+  what: string,
+  min: number,
+  max: number,
+  integer: boolean,
+  set: (o: CliOptions, n: number) => void,
+): Spec {
+  return {
+    takesValue: true,
+    set: (o, v) => {
+      const n = Number(v);
+      if (v.trim() === '' || !(integer ? Number.isInteger(n) : Number.isFinite(n)) || n < min || n > max) {
+        throw new UsageError(`--${name}: '${v}' is not ${what}`);
+      }
+      set(o, n);
+    },
+  };
+}
+
 const LONG: Record<string, Spec> = {
   port: { takesValue: true, set: (o, v) => (o.port = v) },
   ipaddr: { takesValue: true, set: (o, v) => (o.ipaddr = v) },
@@ -111,36 +132,9 @@ const LONG: Record<string, Spec> = {
   'max-payload': { takesValue: true, set: (o, v) => (o.maxPayload = v) },
   'max-connection-memory': { takesValue: true, set: (o, v) => (o.maxConnectionMemory = v) },
   'max-server-memory': { takesValue: true, set: (o, v) => (o.maxServerMemory = v) },
-  'max-options': {
-    takesValue: true,
-    set: (o, v) => {
-      const n = Number(v);
-      if (v.trim() === '' || !Number.isInteger(n) || n < 1 || n > 65536) {
-        throw new UsageError(`--max-options: '${v}' is not a number from 1 to 65536`);
-      }
-      o.maxOptions = n;
-    },
-  },
-  timeout: {
-    takesValue: true,
-    set: (o, v) => {
-      const n = Number(v);
-      if (v.trim() === '' || !Number.isFinite(n) || n < 0 || n > 86400) {
-        throw new UsageError(`--timeout: '${v}' is not a number of seconds from 0 to 86400`);
-      }
-      o.timeout = n;
-    },
-  },
-  poll: {
-    takesValue: true,
-    set: (o, v) => {
-      const n = Number(v);
-      if (v.trim() === '' || !Number.isInteger(n) || n < 0 || n > 1_000_000) {
-        throw new UsageError(`--poll: '${v}' is not a number of microseconds from 0 to 1000000`);
-      }
-      o.poll = n;
-    },
-  },
+  'max-options': numberOption('max-options', 'a number from 1 to 65536', 1, 65536, true, (o, n) => (o.maxOptions = n)),
+  timeout: numberOption('timeout', 'a number of seconds from 0 to 86400', 0, 86400, false, (o, n) => (o.timeout = n)),
+  poll: numberOption('poll', 'a number of microseconds from 0 to 1000000', 0, 1_000_000, true, (o, n) => (o.poll = n)),
   'no-install': { takesValue: false, set: (o) => (o.noInstall = true) },
   newstyle: { takesValue: false, set: () => {} },
   oldstyle: {

@@ -27,6 +27,10 @@ describe('bad command lines: one clear line, exit 1', () => {
     [['-p', 'x', 'memory', '1G'], /not a port number/],
     [['--tls=maybe', 'memory', '1G'], /--tls: 'maybe'/],
     [['--poll=soon', 'memory', '1G'], /--poll: 'soon' is not a number of microseconds/],
+    [['--timeout=soon', 'memory', '1G'], /--timeout: 'soon' is not a number of seconds/],
+    [['--max-options=0', 'memory', '1G'], /--max-options: '0' is not a number from 1 to 65536/],
+    [['--max-connection-memory=1K', 'memory', '1G'], /--max-connection-memory: '1K' is below the smallest useful limit of 1M/],
+    [['--max-server-memory=lots', 'memory', '1G'], /could not parse 'lots' as a size/],
     [[], /no plugin given/],
   ] as const) {
     it(`nbdx ${args.join(' ')}`, async () => {
