@@ -285,6 +285,10 @@ export class Transmission {
   private takePayload(): boolean {
     const p = this.pendingWrite!;
     const q = this.reader.queue;
+    // Payload is arriving through the queue: a direct target set earlier may no longer be where
+    // the next bytes belong (a read armed before it was set brought them here instead). It is
+    // set again below if still wanted; left stale, the next read would land in a finished buffer.
+    this.reader.directTarget = null;
     const want = p.req.length - p.got;
     const m = Math.min(want, q.length);
     if (m === 0 && want > 0) return false;
@@ -305,7 +309,12 @@ export class Transmission {
 
   /** A direct read put `n` more payload bytes in place. */
   private payloadArrived(n: number): void {
-    const p = this.pendingWrite!;
+    const p = this.pendingWrite;
+    if (!p?.buf) {
+      // Cannot happen while directTarget is kept in step with pendingWrite; never crash for it.
+      this.dropClient('internal error: a direct read arrived with no payload waiting for it');
+      return;
+    }
     p.got += n;
     if (p.got < p.req.length) {
       this.reader.directTarget = p.buf!.subarray(p.got, p.req.length);
