@@ -130,6 +130,13 @@ describe('the handshake is bounded', () => {
     expect(replies.map((x) => x.type)).toEqual([...Array(8).fill(C.REP_ERR_UNSUP), C.REP_ERR_POLICY]);
   });
 
+  it('ABORT with data is acknowledged (the data ignored), then the connection closes', async () => {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), option(C.OPT_ABORT, Buffer.from('junk')));
+    expect(await r.untilClosed(2000)).toBe(true);
+    expect(optionReplies(r.received)).toEqual([{ option: C.OPT_ABORT, type: C.REP_ACK, length: 0 }]);
+  });
+
   it('a client that says nothing is dropped after the handshake timeout', async () => {
     const r = await RawSession.open(pathOf(s));
     const t0 = Date.now();
@@ -244,6 +251,22 @@ describe('extended headers: a payload longer than the maximum disconnects at onc
       expect(r.receivedLength).toBe(GREETING_SIZE + 20 + GO_REPLY_SIZE);
     });
   }
+
+  it('an error reply echoes an offset beyond 2^53 exactly', async () => {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), option(C.OPT_EXTENDED_HEADERS), go());
+    expect(await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + 20 + GO_REPLY_SIZE, 2000)).toBe(true);
+    const req = request(C.CMD_READ, 0, 512, { extended: true, cookie: 5n });
+    req.writeBigUInt64BE(2n ** 63n + 1n, 16);
+    r.send(req);
+    const start = GREETING_SIZE + 20 + GO_REPLY_SIZE;
+    expect(await r.waitUntil(() => r.receivedLength >= start + 32, 2000)).toBe(true);
+    const reply = r.received.subarray(start);
+    expect(reply.readUInt32BE(0)).toBe(C.EXTENDED_REPLY_MAGIC);
+    expect(reply.readUInt16BE(6)).toBe(C.REPLY_TYPE_ERROR);
+    expect(reply.readBigUInt64BE(16)).toBe(2n ** 63n + 1n);
+    r.destroy();
+  });
 
   it('a payload at the maximum is still accepted', async () => {
     const c = await NbdClient.connect(s.uri);

@@ -138,7 +138,8 @@ export async function negotiate(
         return { ctx, structured, extended, baseAllocation: metaOk(exportName) ? baseAllocation : null, flags, stream, isTls };
       }
       case C.OPT_ABORT:
-        if (length === 0) reply(option, C.REP_ACK);
+        // Any data is ignored; the client may or may not wait for the ACK.
+        reply(option, C.REP_ACK);
         return null;
       case C.OPT_LIST: {
         if (length !== 0) {

@@ -61,16 +61,20 @@ const TURN_BYTES = 32 * 1024 * 1024;
 /** Hard cap on a compact-header WRITE payload we read and drop after rejecting the request. */
 const MAX_DROPPABLE_PAYLOAD = 0xffffffff;
 
-/** Which command flags each command accepts, before checking what the export advertises. */
+/**
+ * Which command flags each command accepts, before checking what the export advertises. FUA is
+ * allowed on every command once advertised (the spec: it has no effect where nothing is
+ * written), as nbdkit does; READ, FLUSH, CACHE and BLOCK_STATUS simply ignore it.
+ */
 const VALID_FLAGS: Record<number, number> = {
-  [C.CMD_READ]: C.CMD_FLAG_DF,
+  [C.CMD_READ]: C.CMD_FLAG_DF | C.CMD_FLAG_FUA,
   [C.CMD_WRITE]: C.CMD_FLAG_FUA,
   [C.CMD_DISC]: 0,
-  [C.CMD_FLUSH]: 0,
+  [C.CMD_FLUSH]: C.CMD_FLAG_FUA,
   [C.CMD_TRIM]: C.CMD_FLAG_FUA,
-  [C.CMD_CACHE]: 0,
+  [C.CMD_CACHE]: C.CMD_FLAG_FUA,
   [C.CMD_WRITE_ZEROES]: C.CMD_FLAG_FUA | C.CMD_FLAG_NO_HOLE | C.CMD_FLAG_FAST_ZERO,
-  [C.CMD_BLOCK_STATUS]: C.CMD_FLAG_REQ_ONE,
+  [C.CMD_BLOCK_STATUS]: C.CMD_FLAG_REQ_ONE | C.CMD_FLAG_FUA,
 };
 
 /** A WRITE (or other request with a payload) whose payload is still arriving. */
@@ -543,7 +547,7 @@ export class Transmission {
     const w = this.writer;
     if (this.extended) {
       const at = w.reserve(C.EXTENDED_REPLY_SIZE);
-      writeChunkHeader(w.arena, at, true, C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, req.cookie, req.offset, 0);
+      writeChunkHeader(w.arena, at, true, C.REPLY_FLAG_DONE, C.REPLY_TYPE_NONE, req.cookie, req.offsetExact ?? req.offset, 0);
     } else {
       const at = w.reserve(C.SIMPLE_REPLY_SIZE);
       writeSimpleReplyHeader(w.arena, at, 0, req.cookie);
@@ -563,7 +567,7 @@ export class Transmission {
       const payload = encodeErrorPayload(errno, message);
       const hs = chunkHeaderSize(this.extended);
       const at = w.reserve(hs + payload.length);
-      writeChunkHeader(w.arena, at, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_ERROR, req.cookie, req.offset, payload.length);
+      writeChunkHeader(w.arena, at, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_ERROR, req.cookie, req.offsetExact ?? req.offset, payload.length);
       payload.copy(w.arena, at + hs);
     } else {
       const at = w.reserve(C.SIMPLE_REPLY_SIZE);

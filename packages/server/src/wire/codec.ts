@@ -210,6 +210,11 @@ export interface Request {
   type: number;
   cookie: bigint;
   offset: number;
+  /**
+   * The offset's exact 64 bits, only when it is 2^53 or more (`offset` is then inexact): such a
+   * request always fails, and its extended reply must still echo the offset it came with.
+   */
+  offsetExact?: bigint;
   /** Effect length (for WRITE, also the payload length unless PAYLOAD_LEN says otherwise). */
   length: number;
 }
@@ -251,13 +256,15 @@ export function encodeRequest(
 export function decodeRequest(b: Buffer, extended: boolean): Request | null {
   const magic = b.readUInt32BE(0);
   if (magic !== (extended ? C.EXTENDED_REQUEST_MAGIC : C.REQUEST_MAGIC)) return null;
-  return {
+  const req: Request = {
     flags: b.readUInt16BE(4),
     type: b.readUInt16BE(6),
     cookie: b.readBigUInt64BE(8),
     offset: readU64(b, 16),
     length: extended ? readU64(b, 24) : b.readUInt32BE(24),
   };
+  if (req.offset >= Number.MAX_SAFE_INTEGER) req.offsetExact = b.readBigUInt64BE(16);
+  return req;
 }
 
 export function writeSimpleReplyHeader(out: Uint8Array, at: number, error: number, cookie: bigint): void {
@@ -283,7 +290,7 @@ export function writeChunkHeader(
   flags: number,
   type: number,
   cookie: bigint,
-  offset: number,
+  offset: number | bigint,
   payloadLength: number,
 ): void {
   const b = out as Buffer;
@@ -292,7 +299,8 @@ export function writeChunkHeader(
     b.writeUInt16BE(flags, at + 4);
     b.writeUInt16BE(type, at + 6);
     b.writeBigUInt64BE(cookie, at + 8);
-    writeU64(b, offset, at + 16);
+    if (typeof offset === 'bigint') b.writeBigUInt64BE(offset, at + 16);
+    else writeU64(b, offset, at + 16);
     writeU64(b, payloadLength, at + 24);
   } else {
     b.writeUInt32BE(C.STRUCTURED_REPLY_MAGIC, at);
