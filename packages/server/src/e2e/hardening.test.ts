@@ -137,6 +137,30 @@ describe('the handshake is bounded', () => {
     expect(optionReplies(r.received)).toEqual([{ option: C.OPT_ABORT, type: C.REP_ACK, length: 0 }]);
   });
 
+  it('a client that sends far ahead of a slow open (EXPORT_NAME and a 1 MiB WRITE in one go) is served', async () => {
+    // The open takes a while, so the WRITE piles up beyond what the handshake reads ahead.
+    const slowOpen = defineFilter({
+      name: 'slow-open',
+      apiVersion: 2,
+      async open(next, readonly, exportName) {
+        await new Promise((res) => setTimeout(res, 300));
+        await next.open(readonly, exportName);
+        return {};
+      },
+    });
+    const slow = await serve({ plugin: createMemoryPlugin(), filters: [slowOpen], config: { size: '4M' } });
+    const r = await RawSession.open(pathOf(slow));
+    const data = Buffer.alloc(1 << 20, 9);
+    r.send(clientFlags(), option(C.OPT_EXPORT_NAME), request(C.CMD_WRITE, 0, data.length, { cookie: 11n }), data);
+    // EXPORT_NAME reply: size 8 + flags 2 (NO_ZEROES), then the WRITE's simple reply.
+    expect(await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + 10 + 16, 3000)).toBe(true);
+    const reply = r.received.subarray(GREETING_SIZE + 10);
+    expect(reply.readUInt32BE(4)).toBe(0);
+    expect(reply.readBigUInt64BE(8)).toBe(11n);
+    r.destroy();
+    await slow.close();
+  });
+
   it('a client that says nothing is dropped after the handshake timeout', async () => {
     const r = await RawSession.open(pathOf(s));
     const t0 = Date.now();

@@ -31,7 +31,7 @@ import type { Negotiated } from './handshake.js';
 import type { ReplyWriter } from './reply-writer.js';
 import type { ConnectionBudget } from './memory-budget.js';
 import type { ProtocolSettings } from './settings.js';
-import { PAUSE_BUDGET, PAUSE_TURN, type SocketReader } from './socket-reader.js';
+import { PAUSE_BUDGET, PAUSE_QUEUE, PAUSE_TURN, type SocketReader } from './socket-reader.js';
 
 /**
  * READ data starts this far into its reply buffer, with the reply header just before it: copying
@@ -145,6 +145,8 @@ export class Transmission {
     };
     budget.onRelease = () => this.resumeIfRoom();
     this.wakeFromServer = () => this.resumeIfRoom();
+    // The handshake may have stopped reading because the client sent far ahead of it.
+    reader.resume(PAUSE_QUEUE);
     this.direct = reader.useDirectReads();
     reader.onDirect = (n) => this.payloadArrived(n);
     // A paused or ending connection reads nothing more, polled or not.
