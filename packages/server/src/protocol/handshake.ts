@@ -15,6 +15,7 @@ import {
   encodeMetaContextReply,
   encodeOptionReply,
   encodeServerReply,
+  utf8Within,
 } from '../wire/codec.js';
 import type { ReplyWriter } from './reply-writer.js';
 import type { ProtocolSettings } from './settings.js';
@@ -95,7 +96,7 @@ export async function negotiate(
     writer.writeNow(encodeOptionReply(option, type, data));
   const replyError = (option: number, type: number, message: string) => {
     settings.debug(`option ${C.OPTION_NAMES[option] ?? option}: ${message}`);
-    reply(option, type, Buffer.from(message, 'utf8'));
+    reply(option, type, utf8Within(message));
   };
   const canonicalName = async (name: string) =>
     name === '' ? backend.defaultExport(settings.readonly, isTls) : name;
@@ -107,7 +108,10 @@ export async function negotiate(
     if (!header) throw new HandshakeClose('bad option magic');
     const { option, length } = header;
     if (length > settings.maxOptionLength) {
-      replyError(option, C.REP_ERR_TOO_BIG, `option length ${length} exceeds the limit of ${settings.maxOptionLength}`);
+      // EXPORT_NAME has no error reply: the only answer the spec allows is hanging up.
+      if (option !== C.OPT_EXPORT_NAME) {
+        replyError(option, C.REP_ERR_TOO_BIG, `option length ${length} exceeds the limit of ${settings.maxOptionLength}`);
+      }
       throw new HandshakeClose('oversized option');
     }
     const data = await reader.read(length);

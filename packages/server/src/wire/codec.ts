@@ -362,9 +362,21 @@ export function decodeReplyHeader(b: Buffer): ReplyHeader | 'short' | null {
 }
 
 /** ERROR / ERROR_OFFSET chunk payload. */
+/** The spec's limit on strings the server sends (error messages, export names and descriptions). */
+export const MAX_STRING = 4096;
+
+/** `text` as UTF-8, cut to at most `max` bytes without splitting a character. */
+export function utf8Within(text: string, max = MAX_STRING): Buffer {
+  const b = Buffer.from(text, 'utf8');
+  if (b.length <= max) return b;
+  let end = max;
+  // Back up over continuation bytes (10xxxxxx) to the start of the character that did not fit.
+  while (end > 0 && (b[end]! & 0xc0) === 0x80) end--;
+  return b.subarray(0, end);
+}
+
 export function encodeErrorPayload(errno: number, message: string, offset?: number): Buffer {
-  let msg = Buffer.from(message, 'utf8');
-  if (msg.length > 4096) msg = msg.subarray(0, 4096);
+  const msg = utf8Within(message);
   const b = Buffer.allocUnsafe(6 + msg.length + (offset === undefined ? 0 : 8));
   b.writeUInt32BE(errno, 0);
   b.writeUInt16BE(msg.length, 4);
