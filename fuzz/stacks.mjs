@@ -1,0 +1,268 @@
+/**
+ * The server stacks under attack, each a separate nbdx CLI process on its own Unix socket (plus
+ * an upstream server where the stack proxies). Every stack serves 64 MiB and holds the same
+ * protected region: 1 MiB at 8 MiB whose bytes come from the seed, put there before fuzzing
+ * starts (through the server, or into the image file for file-backed stacks).
+ */
+import { spawn, spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as net from 'node:net';
+import * as path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { writeRegion } from './probe.mjs';
+import { Rng } from './rng.mjs';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const NBDX = path.resolve(here, '../packages/nbdx/dist/bin.js');
+export const ENV = { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env.PATH}` };
+export const SIZE = 64 * 1024 * 1024;
+export const REGION = { offset: 8 * 1024 * 1024, length: 1024 * 1024 };
+
+/**
+ * name → definition. `args(ctx)` builds the nbdx command line after `-f -U SOCKET`;
+ * `image`: a 64 MiB file with the region written into it; `upstream`: a server the stack proxies to.
+ */
+export const STACKS = {
+  memory: { describe: 'memory 64M', args: () => ['memory', '64M'] },
+  file: { describe: 'file file=IMAGE', image: true, args: (c) => ['file', `file=${c.image}`] },
+  nbd: { describe: 'nbd socket=UP (upstream: nbdkit memory 64M)', upstream: 'nbdkit', tools: ['nbdkit'], args: (c) => ['nbd', `socket=${c.upstreamSocket}`] },
+  cow: { describe: '--filter=cow file file=IMAGE (the image must never change)', image: true, imageMustNotChange: true, args: (c) => ['--filter=cow', 'file', `file=${c.image}`] },
+  shared: { describe: '--filter=shared nbd socket=UP (upstream: nbdx memory 64M)', upstream: 'nbdx', args: (c) => ['--filter=shared', 'nbd', `socket=${c.upstreamSocket}`] },
+  readonly: { describe: '-r file file=IMAGE', image: true, readonly: true, immutable: true, imageMustNotChange: true, args: (c) => ['-r', 'file', `file=${c.image}`] },
+  tls: { describe: '--tls=on --tls-psk=KEYS memory 64M', tls: 'on', args: (c) => ['--tls=on', `--tls-psk=${c.pskFile}`, 'memory', '64M'] },
+  // Not nbdx: nbdkit itself, to calibrate the oracle (a finding here is first suspected to be
+  // the fuzzer's). Only run when named with --stack.
+  'nbdkit-reference': { describe: 'nbdkit memory 64M (calibration, not nbdx)', reference: true, tools: ['nbdkit'], command: 'nbdkit', args: () => ['memory', '64M'] },
+};
+
+/** The stacks a run covers unless --stack names others. */
+export const DEFAULT_STACKS = Object.keys(STACKS).filter((n) => !STACKS[n].reference);
+
+export function hasTool(name) {
+  return spawnSync('sh', ['-c', `command -v ${name}`], { env: ENV }).status === 0;
+}
+
+/** Lines on a server's stderr that mean an exception escaped somewhere it should not. */
+const INTERNAL_ERROR = /internal error|TypeError|RangeError|ReferenceError|SyntaxError|AssertionError|Unhandled|uncaught|FATAL|heap out of memory|Maximum call stack/i;
+
+/** Every server started, so that an interrupted run does not leave any behind. */
+const running = new Set();
+const stopAll = () => {
+  for (const p of running) p.child?.kill('SIGKILL');
+};
+process.on('exit', stopAll);
+for (const sig of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.once(sig, () => (stopAll(), process.exit(130)));
+
+/** One server process; remembers how it ended and what it said. (--exit-with-parent as well.) */
+class ServerProcess {
+  constructor(label, cmd, args, socket) {
+    this.label = label;
+    this.cmd = cmd;
+    this.args = args;
+    this.socket = socket;
+    this.stderrTail = [];
+    this.internalErrors = [];
+    this.exit = null;
+  }
+
+  async start() {
+    fs.rmSync(this.socket, { force: true });
+    this.exit = null;
+    this.child = spawn(this.cmd, this.args, { env: ENV, stdio: ['ignore', 'ignore', 'pipe'] });
+    this.pid = this.child.pid;
+    running.add(this);
+    let partial = '';
+    this.child.stderr.on('data', (d) => {
+      const lines = (partial + d.toString()).split('\n');
+      partial = lines.pop();
+      for (const l of lines) {
+        this.stderrTail.push(l);
+        if (this.stderrTail.length > 50) this.stderrTail.shift();
+        if (INTERNAL_ERROR.test(l)) {
+          this.internalErrors.push({ line: l, at: Date.now() });
+          this.onInternalError?.(l);
+        }
+      }
+    });
+    this.exited = new Promise((resolve) => this.child.on('exit', (code, signal) => {
+      running.delete(this);
+      this.exit = { code, signal, at: Date.now() };
+      resolve(this.exit);
+    }));
+    await waitReady(this.socket, this);
+  }
+
+  get alive() {
+    return this.exit === null;
+  }
+
+  async stop() {
+    if (!this.child || !this.alive) return;
+    this.child.kill('SIGTERM');
+    const t = setTimeout(() => this.child.kill('SIGKILL'), 5000);
+    await this.exited;
+    clearTimeout(t);
+  }
+
+  /** Resident set size in KiB, from /proc (null once gone). */
+  rssKiB() {
+    try {
+      const m = /VmRSS:\s+(\d+)/.exec(fs.readFileSync(`/proc/${this.pid}/status`, 'utf8'));
+      return m ? Number(m[1]) : null;
+    } catch {
+      return null;
+    }
+  }
+}
+
+/** Ready = accepts a connection and sends the 18-byte greeting. */
+async function waitReady(socket, proc) {
+  const t0 = Date.now();
+  for (;;) {
+    if (proc.exit) throw new Error(`${proc.label} exited during start-up (${JSON.stringify(proc.exit)}): ${proc.stderrTail.join('\n')}`);
+    if (Date.now() - t0 > 20000) throw new Error(`${proc.label} did not start within 20 s: ${proc.stderrTail.join('\n')}`);
+    if (fs.existsSync(socket)) {
+      const ok = await new Promise((resolve) => {
+        const s = net.createConnection(socket);
+        let got = 0;
+        const done = (v) => (s.destroy(), resolve(v));
+        s.on('data', (d) => ((got += d.length), got >= 18 && done(true)));
+        s.on('error', () => done(false));
+        setTimeout(() => done(false), 2000);
+      });
+      if (ok) return;
+    }
+    await new Promise((r) => setTimeout(r, 50));
+  }
+}
+
+export class Stack {
+  /**
+   * @param {string} name key of STACKS
+   * @param {string} dir private temporary directory
+   * @param {string|number} seed the run's seed (the region's bytes derive from it)
+   */
+  constructor(name, dir, seed) {
+    this.name = name;
+    this.def = STACKS[name];
+    this.dir = path.join(dir, name);
+    fs.mkdirSync(this.dir, { recursive: true });
+    this.socket = path.join(this.dir, 'nbdx.sock');
+    this.regionBytes = new Rng(`${seed}/region`).bytes(REGION.length);
+    this.ctx = { image: path.join(this.dir, 'disk.img'), upstreamSocket: path.join(this.dir, 'upstream.sock'), pskFile: path.join(this.dir, 'keys.psk') };
+    this.psk = randomBytes(32);
+    this.restarts = 0;
+  }
+
+  /** What sessions and the oracle need to know about this stack. */
+  get profile() {
+    return {
+      size: SIZE,
+      region: { ...REGION, bytes: this.regionBytes },
+      tls: this.def.tls ?? 'off',
+      readonly: !!this.def.readonly,
+      immutable: !!this.def.immutable,
+      // nbdx's --max-options default: after this many options a hang-up is allowed (DoS rule)
+      maxOptions: 32,
+      // the longest option data nbdx reads (64 KiB) before ERR_TOO_BIG and a hang-up
+      maxOptionLength: 65536,
+    };
+  }
+
+  /** Options for tls.connect on a socket after STARTTLS (PSK, as the server is configured). */
+  get tlsClient() {
+    if (!this.def.tls) return null;
+    return {
+      pskCallback: () => ({ psk: this.psk, identity: 'fuzz' }),
+      ciphers: 'PSK',
+      minVersion: 'TLSv1.2',
+      maxVersion: 'TLSv1.2',
+      checkServerIdentity: () => undefined,
+    };
+  }
+
+  missingTools() {
+    return (this.def.tools ?? []).filter((t) => !hasTool(t));
+  }
+
+  async start() {
+    if (this.def.image) {
+      // sparse 64 MiB with the region written into it; its hash is kept to prove it never changes
+      const fd = fs.openSync(this.ctx.image, 'w');
+      fs.ftruncateSync(fd, SIZE);
+      fs.writeSync(fd, this.regionBytes, 0, this.regionBytes.length, REGION.offset);
+      fs.closeSync(fd);
+      this.imageStat = fs.statSync(this.ctx.image);
+    }
+    if (this.def.tls) fs.writeFileSync(this.ctx.pskFile, `fuzz:${this.psk.toString('hex')}\n`);
+    if (this.def.upstream) {
+      const up = this.ctx.upstreamSocket;
+      this.upstream = this.def.upstream === 'nbdkit'
+        ? new ServerProcess('upstream nbdkit', 'nbdkit', ['-f', '--exit-with-parent', '-U', up, 'memory', '64M'], up)
+        : new ServerProcess('upstream nbdx', process.execPath, [NBDX, '-f', '--exit-with-parent', '-U', up, 'memory', '64M'], up);
+      await this.upstream.start();
+    }
+    this.server = this.def.command === 'nbdkit'
+      ? new ServerProcess(`nbdkit ${this.name}`, 'nbdkit', ['-f', '--exit-with-parent', '-U', this.socket, ...this.def.args(this.ctx)], this.socket)
+      : new ServerProcess(`nbdx ${this.name}`, process.execPath, [NBDX, '-f', '--exit-with-parent', '-U', this.socket, ...this.def.args(this.ctx)], this.socket);
+    await this.server.start();
+    if (!this.def.image) await writeRegion(this.socket, REGION.offset, this.regionBytes);
+  }
+
+  /** After a crash: a fresh server (and the region again, where it lived in the dead process). */
+  async restart() {
+    this.restarts++;
+    await this.server.stop();
+    if (this.upstream && !this.upstream.alive) await this.upstream.start();
+    await this.server.start();
+    if (!this.def.image) await writeRegion(this.socket, REGION.offset, this.regionBytes);
+  }
+
+  /** Put the region back after a check found it damaged, so later checks mean something. */
+  async restoreRegion() {
+    if (this.def.image && this.def.imageMustNotChange) return; // the image itself must be intact
+    if (this.def.image) {
+      const fd = fs.openSync(this.ctx.image, 'r+');
+      fs.writeSync(fd, this.regionBytes, 0, this.regionBytes.length, REGION.offset);
+      fs.closeSync(fd);
+      return;
+    }
+    await writeRegion(this.socket, REGION.offset, this.regionBytes);
+  }
+
+  /** For stacks that must never write their image: did they? */
+  imageChanged() {
+    if (!this.def.imageMustNotChange) return null;
+    const buf = Buffer.alloc(REGION.length);
+    const fd = fs.openSync(this.ctx.image, 'r');
+    fs.readSync(fd, buf, 0, buf.length, REGION.offset);
+    fs.closeSync(fd);
+    const st = fs.statSync(this.ctx.image);
+    if (!buf.equals(this.regionBytes)) return 'the protected region of the image file changed';
+    if (st.size !== SIZE) return `the image file size changed to ${st.size}`;
+    if (st.mtimeMs !== this.imageStat.mtimeMs) return 'the image file was modified (mtime changed)';
+    return null;
+  }
+
+  /** Does the server accept a connection and greet within `ms`? */
+  async acceptsWithin(ms) {
+    return new Promise((resolve) => {
+      const s = net.createConnection(this.socket);
+      let got = 0;
+      const done = (v) => (clearTimeout(t), s.destroy(), resolve(v));
+      const t = setTimeout(() => done(false), ms);
+      s.on('data', (d) => ((got += d.length), got >= 18 && done(true)));
+      s.on('error', () => done(false));
+    });
+  }
+
+  processes() {
+    return [this.server, this.upstream].filter(Boolean);
+  }
+
+  async stop() {
+    await this.server?.stop();
+    await this.upstream?.stop();
+  }
+}
