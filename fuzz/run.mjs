@@ -378,6 +378,7 @@ export async function main(argv) {
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-fuzz-'));
   const cleanup = () => fs.rmSync(dir, { recursive: true, force: true });
+  process.on('exit', cleanup); // also when interrupted (stacks.mjs exits on SIGINT/SIGTERM)
   try {
     log(`nbdx fuzz: seed ${o.seed}, stacks ${o.stacks.join(', ')}, ${o.inputs !== null ? `${o.inputs} inputs per stack` : `${o.seconds} s in total`}, concurrency ${o.concurrency}`);
     if (o.replay) return (await replay(o, dir)) ? 1 : 0;

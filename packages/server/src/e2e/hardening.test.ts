@@ -14,6 +14,7 @@ import { needTools, nbdshOk, run, startCli, tmpDir, waitFor } from '@nbdx/testki
 import { defineFilter } from '../api/define.js';
 import { serve } from '../server.js';
 import * as C from '../wire/constants.js';
+import { encodeMetaContextRequest } from '../wire/codec.js';
 import {
   GO_REPLY_SIZE,
   GREETING_SIZE,
@@ -128,6 +129,29 @@ describe('the handshake is bounded', () => {
     expect(await r.untilClosed(3000)).toBe(true);
     const replies = optionReplies(r.received);
     expect(replies.map((x) => x.type)).toEqual([...Array(8).fill(C.REP_ERR_UNSUP), C.REP_ERR_POLICY]);
+  });
+
+  it('a SET_META_CONTEXT that fails clears the earlier selection (block status then gets EINVAL)', async () => {
+    const r = await RawSession.open(pathOf(s));
+    const bad = Buffer.alloc(8);
+    bad.writeUInt32BE(100, 0); // an export name longer than the data
+    r.send(
+      clientFlags(),
+      option(C.OPT_STRUCTURED_REPLY),
+      option(C.OPT_SET_META_CONTEXT, encodeMetaContextRequest('', [C.CONTEXT_BASE_ALLOCATION])),
+      option(C.OPT_SET_META_CONTEXT, bad),
+      go(),
+      request(C.CMD_BLOCK_STATUS, 0, 4096, { cookie: 3n }),
+    );
+    expect(await r.waitUntil(() => optionReplies(r.received).length >= 6, 2000)).toBe(true);
+    const types = optionReplies(r.received).map((x) => x.type);
+    expect(types).toEqual([C.REP_ACK, C.REP_META_CONTEXT, C.REP_ACK, C.REP_ERR_INVALID, C.REP_INFO, C.REP_ACK]);
+    const afterOptions = optionReplies(r.received).reduce((n, x) => n + 20 + x.length, GREETING_SIZE);
+    expect(await r.waitUntil(() => r.receivedLength >= afterOptions + 20 + 6, 2000)).toBe(true);
+    const chunk = r.received.subarray(afterOptions);
+    expect(chunk.readUInt16BE(6)).toBe(C.REPLY_TYPE_ERROR);
+    expect(chunk.readUInt32BE(20)).toBe(22); // EINVAL
+    r.destroy();
   });
 
   it('ABORT with data is acknowledged (the data ignored), then the connection closes', async () => {

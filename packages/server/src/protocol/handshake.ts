@@ -203,6 +203,11 @@ export async function negotiate(
       case C.OPT_LIST_META_CONTEXT:
       case C.OPT_SET_META_CONTEXT: {
         const isSet = option === C.OPT_SET_META_CONTEXT;
+        // A SET replaces the selection even when it fails (the spec): forget it first.
+        if (isSet) {
+          baseAllocation = null;
+          metaExport = null;
+        }
         if (!structured) {
           replyError(option, C.REP_ERR_INVALID, `${name} needs structured replies first`);
           break;
