@@ -155,6 +155,33 @@ describe.skipIf(!have)('floods: clients that never read', () => {
   }, 60_000);
   afterAll(() => srv?.stop());
 
+  // Found by the fuzzer: maximum-size READs were each a fresh 32 MiB buffer (too big for the
+  // buffer pool), and the garbage outran the collector (3.7 GiB with a client that hung up,
+  // 5.5 GiB with one that read everything).
+  for (const ending of ['reads everything', 'hangs up at once'] as const) {
+    it(`512 extended DF READs of 32 MiB from a client that ${ending}`, async () => {
+      const pid = srv.child.pid!;
+      const before = rssOf(pid);
+      const s = net.connect({ path: srv.uri.replace(/^.*socket=/, '') });
+      s.on('error', () => {});
+      s.on('data', () => {});
+      await new Promise((r) => s.once('connect', r));
+      const reqs = Array.from({ length: 512 }, (_, i) =>
+        request(C.CMD_READ, (i % 16) * 32 * MiB, 32 * MiB, { extended: true, flags: C.CMD_FLAG_DF, cookie: BigInt(i) }),
+      );
+      s.write(Buffer.concat([clientFlags(), option(C.OPT_EXTENDED_HEADERS), go(), ...reqs]));
+      if (ending === 'hangs up at once') setTimeout(() => s.destroy(), 50);
+      let peak = before;
+      for (let i = 0; i < 40; i++) {
+        await new Promise((r) => setTimeout(r, 100));
+        peak = Math.max(peak, rssOf(pid));
+      }
+      s.destroy();
+      console.log(`32 MiB READs, client ${ending}: +${((peak - before) / MiB).toFixed(1)} MiB at peak`);
+      expect(peak - before).toBeLessThanOrEqual(PER_CONNECTION + 64 * MiB);
+    }, 30_000);
+  }
+
   for (const flood of floods) {
     for (const conns of [1, 8]) {
       it(`${flood.name}, ${conns} connection${conns > 1 ? 's' : ''}`, async () => {

@@ -8,7 +8,12 @@
  * back to what it needs when idle instead of keeping the burst's buffers for ever.
  */
 const MIN_POOLED = 1024;
-const MAX_POOLED_BYTES = 32 * 1024 * 1024;
+/**
+ * Room for at least two buffers of the largest READ (32 MiB of data plus the reply header): a
+ * buffer the pool cannot take becomes garbage, and a client sending maximum-size READs made the
+ * garbage outrun the collector (GiBs, found by the fuzzer).
+ */
+const MAX_POOLED_BYTES = 72 * 1024 * 1024;
 /** Enough for nbdcopy's 4 connections x 64 requests of 256 KiB; the byte cap bounds the rest. */
 const MAX_PER_SIZE = 1024;
 /** Unused this long, the pool lets its buffers go. */
