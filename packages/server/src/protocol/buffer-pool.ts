@@ -8,12 +8,15 @@
  * back to what it needs when idle instead of keeping the burst's buffers for ever.
  */
 const MIN_POOLED = 1024;
+const MAX_POOLED_BYTES = 32 * 1024 * 1024;
 /**
- * Room for at least two buffers of the largest READ (32 MiB of data plus the reply header): a
- * buffer the pool cannot take becomes garbage, and a client sending maximum-size READs made the
- * garbage outrun the collector (GiBs, found by the fuzzer).
+ * Buffers this big or bigger are kept two at most, outside the byte cap: the largest READ (32 MiB
+ * of data plus the reply header) would never fit it otherwise, every such READ would be a fresh
+ * buffer, and a client sending them made the garbage outrun the collector (GiBs, found by the
+ * fuzzer). Two, not more: they count in the server's memory whoever used them last.
  */
-const MAX_POOLED_BYTES = 72 * 1024 * 1024;
+const BIG = 4 * 1024 * 1024;
+const MAX_BIG = 2;
 /** Enough for nbdcopy's 4 connections x 64 requests of 256 KiB; the byte cap bounds the rest. */
 const MAX_PER_SIZE = 1024;
 /** Unused this long, the pool lets its buffers go. */
@@ -22,6 +25,7 @@ const IDLE_MS = 1_000;
 class BufferPool {
   private free = new Map<number, Buffer[]>();
   private pooledBytes = 0;
+  private bigPooled = 0;
   private used = false;
   private timer: NodeJS.Timeout | null = null;
 
@@ -30,7 +34,8 @@ class BufferPool {
       this.used = true;
       const b = this.free.get(size)?.pop();
       if (b) {
-        this.pooledBytes -= size;
+        if (size >= BIG) this.bigPooled--;
+        else this.pooledBytes -= size;
         return b;
       }
       return Buffer.allocUnsafeSlow(size);
@@ -42,12 +47,14 @@ class BufferPool {
   put(b: Buffer): void {
     const size = b.length;
     if (size < MIN_POOLED || b.byteOffset !== 0 || b.buffer.byteLength !== size) return;
-    if (this.pooledBytes + size > MAX_POOLED_BYTES) return;
+    const big = size >= BIG;
+    if (big ? this.bigPooled >= MAX_BIG : this.pooledBytes + size > MAX_POOLED_BYTES) return;
     let list = this.free.get(size);
     if (!list) this.free.set(size, (list = []));
     if (list.length >= MAX_PER_SIZE) return;
     list.push(b);
-    this.pooledBytes += size;
+    if (big) this.bigPooled++;
+    else this.pooledBytes += size;
     this.watch();
   }
 
@@ -61,6 +68,7 @@ class BufferPool {
       }
       this.free.clear();
       this.pooledBytes = 0;
+      this.bigPooled = 0;
       clearInterval(this.timer!);
       this.timer = null;
     }, IDLE_MS);
