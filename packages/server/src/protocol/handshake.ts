@@ -280,11 +280,10 @@ export async function negotiate(
 }
 
 async function startTls(settings: ProtocolSettings, reader: SocketReader, writer: ReplyWriter): Promise<Duplex> {
-  // The ACK is handed to the socket at once and the socket changes hands in the same turn: no
-  // plaintext can be read in between, and the check below catches any that was already here.
+  // The ACK is handed to the socket at once and the socket changes hands in the same turn as the
+  // caller's check for unread bytes: no plaintext can be read in between.
   writer.flush();
   reader.detach();
-  if (reader.unread > 0) throw new HandshakeClose('client sent data after STARTTLS before the TLS handshake');
   const raw = reader.stream;
   const { requestCert, rejectUnauthorized, pskCallback, ...contextOptions } = settings.tls.socketOptions;
   const secure = new tls.TLSSocket(raw as import('node:net').Socket, {

@@ -29,8 +29,8 @@ export class SocketReader {
   private want = 0;
   private waiter: { resolve: (b: Buffer) => void; reject: (e: Error) => void } | null = null;
   private ended: Error | null = null;
-  /** The client half-closed (EOF) rather than the connection failing or closing. */
-  halfClosed = false;
+  /** The connection failed or closed (not just EOF): onEnd(true) was or is to be told. */
+  private hardEnded = false;
   /** Set once the connection is ending: nothing more is read or kept. */
   private discarding = false;
   private pauses = 0;
@@ -53,10 +53,7 @@ export class SocketReader {
   reads = 0;
   polledReads = 0;
   private readonly dataListener = (chunk: Buffer) => this.push(chunk);
-  private readonly endListener = () => {
-    this.halfClosed = true;
-    this.end(new Error('connection closed by the client'), false);
-  };
+  private readonly endListener = () => this.end(new Error('connection closed by the client'), false);
   private readonly closeListener = () => this.end(new Error('connection closed'), true);
   private readonly errorListener = (err: Error) => this.end(err, true);
 
@@ -194,7 +191,6 @@ export class SocketReader {
     this.onEnd?.(hard);
   }
 
-  private hardEnded = false;
 
   get isEnded(): boolean {
     return this.ended !== null;
