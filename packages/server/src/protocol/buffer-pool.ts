@@ -13,7 +13,10 @@ const MAX_POOLED_BYTES = 32 * 1024 * 1024;
  * Buffers this big or bigger are kept two at most, outside the byte cap: the largest READ (32 MiB
  * of data plus the reply header) would never fit it otherwise, every such READ would be a fresh
  * buffer, and a client sending them made the garbage outrun the collector (GiBs, found by the
- * fuzzer). Two, not more: they count in the server's memory whoever used them last.
+ * fuzzer). Two, not more: they count in the server's memory whoever used them last. They are not
+ * kept per exact size (big requests of varying lengths would then always miss): a request gets
+ * the smallest pooled one that is big enough, as a view of its first bytes, and the pool keeps
+ * the biggest buffers it is given back.
  */
 const BIG = 4 * 1024 * 1024;
 const MAX_BIG = 2;
@@ -25,17 +28,19 @@ const IDLE_MS = 1_000;
 class BufferPool {
   private free = new Map<number, Buffer[]>();
   private pooledBytes = 0;
-  private bigPooled = 0;
+  /** Big buffers, whole (see BIG); `bigMade` marks the memory the pool allocated for them. */
+  private big: Buffer[] = [];
+  private readonly bigMade = new WeakSet<ArrayBufferLike>();
   private used = false;
   private timer: NodeJS.Timeout | null = null;
 
   get(size: number): Buffer {
+    if (size >= BIG) return this.getBig(size);
     if (size >= MIN_POOLED) {
       this.used = true;
       const b = this.free.get(size)?.pop();
       if (b) {
-        if (size >= BIG) this.bigPooled--;
-        else this.pooledBytes -= size;
+        this.pooledBytes -= size;
         return b;
       }
       return Buffer.allocUnsafeSlow(size);
@@ -43,18 +48,47 @@ class BufferPool {
     return Buffer.allocUnsafe(size);
   }
 
+  private getBig(size: number): Buffer {
+    this.used = true;
+    let best = -1;
+    for (let i = 0; i < this.big.length; i++) {
+      const len = this.big[i]!.length;
+      if (len >= size && (best < 0 || len < this.big[best]!.length)) best = i;
+    }
+    if (best < 0) {
+      const b = Buffer.allocUnsafeSlow(size);
+      this.bigMade.add(b.buffer);
+      return b;
+    }
+    const b = this.big.splice(best, 1)[0]!;
+    return b.length === size ? b : b.subarray(0, size);
+  }
+
+  private putBig(b: Buffer): void {
+    const whole = b.length === b.buffer.byteLength ? b : Buffer.from(b.buffer, 0, b.buffer.byteLength);
+    if (this.big.length < MAX_BIG) this.big.push(whole);
+    else {
+      // Full: keep the bigger one (it serves every size the smaller one does).
+      let smallest = 0;
+      for (let i = 1; i < this.big.length; i++) if (this.big[i]!.length < this.big[smallest]!.length) smallest = i;
+      if (this.big[smallest]!.length >= whole.length) return;
+      this.big[smallest] = whole;
+    }
+    this.watch();
+  }
+
   /** Hand a buffer back once nothing refers to it any more (the socket wrote it, the plugin returned). */
   put(b: Buffer): void {
+    if (b.byteOffset !== 0) return;
+    if (this.bigMade.has(b.buffer)) return this.putBig(b);
     const size = b.length;
-    if (size < MIN_POOLED || b.byteOffset !== 0 || b.buffer.byteLength !== size) return;
-    const big = size >= BIG;
-    if (big ? this.bigPooled >= MAX_BIG : this.pooledBytes + size > MAX_POOLED_BYTES) return;
+    if (size < MIN_POOLED || b.buffer.byteLength !== size || size >= BIG) return;
+    if (this.pooledBytes + size > MAX_POOLED_BYTES) return;
     let list = this.free.get(size);
     if (!list) this.free.set(size, (list = []));
     if (list.length >= MAX_PER_SIZE) return;
     list.push(b);
-    if (big) this.bigPooled++;
-    else this.pooledBytes += size;
+    this.pooledBytes += size;
     this.watch();
   }
 
@@ -67,8 +101,8 @@ class BufferPool {
         return;
       }
       this.free.clear();
+      this.big = [];
       this.pooledBytes = 0;
-      this.bigPooled = 0;
       clearInterval(this.timer!);
       this.timer = null;
     }, IDLE_MS);

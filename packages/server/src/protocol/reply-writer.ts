@@ -29,6 +29,12 @@ export class ReplyWriter {
   backlog = 0;
   private idleWaiters: Array<() => void> = [];
   private settledWaiters: Array<() => void> = [];
+  /**
+   * Told once when a write fails (the socket is gone). Failed writes complete at once, so without
+   * this a connection would go on serving queued requests into a dead socket, each failure
+   * freeing budget for the next, without ever giving the event loop a turn to report the close.
+   */
+  onBroken: (() => void) | null = null;
   /** Where small replies are written (see reserve()); bytes from runStart to used are not yet queued. */
   arena = Buffer.allocUnsafeSlow(ARENA_SIZE);
   private used = 0;
@@ -153,10 +159,19 @@ export class ReplyWriter {
     const last = list.length - 1;
     if (last > 0) s.cork();
     for (let i = 0; i < last; i++) s.write(list[i]);
-    s.write(list[last], () => this.written(bytes, done));
+    s.write(list[last], (err) => {
+      if (err) this.broken();
+      this.written(bytes, done);
+    });
     if (last > 0) s.uncork();
     this.notifyIdle();
   };
+
+  private broken(): void {
+    const f = this.onBroken;
+    this.onBroken = null;
+    f?.();
+  }
 
   private written(bytes: number, done: Array<() => void>): void {
     this.backlog -= bytes;

@@ -100,6 +100,8 @@ export class Transmission {
   private inFlight = 0;
   private paused = false;
   private sawDisc = false;
+  /** The client sent EOF: what is queued is parsed, then the connection ends. */
+  private inputEnded = false;
   private stopping = false;
   /** WRITE payload still to arrive for the request being parsed. */
   private pendingWrite: PendingWrite | null = null;
@@ -141,9 +143,17 @@ export class Transmission {
       // below may end early. Still, what is answered goes out: a client that sent DISC and then
       // closed its sending side (libnbd) reads every reply it asked for.
       if (hard || !this.sawDisc) settings.abort?.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
-      this.stop(hard ? 'client went away' : 'client closed its sending side');
+      if (hard) return this.stop('client went away');
+      // Every request that arrived before EOF is still answered (as nbdkit does): parse what is
+      // queued, and end once nothing whole is left (parseHeld), also after a pause.
+      this.inputEnded = true;
+      if (!this.paused && !this.yielded) this.parse();
     };
     budget.onRelease = () => this.resumeIfRoom();
+    writer.onBroken = () => {
+      settings.abort?.abort(new NbdError(Errno.ESHUTDOWN, 'the client disconnected'));
+      this.stop('the socket failed');
+    };
     this.wakeFromServer = () => this.resumeIfRoom();
     // The handshake may have stopped reading because the client sent far ahead of it.
     reader.resume(PAUSE_QUEUE);
@@ -221,10 +231,10 @@ export class Transmission {
         return;
       }
       if (this.pendingWrite) {
-        if (!this.takePayload()) return;
+        if (!this.takePayload()) return this.endIfInputEnded();
         continue;
       }
-      if (q.length < this.headerSize) return;
+      if (q.length < this.headerSize) return this.endIfInputEnded();
       const req = decodeRequest(q.take(this.headerSize), this.extended);
       if (!req) return this.dropClient('bad request magic');
       requests++;
@@ -235,11 +245,18 @@ export class Transmission {
     }
   }
 
-  /** Framing is broken: no reply can be trusted to line up with a request. Close at once. */
+  /** Nothing whole is left of what the client sent before EOF. */
+  private endIfInputEnded(): void {
+    if (this.inputEnded) this.stop('client closed its sending side');
+  }
+
+  /**
+   * Framing is broken: nothing after this point can be trusted to be a request. Stop reading;
+   * the requests before it are still answered, then the connection closes.
+   */
   private dropClient(why: string): void {
     this.settings.error(`${why}: closing the connection`);
     this.stop('broken framing');
-    this.reader.stream.destroy();
   }
 
   /** Validate and start one request. Returns false when the connection must stop parsing. */
