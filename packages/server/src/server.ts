@@ -3,6 +3,7 @@ import type * as net from 'node:net';
 import { setLogSink, type ThreadModel } from './api/common.js';
 import type { Filter, Plugin } from './api/define.js';
 import { Backend } from './backend/backend.js';
+import { checkMaxPayload } from './backend/block-size.js';
 import { Mutex } from './backend/mutex.js';
 import { Connection } from './protocol/connection.js';
 import { ServerBudget } from './protocol/memory-budget.js';
@@ -83,7 +84,7 @@ export class NbdServer {
       readonly: options.readonly ?? false,
       noStructuredReplies: options.noStructuredReplies ?? false,
       handshakeMask: options.handshakeMask ?? DEFAULT_SETTINGS.handshakeMask,
-      maxPayload: options.maxPayload ?? DEFAULT_SETTINGS.maxPayload,
+      maxPayload: options.maxPayload !== undefined ? checkMaxPayload(options.maxPayload) : DEFAULT_SETTINGS.maxPayload,
       maxConnectionMemory: options.maxConnectionMemory ?? options.maxInFlightBytes ?? DEFAULT_SETTINGS.maxConnectionMemory,
       serverBudget: new ServerBudget(options.maxServerMemory ?? DEFAULT_SETTINGS.maxServerMemory),
       maxOptions: options.maxOptions ?? DEFAULT_SETTINGS.maxOptions,

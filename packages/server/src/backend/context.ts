@@ -14,6 +14,7 @@ import {
   type ReadResult,
 } from '../api/common.js';
 import type { OwnedContext } from '../api/filter/next.js';
+import { checkBlockSize } from './block-size.js';
 import { normalizeExtents } from './extents.js';
 import { yieldIfBusy } from './fair-turns.js';
 import type { Mutex } from './mutex.js';
@@ -88,6 +89,8 @@ export abstract class Context implements OwnedContext {
       );
     }
     this.size = size;
+    // A bad block size declaration fails the open, naming the layer (block-size.ts).
+    await this.blockSize();
     // What the hot paths need, resolved once so that reads and writes take no extra turns.
     this.writable = await this.canWrite();
     this.fuaMode = await this.canFua();
@@ -117,7 +120,7 @@ export abstract class Context implements OwnedContext {
     return Promise.resolve(this.size);
   }
   blockSize(): Promise<BlockSize | undefined> {
-    return this.cap('blockSize', () => this.implBlockSize());
+    return this.cap('blockSize', async () => checkBlockSize(this.who, await this.implBlockSize()));
   }
   exportDescription(): Promise<string | undefined> {
     return this.cap('description', () => this.implExportDescription());

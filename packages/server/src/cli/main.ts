@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import { NbdError, packageVersion, parseSize } from '../api/common.js';
+import { checkMaxPayload } from '../backend/block-size.js';
 import type { Filter, Plugin } from '../api/define.js';
 import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS } from '../api/define.js';
 import { socketActivationFds, type ListenTarget } from '../listeners/listen.js';
@@ -105,7 +106,7 @@ async function run(o: CliOptions): Promise<number> {
     exportName: o.exportName ?? '',
     noStructuredReplies: o.noSr,
     handshakeMask: o.maskHandshake,
-    maxPayload: o.maxPayload ? parseSize(o.maxPayload, '--max-payload') : undefined,
+    maxPayload: o.maxPayload ? checkMaxPayload(parseSize(o.maxPayload, '--max-payload'), '--max-payload') : undefined,
     maxConnectionMemory: memoryLimit(o.maxConnectionMemory, '--max-connection-memory'),
     maxServerMemory: memoryLimit(o.maxServerMemory, '--max-server-memory'),
     maxOptions: o.maxOptions,

@@ -1,6 +1,7 @@
 import * as tls from 'node:tls';
 import type { Duplex } from 'node:stream';
-import { toErrno } from '../api/common.js';
+import { toErrno, type BlockSize } from '../api/common.js';
+import { advertisedBlockSize } from '../backend/block-size.js';
 import type { Context } from '../backend/context.js';
 import * as C from '../wire/constants.js';
 import {
@@ -32,6 +33,8 @@ export interface Negotiated {
   baseAllocation: number | null;
   /** Transmission flags as sent to the client. */
   flags: number;
+  /** Block sizes advertised (or that would have been): the transmission enforces them. */
+  blockSize: BlockSize;
   stream: Duplex;
   isTls: boolean;
 }
@@ -58,13 +61,9 @@ export async function exportFlags(ctx: Context, structured: boolean): Promise<nu
   return f;
 }
 
-/** Block sizes to advertise: the layers' own, capped by the server's payload limit. */
-export async function blockSizes(ctx: Context, maxPayload: number) {
-  const b = await ctx.blockSize();
-  const minimum = b?.minimum ?? 1;
-  const preferred = b?.preferred ?? Math.max(4096, minimum);
-  const maximum = Math.min(b?.maximum ?? maxPayload, maxPayload);
-  return { minimum, preferred, maximum };
+/** Block sizes to advertise and enforce: the layers' own, capped by the server's payload limit. */
+export async function blockSizes(ctx: Context, maxPayload: number): Promise<BlockSize> {
+  return advertisedBlockSize(await ctx.blockSize(), maxPayload);
 }
 
 /**
@@ -135,11 +134,14 @@ export async function negotiate(
         try {
           ctx = await backend.open(settings.readonly, exportName, isTls, settings.abort?.signal);
         } catch (err) {
-          throw new HandshakeClose(`cannot open export '${exportName}': ${(err as Error).message}`);
+          const message = `cannot open export '${exportName}': ${(err as Error).message}`;
+          settings.error(message);
+          throw new HandshakeClose(message);
         }
         const flags = await exportFlags(ctx, structured);
+        const blockSize = await blockSizes(ctx, settings.maxPayload);
         writer.writeNow(encodeExportNameReply(ctx.size, flags, noZeroes));
-        return { ctx, structured, extended, baseAllocation: metaOk(exportName) ? baseAllocation : null, flags, stream, isTls };
+        return { ctx, structured, extended, baseAllocation: metaOk(exportName) ? baseAllocation : null, flags, blockSize, stream, isTls };
       }
       case C.OPT_ABORT:
         // Any data is ignored; the client may or may not wait for the ACK.
@@ -242,8 +244,10 @@ export async function negotiate(
         try {
           ctx = await backend.open(settings.readonly, exportName, isTls, settings.abort?.signal);
         } catch (err) {
-          const message = (err as Error).message;
-          replyError(option, C.REP_ERR_UNKNOWN, `cannot open export '${exportName}': ${message}`);
+          const message = `cannot open export '${exportName}': ${(err as Error).message}`;
+          // The operator sees why (the client only gets the reply, if it shows it at all).
+          settings.error(message);
+          replyError(option, C.REP_ERR_UNKNOWN, message);
           break;
         }
         let keep = false;
@@ -262,7 +266,7 @@ export async function negotiate(
           reply(option, C.REP_ACK);
           if (option === C.OPT_GO) {
             keep = true;
-            return { ctx, structured, extended, baseAllocation: metaOk(exportName) ? baseAllocation : null, flags, stream, isTls };
+            return { ctx, structured, extended, baseAllocation: metaOk(exportName) ? baseAllocation : null, flags, blockSize: sizes, stream, isTls };
           }
         } finally {
           if (!keep) await ctx.close().catch(() => {});

@@ -391,10 +391,16 @@ export class Transmission {
         break;
     }
     if (length === 0) return new NbdError(Errno.EINVAL, `${name}: zero-length request`);
-    if ((type === C.CMD_READ || type === C.CMD_WRITE) && length > this.settings.maxPayload) {
-      return new NbdError(Errno.EINVAL, `${name}: ${length} bytes exceeds the maximum payload of ${this.settings.maxPayload}`);
+    const { minimum, maximum } = this.n.blockSize;
+    if ((type === C.CMD_READ || type === C.CMD_WRITE) && length > maximum) {
+      return new NbdError(Errno.EINVAL, `${name}: ${length} bytes exceeds the maximum block size of ${maximum}`);
     }
     const size = this.ctx.size;
+    // The spec lets a server reject requests not aligned to its minimum block size; the layers
+    // that declared it rely on never seeing them. A request may end at an unaligned export end.
+    if (minimum > 1 && (offset % minimum !== 0 || (length % minimum !== 0 && offset + length !== size))) {
+      return new NbdError(Errno.EINVAL, `${name}: offset ${offset} length ${length} is not aligned to the minimum block size of ${minimum}`);
+    }
     if (!(offset + length <= size)) {
       const errno = type === C.CMD_WRITE || type === C.CMD_WRITE_ZEROES ? Errno.ENOSPC : Errno.EINVAL;
       return new NbdError(errno, `${name}: offset ${offset} + length ${length} is beyond the end of the export (${size})`);
