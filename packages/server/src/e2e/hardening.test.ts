@@ -41,6 +41,7 @@ describe('STARTTLS: nothing sent in clear after it is ever read', () => {
     s = await serve({
       plugin: createMemoryPlugin(),
       config: { size: '1M' },
+      handshakeTimeout: 2,
       tls: {
         mode: 'require',
         socketOptions: {
@@ -83,6 +84,41 @@ describe('STARTTLS: nothing sent in clear after it is ever read', () => {
     expect(optionReplies(Buffer.concat(got), 0).map((x) => x.type)).toEqual([C.REP_INFO, C.REP_ACK]);
     t.destroy();
   });
+
+  /** STARTTLS over a raw session, then the TLS handshake: the secure socket and what it receives. */
+  async function secureSession() {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), option(C.OPT_STARTTLS));
+    await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + 20, 2000);
+    const t = await upgrade(r.sock);
+    const got: Buffer[] = [];
+    const events: string[] = [];
+    t.on('data', (d) => got.push(d));
+    t.on('end', () => {
+      events.push('end');
+      t.end(); // the raw session allows half-open sockets: answer the close ourselves
+    });
+    t.on('error', (e: NodeJS.ErrnoException) => events.push(`error ${e.code ?? e.message}`));
+    const closed = new Promise<void>((res) => t.once('close', () => res()));
+    return { t, got, events, closed };
+  }
+
+  // "the server MUST ... close the TLS session properly (close_notify)": Node's client reports a
+  // close without it as ECONNRESET, after EOF.
+  for (const [what, send] of [
+    ['ABORT', () => [option(C.OPT_ABORT)]],
+    ['an option over the limit (the server gives up)', () => Array.from({ length: 40 }, () => option(C.OPT_LIST))],
+    ['DISC in transmission', () => [go(), request(C.CMD_DISC, 0, 0)]],
+    ['the handshake timeout', () => []],
+  ] as const) {
+    it(`the server ends a TLS session with close_notify: after ${what}`, async () => {
+      const { t, events, closed } = await secureSession();
+      t.write(Buffer.concat(send()));
+      await Promise.race([closed, new Promise((res) => setTimeout(res, 5000))]);
+      expect(events).toEqual(['end']);
+      expect(t.destroyed).toBe(true);
+    });
+  }
 
   it('an option sent in the same write as STARTTLS closes the connection, unanswered in clear or in TLS', async () => {
     const r = await RawSession.open(pathOf(s));
@@ -201,6 +237,33 @@ describe('the handshake is bounded', () => {
     r.send(request(C.CMD_READ, 0, 512, { cookie: 7n }));
     expect(await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + GO_REPLY_SIZE + 16 + 512, 2000)).toBe(true);
     r.destroy();
+  });
+});
+
+describe('shutting down', () => {
+  it('an option sent while the server shuts down gets ERR_SHUTDOWN, then the connection closes', async () => {
+    const srv = await serve({ plugin: createMemoryPlugin(), config: { size: '1M' } });
+    const r = await RawSession.open(pathOf(srv));
+    r.send(clientFlags());
+    await r.waitUntil(() => r.receivedLength >= GREETING_SIZE, 2000);
+    const closing = srv.close();
+    r.send(option(C.OPT_LIST));
+    expect(await r.untilClosed(3000)).toBe(true);
+    expect(optionReplies(r.received).map((x) => [x.option, x.type])).toEqual([[C.OPT_LIST, C.REP_ERR_SHUTDOWN]]);
+    const t = Date.now();
+    await closing;
+    expect(Date.now() - t).toBeLessThan(1000);
+  });
+
+  it('a client that sends nothing more is closed promptly', async () => {
+    const srv = await serve({ plugin: createMemoryPlugin(), config: { size: '1M' } });
+    const r = await RawSession.open(pathOf(srv));
+    r.send(clientFlags());
+    await r.waitUntil(() => r.receivedLength >= GREETING_SIZE, 2000);
+    const t = Date.now();
+    await srv.close();
+    expect(Date.now() - t).toBeLessThan(1500);
+    expect(await r.untilClosed(1000)).toBe(true);
   });
 });
 

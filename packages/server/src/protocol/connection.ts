@@ -15,6 +15,9 @@ let nextId = 1;
  */
 const LINGER_MS = 5_000;
 
+/** How long a client in the handshake has, once the server shuts down, to hear ERR_SHUTDOWN. */
+const SHUTDOWN_GRACE_MS = 300;
+
 /**
  * One client connection from greeting to close. Nothing a client sends can throw out of here:
  * errors end this connection only.
@@ -61,9 +64,7 @@ export class Connection {
       await settings.backend.preconnect(settings.readonly);
       if (settings.handshakeTimeoutMs > 0) {
         timer = setTimeout(() => {
-          this.debug(`handshake not finished after ${settings.handshakeTimeoutMs / 1000} s: closing`);
-          this.reader.discardInput();
-          this.reader.stream.destroy();
+          this.reader.fail(new HandshakeClose(`handshake not finished after ${settings.handshakeTimeoutMs / 1000} s`));
         }, settings.handshakeTimeoutMs);
         timer.unref();
       }
@@ -115,35 +116,38 @@ export class Connection {
     });
   }
 
-  /** Close both directions: FIN after the last reply, then let go of the descriptor. */
+  /**
+   * Close both directions: FIN after the last reply, then let go of the descriptor. After
+   * STARTTLS the TLS socket is ended first, so the client gets close_notify before the FIN (a
+   * TLS close without it looks like a truncation attack to the client).
+   */
   private async closeStreams(): Promise<void> {
     const input = this.reader.stream;
-    const streams = input === this.output ? [input] : [this.output, input];
-    await Promise.all(
-      streams.map(
-        (s) =>
-          new Promise<void>((resolve) => {
-            if (s.destroyed) return resolve();
-            const t = setTimeout(finish, LINGER_MS);
-            s.once('close', finish);
-            function finish() {
-              clearTimeout(t);
-              s.off('close', finish);
-              s.destroy();
-              resolve();
-            }
-            // A stream whose writing side is done (or never existed) is simply closed.
-            if (s.writableEnded || !s.writable) finish();
-            else s.end(finish);
-          }),
-      ),
-    );
+    const streams = input === this.output ? [input] : [input, this.output];
+    for (const s of streams) {
+      await new Promise<void>((resolve) => {
+        if (s.destroyed) return resolve();
+        const t = setTimeout(finish, LINGER_MS);
+        s.once('close', finish);
+        function finish() {
+          clearTimeout(t);
+          s.off('close', finish);
+          s.destroy();
+          resolve();
+        }
+        // A stream whose writing side is done (or never existed) is simply closed.
+        if (s.writableEnded || !s.writable) finish();
+        else s.end(finish);
+      });
+    }
   }
 
   /** Shutting down: finish what is in flight, then close. */
   shutdown(): void {
     this.abort.abort(new NbdError(Errno.ESHUTDOWN, 'the server is shutting down'));
-    if (this.transmission) this.transmission.stop('server shutting down');
-    else this.reader.stream.destroy();
+    if (this.transmission) return this.transmission.stop('server shutting down');
+    // In the handshake: options already sent or arriving now get NBD_REP_ERR_SHUTDOWN
+    // (handshake.ts); a client that sends nothing more is closed after a moment.
+    setTimeout(() => this.reader.fail(new HandshakeClose('the server is shutting down')), SHUTDOWN_GRACE_MS).unref();
   }
 }

@@ -116,6 +116,11 @@ export async function negotiate(
     const data = await reader.read(length);
     const name = C.OPTION_NAMES[option] ?? `unknown option ${option}`;
     settings.debug(`client option ${name} (length ${length})`);
+    if (settings.abort?.signal.aborted) {
+      // The server is shutting down (the client's own disconnect would not get us here).
+      if (option !== C.OPT_EXPORT_NAME) replyError(option, C.REP_ERR_SHUTDOWN, 'the server is shutting down');
+      throw new HandshakeClose('the server is shutting down');
+    }
     if (count > settings.maxOptions) {
       replyError(option, C.REP_ERR_POLICY, `too many options (the limit is ${settings.maxOptions})`);
       throw new HandshakeClose(`client sent more than ${settings.maxOptions} options without choosing an export`);
@@ -219,9 +224,12 @@ export async function negotiate(
           replyError(option, C.REP_ERR_INVALID, `${name}: malformed request`);
           break;
         }
+        // A bare namespace ('base:') lists every context in it, but selects none: the spec
+        // reserves namespace-wide queries for LIST. No queries at all: LIST shows everything,
+        // SET selects nothing.
         const wantsBase =
           (!isSet && req.queries.length === 0) ||
-          req.queries.some((q) => q === 'base:' || q === C.CONTEXT_BASE_ALLOCATION);
+          req.queries.some((q) => q === C.CONTEXT_BASE_ALLOCATION || (!isSet && q === 'base:'));
         if (isSet) {
           metaExport = await canonicalName(req.exportName);
           baseAllocation = wantsBase ? BASE_ALLOCATION_ID : null;

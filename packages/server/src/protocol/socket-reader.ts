@@ -192,6 +192,22 @@ export class SocketReader {
   }
 
 
+  /**
+   * End the connection from our side (timeout, shutdown): whoever waits for bytes gets `err`, and
+   * nothing more is read. The socket stays open, so the caller can still close it properly (a TLS
+   * close_notify, the last replies).
+   */
+  fail(err: Error): void {
+    this.discardInput();
+    if (this.ended) return;
+    this.ended = err;
+    if (this.waiter) {
+      const w = this.waiter;
+      this.waiter = null;
+      w.reject(err);
+    }
+  }
+
   get isEnded(): boolean {
     return this.ended !== null;
   }
