@@ -25,6 +25,11 @@ export interface ServeOptions {
   handshakeMask?: number;
   maxPayload?: number;
   /**
+   * At most this many requests of one connection are worked on at once (nbdkit's -t): 1 serves
+   * them one by one, in order. Unset or 0: no limit (the memory budget still bounds them).
+   */
+  threads?: number;
+  /**
    * Bytes one connection may hold (requests being served, replies its client has not read yet)
    * before the server stops reading from it until the client catches up. Default 24 MiB.
    */
@@ -94,6 +99,7 @@ export class NbdServer {
       tls: options.tls ?? { mode: 'off', socketOptions: {} },
       requestLock: serializeAll ? new Mutex() : null,
       perConnectionLock: this.threadModel !== 'parallel',
+      requestsPerConnection: options.threads ?? 0,
       debug: options.debug ?? (() => {}),
       error: options.error ?? ((m) => process.stderr.write(`nbdx: ${m}\n`)),
     };

@@ -1,7 +1,12 @@
-/** A FIFO async mutex: the thread-model locks are built from it. */
-export class Mutex {
-  private locked = false;
+/**
+ * A FIFO async semaphore with `slots` holders at once; a Mutex is the one-slot case. The
+ * thread-model locks and the per-connection request limit (-t) are built from it.
+ */
+export class Semaphore {
+  private held = 0;
   private waiters: Array<() => void> = [];
+
+  constructor(private readonly slots: number) {}
 
   async run<T>(fn: () => Promise<T> | T): Promise<T> {
     await this.acquire();
@@ -13,8 +18,8 @@ export class Mutex {
   }
 
   acquire(): Promise<void> {
-    if (!this.locked) {
-      this.locked = true;
+    if (this.held < this.slots) {
+      this.held++;
       return Promise.resolve();
     }
     return new Promise((resolve) => this.waiters.push(resolve));
@@ -22,7 +27,14 @@ export class Mutex {
 
   release(): void {
     const next = this.waiters.shift();
+    // The slot passes straight to the next waiter (first come, first served).
     if (next) next();
-    else this.locked = false;
+    else this.held--;
+  }
+}
+
+export class Mutex extends Semaphore {
+  constructor() {
+    super(1);
   }
 }

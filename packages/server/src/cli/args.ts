@@ -31,6 +31,8 @@ export interface CliOptions {
   printUri: boolean;
   dumpPlugin: boolean;
   dumpConfig: boolean;
+  /** --long-options / --short-options: print the option table (for shell completion), as nbdkit. */
+  listOptions?: 'long' | 'short';
   help: boolean;
   version: boolean;
   maxPayload?: string;
@@ -127,6 +129,8 @@ const LONG: Record<string, Spec> = {
   'print-uri': { takesValue: false, set: (o) => (o.printUri = true) },
   'dump-plugin': { takesValue: false, set: (o) => (o.dumpPlugin = true) },
   'dump-config': { takesValue: false, set: (o) => (o.dumpConfig = true) },
+  'long-options': { takesValue: false, set: (o) => (o.listOptions = 'long') },
+  'short-options': { takesValue: false, set: (o) => (o.listOptions = 'short') },
   help: { takesValue: false, set: (o) => (o.help = true) },
   version: { takesValue: false, set: (o) => (o.version = true) },
   'max-payload': { takesValue: true, set: (o, v) => (o.maxPayload = v) },
@@ -263,7 +267,7 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
   -e, --exportname=NAME     export name shown in URIs
   -f, --foreground          stay in the foreground (default: detach once listening)
   -P, --pidfile=FILE        write the server's PID here once listening
-  -t, --threads=N           accepted for nbdkit compatibility (Node runs callbacks on one thread)
+  -t, --threads=N           at most N requests of one connection worked on at once (-t 1: in order)
   -v, --verbose             debug messages on stderr
   -D, --debug=NAME.FLAG=N   accepted for nbdkit compatibility; no debug flags are defined yet
       --run=CMD             serve while CMD runs ($uri $nbd $port $unixsocket $exportname set),
@@ -290,9 +294,45 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
       --no-install          never install missing first-party plugins (also NBDX_NO_INSTALL=1)
       --dump-plugin         print information about PLUGIN and exit
       --dump-config         print information about nbdx and exit
+      --long-options, --short-options  list the options (for shell completion) and exit
       --help                this text; 'nbdx PLUGIN --help' shows PLUGIN's parameters
       --version             print the version of nbdx (and of PLUGIN and filters)
 
 Plugins and filters are npm packages found by name: PLUGIN 'x' is @nbdx/plugin-x or nbdx-plugin-x,
 --filter=y is @nbdx/filter-y or nbdx-filter-y; a path (./my-plugin.js) is loaded directly.
 `;
+
+/** Every long option, one per line, as `nbdx --long-options` prints them (nbdkit's format). */
+export function longOptions(): string {
+  return Object.keys(LONG)
+    .filter((name) => name !== 'long-options' && name !== 'short-options')
+    .sort()
+    .map((name) => `--${name}\n`)
+    .join('');
+}
+
+/** Every short option, one per line (`nbdx --short-options`). */
+export function shortOptions(): string {
+  return Object.keys(SHORT)
+    .sort((a, b) => a.toLowerCase().localeCompare(b.toLowerCase()) || (a < b ? 1 : -1))
+    .map((c) => `-${c}\n`)
+    .join('');
+}
+
+/**
+ * Options that cannot go together, checked before anything else runs (nothing is loaded and
+ * nothing printed first), with nbdkit's rules: one of -s, -U, -p at most; --run not with -s;
+ * --dump-plugin not with -s.
+ */
+export function checkCombination(o: CliOptions): void {
+  const pairs: Array<[unknown, unknown]> = [
+    [o.single, o.unix],
+    [o.single, o.port],
+    [o.unix, o.port],
+    [o.single, o.run],
+    [o.dumpPlugin, o.single],
+  ];
+  if (pairs.some(([a, b]) => a && b)) {
+    throw new UsageError('--dump-plugin, -p, --run, -s and -U cannot be used in this combination');
+  }
+}

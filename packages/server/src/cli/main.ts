@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
+import * as path from 'node:path';
 import * as os from 'node:os';
 import { NbdError, packageVersion, parseSize } from '../api/common.js';
 import { checkMaxPayload } from '../backend/block-size.js';
@@ -8,7 +9,7 @@ import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS } from '../api/define.js';
 import { socketActivationFds, type ListenTarget } from '../listeners/listen.js';
 import { LoadError, load, searchBases } from '../loader/resolve.js';
 import { NbdServer, type ServerAddress } from '../server.js';
-import { USAGE, UsageError, applyMagicKey, parseArgs, type CliOptions } from './args.js';
+import { USAGE, UsageError, applyMagicKey, checkCombination, longOptions, parseArgs, shortOptions, type CliOptions } from './args.js';
 import { dumpPlugin } from './dump.js';
 import { tlsSettings } from './tls-setup.js';
 
@@ -46,6 +47,11 @@ function reportStartupError(msg: string): void {
 }
 
 async function run(o: CliOptions): Promise<number> {
+  if (o.listOptions) {
+    process.stdout.write(o.listOptions === 'long' ? longOptions() : shortOptions());
+    return 0;
+  }
+  if (!o.help && !o.version) checkCombination(o);
   if (o.dumpConfig) {
     process.stdout.write(dumpConfig());
     return 0;
@@ -77,9 +83,10 @@ async function run(o: CliOptions): Promise<number> {
     return 0;
   }
   if (o.version) {
+    // As nbdkit: the server, then the layers from the client's side down (filters, plugin).
     process.stdout.write(`nbdx ${VERSION}\n`);
-    process.stdout.write(`${plugin.name} ${plugin.version ?? ''}`.trimEnd() + '\n');
     for (const f of filters) process.stdout.write(`${f.name} ${f.version ?? ''}`.trimEnd() + '\n');
+    process.stdout.write(`${plugin.name} ${plugin.version ?? ''}`.trimEnd() + '\n');
     return 0;
   }
   if (o.dumpPlugin) {
@@ -88,9 +95,6 @@ async function run(o: CliOptions): Promise<number> {
   }
 
   const config = applyMagicKey(o.params, plugin.magicConfigKey, plugin.name);
-  const conflicts = [o.single && 'single', o.unix && 'unix', (o.port || o.ipaddr) && 'port'].filter(Boolean);
-  if (conflicts.length > 1 || (o.single && o.run)) fail(`--single cannot be combined with -p/-i/-U/--run`);
-  if (o.unix && (o.port || o.ipaddr)) fail('-U cannot be combined with -p or -i');
 
   // Socket activation implies the foreground too: the service manager owns the process.
   const background =
@@ -112,6 +116,7 @@ async function run(o: CliOptions): Promise<number> {
     maxOptions: o.maxOptions,
     handshakeTimeout: o.timeout,
     pollMicroseconds: o.poll,
+    threads: o.threads,
     tls: tlsSettings(o),
     debug: verbose ? (m) => process.stderr.write(`nbdx: debug: ${m}\n`) : () => {},
     error: o.log === 'null' ? () => {} : (m) => process.stderr.write(`nbdx: ${m}\n`),
@@ -166,14 +171,14 @@ async function run(o: CliOptions): Promise<number> {
     finish = (status) => void shutdown(status).then(resolve);
   });
   // Only now say we are up: a signal sent as soon as the URI appears finds its handler.
-  const uri = addresses[0]!.uri;
+  const uri = nbdkitUri(addresses[0]!, o.exportName ?? '', o.tls);
   if (o.printUri) process.stdout.write(`${uri}\n`);
   if (process.env[DAEMON_ENV] && process.send) {
     process.send({ type: 'ready', uri });
     process.disconnect?.();
   }
   if (o.run) {
-    const child = runCaptive(o.run, addresses[0]!, o.exportName ?? '');
+    const child = runCaptive(o.run, addresses[0]!, o);
     child.on('exit', (code, signal) => finish(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1)));
   }
   return done;
@@ -201,18 +206,47 @@ function listenTarget(o: CliOptions): ListenTarget {
   return { kind: 'tcp', port, host: o.ipaddr };
 }
 
-/** --run: the command sees the server's address in its environment, like nbdkit's captive mode. */
-function runCaptive(cmd: string, addr: ServerAddress, exportName: string): ChildProcess {
-  const env: NodeJS.ProcessEnv = { ...process.env, uri: addr.uri, exportname: exportName };
-  if (addr.path) {
-    env.unixsocket = addr.path;
-    env.nbd = addr.uri;
-    env.port = '';
-  } else {
-    env.port = String(addr.port);
-    env.nbd = `nbd:${addr.host ?? 'localhost'}:${addr.port}`;
-    env.unixsocket = '';
+/**
+ * The address as nbdkit writes it for --run and --print-uri: `nbd+unix://?socket=PATH` for the
+ * default export (no slash), `nbd+unix:///NAME?socket=PATH` otherwise, `nbd://localhost:PORT[/NAME]`
+ * for TCP, and `nbds…` when TLS is required.
+ */
+export function nbdkitUri(addr: ServerAddress, exportName: string, tls: CliOptions['tls']): string {
+  const s = tls === 'require' ? 's' : '';
+  const name = exportName === '' ? '' : `/${quoteUri(exportName)}`;
+  if (addr.path) return `nbd${s}+unix://${name}?socket=${quoteUri(addr.path)}`;
+  return `nbd${s}://${uriHost(addr.host)}:${addr.port}${name}`;
+}
+
+/**
+ * nbdkit always writes localhost; so do we, unless -i bound a single address that localhost
+ * does not reach (a URI that cannot connect would help nobody).
+ */
+function uriHost(host: string | undefined): string {
+  if (!host || host === '0.0.0.0' || host === '::' || host === 'localhost' || host.startsWith('127.') || host === '::1') {
+    return 'localhost';
   }
+  return host.includes(':') ? `[${host}]` : host;
+}
+
+/** Percent-encode what may not appear in a URI path or query value ('/' stays). */
+function quoteUri(text: string): string {
+  return encodeURIComponent(text).replace(/%2F/g, '/');
+}
+
+/** --run: the command sees the server's address in its environment, like nbdkit's captive mode. */
+function runCaptive(cmd: string, addr: ServerAddress, o: CliOptions): ChildProcess {
+  const exportName = o.exportName ?? '';
+  const uri = nbdkitUri(addr, exportName, o.tls);
+  const env: NodeJS.ProcessEnv = {
+    ...process.env,
+    uri,
+    nbd: uri,
+    exportname: exportName,
+    tls: o.tls === 'require' ? '2' : o.tls === 'on' ? '1' : '',
+    unixsocket: addr.path ?? '',
+    port: addr.path ? '' : String(addr.port),
+  };
   delete env[DAEMON_ENV];
   return spawn('/bin/sh', ['-c', cmd], { stdio: 'inherit', env });
 }
@@ -276,20 +310,28 @@ function pluginHelp(plugin: Plugin, filters: Filter[]): string {
   return out;
 }
 
+/** --dump-config: key=value lines in nbdkit's format and order (sorted by key). */
 function dumpConfig(): string {
   const [major, minor] = VERSION.split('.');
-  return [
-    `binary=${process.argv[1] ?? ''}`,
-    `version=${VERSION}`,
-    `version_major=${major}`,
-    `version_minor=${minor}`,
-    `node_version=${process.versions.node}`,
-    `host_os=${process.platform}`,
-    `host_cpu=${process.arch}`,
-    `plugin_api_versions=${PLUGIN_API_VERSIONS.join(',')}`,
-    `filter_api_versions=${FILTER_API_VERSIONS.join(',')}`,
-    `search_paths=${searchBases().join(':')}`,
-    `tls=yes`,
-    '',
-  ].join('\n');
+  const binary = process.argv[1] ?? '';
+  const entries: Record<string, string> = {
+    binary,
+    bindir: binary ? path.dirname(binary) : '',
+    exit_with_parent: 'yes',
+    filter_api_versions: FILTER_API_VERSIONS.join(','),
+    host_cpu: process.arch,
+    host_os: process.platform,
+    name: 'nbdx',
+    node_version: process.versions.node,
+    plugin_api_versions: PLUGIN_API_VERSIONS.join(','),
+    search_paths: searchBases().join(':'),
+    tls: 'yes',
+    version: VERSION,
+    version_major: major ?? '',
+    version_minor: minor ?? '',
+  };
+  return Object.keys(entries)
+    .sort()
+    .map((k) => `${k}=${entries[k]}\n`)
+    .join('');
 }

@@ -64,8 +64,9 @@ describe.skipIf(!have)('serving', () => {
     const t = await nbdx(['-p', '0', 'memory', '1M', '--run', 'echo "$uri $nbd $port"']);
     expect(t.code).toBe(0);
     const [uri, nbd, port] = t.stdout.trim().split(' ');
-    expect(uri).toBe(`nbd://localhost:${port}/`);
-    expect(nbd).toBe(`nbd:localhost:${port}`);
+    // As nbdkit 1.32 sets them: no slash for the default export, $nbd the same URI.
+    expect(uri).toBe(`nbd://localhost:${port}`);
+    expect(nbd).toBe(uri);
     // -U - made a private socket that is gone afterwards
     const sock = /\[(.*)\]\[x\]/.exec(r.stdout)![1]!;
     expect(fs.existsSync(sock)).toBe(false);

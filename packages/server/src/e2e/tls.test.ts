@@ -38,8 +38,10 @@ describe.skipIf(!have)('TLS', () => {
 
   it('--tls=require with certificates: TLS clients are served, plain ones refused', async () => {
     const r = await nbdx(['--tls=require', `--tls-certificates=${pki}`, 'memory', '1M', '--run',
-      `nbdinfo "nbds+unix:///?socket=$unixsocket&tls-certificates=${clientPki}" | head -1; nbdinfo --size "$uri" 2>&1 || echo refused`]);
+      `nbdinfo "nbds+unix:///?socket=$unixsocket&tls-certificates=${clientPki}" | head -1; echo "$uri"; nbdinfo --size "nbd+unix:///?socket=$unixsocket" 2>&1 || echo refused`]);
     expect(r.stdout).toMatch(/^protocol: newstyle-fixed with TLS/);
+    // $uri says TLS is required, as nbdkit's does.
+    expect(r.stdout).toMatch(/\nnbds\+unix:\/\/\?socket=\S+\n/);
     expect(r.stdout).toMatch(/refused\n$/);
   });
 

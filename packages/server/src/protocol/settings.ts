@@ -47,6 +47,8 @@ export interface ProtocolSettings {
   requestLock: Mutex | null;
   /** One request at a time per connection (serialize_requests and stricter). */
   perConnectionLock: boolean;
+  /** At most this many requests of one connection worked on at once (-t N); 0 = no limit. */
+  requestsPerConnection: number;
   debug: (message: string) => void;
   error: (message: string) => void;
   /** Per connection (set by Connection): aborted when the client vanishes or the server shuts down. */
@@ -64,4 +66,5 @@ export const DEFAULT_SETTINGS = {
   maxOptions: 32,
   handshakeTimeoutMs: 60_000,
   pollMaxNs: 50_000,
+  requestsPerConnection: 0,
 };

@@ -13,7 +13,7 @@ import {
 } from '../api/common.js';
 import type { Context } from '../backend/context.js';
 import { MAX_EXTENTS } from '../backend/extents.js';
-import { Mutex } from '../backend/mutex.js';
+import { Mutex, Semaphore } from '../backend/mutex.js';
 import * as C from '../wire/constants.js';
 import {
   chunkHeaderSize,
@@ -96,7 +96,8 @@ export class Transmission {
   private readonly structured: boolean;
   private readonly headerSize: number;
   private readonly maxBlockStatusReply: number;
-  private readonly connLock: Mutex | null;
+  /** Requests of this connection worked on at once: one (thread model) or -t N; null = any number. */
+  private readonly connLock: Semaphore | null;
   private inFlight = 0;
   private paused = false;
   private sawDisc = false;
@@ -135,7 +136,11 @@ export class Transmission {
     this.structured = n.structured;
     this.headerSize = requestSize(n.extended);
     this.maxBlockStatusReply = C.EXTENDED_REPLY_SIZE + 8 + MAX_EXTENTS * (n.extended ? 16 : 8);
-    this.connLock = settings.perConnectionLock ? new Mutex() : null;
+    this.connLock = settings.perConnectionLock
+      ? new Mutex()
+      : settings.requestsPerConnection > 0
+        ? new Semaphore(settings.requestsPerConnection)
+        : null;
     this.done = new Promise((resolve) => (this.finished = resolve));
     reader.onData = () => this.parse();
     reader.onEnd = (hard) => {
