@@ -1,8 +1,8 @@
 import { createHash } from 'node:crypto';
-import { mkdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, opendirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { exportUri, nbdshOk, needTools, removeDir, run, runOk, socketOf, tmpDir } from '@nbdx/testkit';
+import { exportUri, hasTool, nbdshOk, needTools, removeDir, run, runOk, socketOf, tmpDir } from '@nbdx/testkit';
 import { serveFile } from './test-support.js';
 
 const MiB = 1024 * 1024;
@@ -59,6 +59,28 @@ describe.skipIf(!hasTools)('dir= mode', () => {
     const sizes = Object.fromEntries(listed.exports.map((e) => [e['export-name'], e['export-size']]));
     expect(sizes['b.img']).toBe(2 * MiB);
     expect(sizes['link.img']).toBe(1 * MiB);
+  });
+
+  it("lists in the directory's own order, as nbdkit does (not sorted); directory= is dir=", async () => {
+    const readdirOrder: string[] = [];
+    const d = opendirSync(dir);
+    for (let e = d.readSync(); e; e = d.readSync()) readdirOrder.push(e.name);
+    d.closeSync();
+    const expected = readdirOrder.filter((n) => ['a.img', 'b.img', 'link.img', 'with space.raw'].includes(n));
+    const listed = JSON.parse(await runOk('nbdinfo', ['--list', '--json', server.uri])) as { exports: { 'export-name': string }[] };
+    expect(listed.exports.map((e) => e['export-name'])).toEqual(expected);
+    const other = await serveFile([['directory', dir]]);
+    try {
+      const again = JSON.parse(await runOk('nbdinfo', ['--list', '--json', other.uri])) as { exports: { 'export-name': string }[] };
+      expect(again.exports.map((e) => e['export-name'])).toEqual(expected);
+    } finally {
+      await other.close();
+    }
+    if (hasTool('nbdkit')) {
+      const k = await run('nbdkit', ['-U', '-', 'file', `dir=${dir}`, '--run', 'nbdinfo --list --json "$uri"']);
+      const theirs = (JSON.parse(k.stdout) as { exports: { 'export-name': string }[] }).exports.map((e) => e['export-name']);
+      expect(theirs).toEqual(expected);
+    }
   });
 
   it('each export serves its own file', async () => {

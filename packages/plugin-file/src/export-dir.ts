@@ -1,4 +1,4 @@
-import { readdir, stat } from 'node:fs/promises';
+import { opendir, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { Errno, NbdError } from '@nbdx/server/api';
 
@@ -25,11 +25,16 @@ export function exportPath(dir: string, name: string): string {
   return join(dir, name);
 }
 
-/** Every regular file and block device directly inside `dir` (symlinks followed), sorted by name. */
+/**
+ * Every regular file and block device directly inside `dir` (symbolic links followed), in the
+ * order the directory gives them (readdir order, not sorted): the order nbdkit lists them in, so
+ * scripts that take "the first export" get the same one from both.
+ */
 export async function listDirExports(dir: string): Promise<string[]> {
-  const entries = await readdir(dir, { withFileTypes: true });
   const names: string[] = [];
-  for (const e of entries) {
+  // opendir reads entries as the kernel returns them (fs.readdir sorts them by name).
+  const handle = await opendir(dir);
+  for await (const e of handle) {
     if (badExportName(e.name)) continue;
     let usable = e.isFile() || e.isBlockDevice();
     if (!usable && (e.isSymbolicLink() || !(e.isDirectory() || e.isFIFO() || e.isSocket() || e.isCharacterDevice()))) {
@@ -42,5 +47,5 @@ export async function listDirExports(dir: string): Promise<string[]> {
     }
     if (usable) names.push(e.name);
   }
-  return names.sort();
+  return names;
 }

@@ -42,7 +42,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
     magicConfigKey: 'file',
     configHelp: [
       'file=PATH            the file or block device to serve (the bare value: nbdx file disk.img)',
-      'dir=DIR              serve every regular file and block device in DIR; the export name picks one',
+      'dir=DIR              serve every regular file and block device in DIR; the export name picks one\n                     (directory=DIR is the same, as in nbdkit)',
       'default-export=NAME  with dir=: the file served to clients that ask for the default export ""',
       'cache=default|none   none: drop pages from the page cache after each read and write',
       'fadvise=normal|random|sequential  access pattern hint given to the kernel (default normal)',
@@ -57,8 +57,9 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
           file = resolve(value);
           break;
         case 'dir':
+        case 'directory': // nbdkit's other name for it
           if (dir !== undefined) throw new NbdError(Errno.EINVAL, 'dir= given more than once');
-          if (value === '') throw new NbdError(Errno.EINVAL, 'dir= needs a path');
+          if (value === '') throw new NbdError(Errno.EINVAL, `${key}= needs a path`);
           dir = resolve(value);
           break;
         case 'default-export': {
