@@ -14,7 +14,7 @@ import type { BlockSize } from '../api/common.js';
 import { checkBlockSize, advertisedBlockSize } from '../backend/block-size.js';
 import { serve } from '../server.js';
 import * as C from '../wire/constants.js';
-import { encodeInfoRequest } from '../wire/codec.js';
+import { encodeInfoRequest, encodeMetaContextRequest } from '../wire/codec.js';
 import { GREETING_SIZE, RawSession, clientFlags, go, option, optionReplies, request } from './raw-session.js';
 
 type Srv = Awaited<ReturnType<typeof serve>>;
@@ -196,5 +196,48 @@ describe('declarations are checked', () => {
     await expect(serve({ plugin: strictPlugin({ minimum: 512, preferred: 4096, maximum: MiB }).plugin, maxPayload: 1000 })).rejects.toThrow(
       /maxPayload: 1000 is not between 64K and 1G/,
     );
+  });
+});
+
+// "the server MUST NOT send a reply with a payload larger than the maximum payload it advertised"
+// and at most 2^20 descriptors per chunk: a fragmented disk gives a short, truncated answer.
+describe('block status replies fit the advertised maximum', () => {
+  it('64 KiB maximum, 512-byte fragments over 4 MiB: at most (64K-4)/8 descriptors, covering a prefix', async () => {
+    const plugin = definePlugin({
+      apiVersion: 2,
+      name: 'fragments',
+      open: () => ({}),
+      getSize: () => 4 * MiB,
+      blockSize: () => ({ minimum: 512, preferred: 4096, maximum: 64 * KiB }),
+      pread: (_h, buf) => void buf.fill(0),
+      canExtents: () => true,
+      extents: (_h, count, offset) =>
+        Array.from({ length: count / 512 }, (_, i) => ({ offset: offset + i * 512, length: 512, type: i % 2 ? 3 : 0 })),
+    });
+    const s = await serve({ plugin });
+    try {
+      const r = await RawSession.open(pathOf(s));
+      r.send(
+        clientFlags(),
+        option(C.OPT_STRUCTURED_REPLY),
+        option(C.OPT_SET_META_CONTEXT, encodeMetaContextRequest('', [C.CONTEXT_BASE_ALLOCATION])),
+        go(),
+      );
+      const start = () => GREETING_SIZE + optionReplies(r.received).reduce((n, x) => n + 20 + x.length, 0);
+      await r.waitUntil(() => optionReplies(r.received).some((x) => x.option === C.OPT_GO && x.type === C.REP_ACK), 3000);
+      const at = start();
+      r.send(request(C.CMD_BLOCK_STATUS, 0, 4 * MiB, { cookie: 1n }));
+      await r.waitUntil(() => r.receivedLength >= at + 20 && r.receivedLength >= at + 20 + r.received.readUInt32BE(at + 16), 3000);
+      const payload = r.received.readUInt32BE(at + 16);
+      expect(r.received.readUInt16BE(at + 6)).toBe(C.REPLY_TYPE_BLOCK_STATUS);
+      expect(payload).toBeLessThanOrEqual(64 * KiB);
+      const descriptors = (payload - 4) / 8;
+      expect(descriptors).toBe(Math.floor((64 * KiB - 8) / 8));
+      // In order from the request's offset, each a real 512-byte extent.
+      expect(r.received.readUInt32BE(at + 20 + 4)).toBe(512);
+      r.destroy();
+    } finally {
+      await s.close();
+    }
   });
 });

@@ -692,7 +692,7 @@ export class Transmission {
     }
     // Compact replies carry 32-bit lengths; extended ones 64-bit. The reply may cover less than
     // asked, never more than the advertised maximum payload.
-    const fit = Math.floor((this.settings.maxPayload - 8) / (this.extended ? 16 : 8));
+    const fit = Math.floor((this.n.blockSize.maximum - 8) / (this.extended ? 16 : 8));
     if (extents.length > fit) extents = extents.slice(0, Math.max(1, fit));
     // Header and descriptors are written straight into the writer's arena: no list of
     // descriptors and no payload buffer per reply (see memory-budget.ts on why objects matter).
