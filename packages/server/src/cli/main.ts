@@ -24,6 +24,8 @@ function fail(message: string): never {
 
 /** Entry point of the `nbdx` command. Resolves with the exit status. */
 export async function main(argv: readonly string[]): Promise<number> {
+  // ps and top show "nbdx", not "node" (what operators look for, as with nbdkit).
+  process.title = 'nbdx';
   // Node opens its inspector (a debugger port, which is code execution for whoever reaches it)
   // when the process gets SIGUSR1 and nothing listens for that signal. A network server must
   // not: SIGUSR1 is ignored instead.

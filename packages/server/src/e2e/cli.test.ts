@@ -183,6 +183,14 @@ export default {
     expect(fs.existsSync(sock)).toBe(false);
   });
 
+  it('the process is named nbdx in ps and top (comm and cmdline)', async () => {
+    const srv = await startCli(['-U', path.join(dir, 'title.sock'), 'memory', '1M']);
+    const pid = srv.child.pid!;
+    expect(fs.readFileSync(`/proc/${pid}/comm`, 'utf8').trim()).toBe('nbdx');
+    expect(fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/[\0 ]+$/, '')).toBe('nbdx');
+    expect(await srv.stop()).toBe(0);
+  });
+
   it('one client that sends garbage does not stop the command-line server', async () => {
     const srv = await startCli(['-U', path.join(dir, 'g.sock'), 'memory', '1M']);
     await new Promise<void>((resolve) => {
