@@ -1,5 +1,6 @@
 import { EventEmitter } from 'node:events';
 import net from 'node:net';
+import * as tls from 'node:tls';
 import type { Duplex } from 'node:stream';
 import {
   NBD,
@@ -29,14 +30,16 @@ import {
   NbdOptionError,
   NbdProtocolError,
   NbdRequestError,
+  NbdTlsError,
   commandName,
 } from './errors.js';
-import { resolveTarget, type NbdTarget } from './target.js';
+import { resolveTarget, type NbdTarget, type ResolvedTarget } from './target.js';
+import { planTls, tlsFailure, type TlsOptions, type TlsPlan } from './tls.js';
 
 // ---------------------------------------------------------------------------------------------
 // Public types
 
-export interface ConnectOptions {
+export interface ConnectOptions extends TlsOptions {
   /** Export to open; overrides the name in a URI. Default: the URI's name, else `''`. */
   exportName?: string;
   /** Negotiate structured replies (NBD_OPT_STRUCTURED_REPLY). Default true. Turning this off
@@ -60,7 +63,7 @@ export interface ConnectOptions {
    * Default true. `request()` never checks. */
   strict?: boolean;
   /** Receive large data chunks straight into the destination buffer (uses net's `onread`; only
-   * for sockets this client opens itself). Default true. */
+   * for plain sockets this client opens itself, never with TLS on). Default true. */
   directReads?: boolean;
   /** Milliseconds a request may wait for its reply. When the oldest request in flight has waited
    * this long the server is taken for gone: the connection is closed and every request fails
@@ -149,7 +152,7 @@ export interface ExportListEntry {
   description: string;
 }
 
-export interface NegotiationOptions {
+export interface NegotiationOptions extends TlsOptions {
   /** Milliseconds for the whole exchange. Default 30000; 0 = none. */
   timeout?: number;
   /** NBD_INFO_* items for info(). Default NAME, DESCRIPTION, BLOCK_SIZE. */
@@ -241,6 +244,13 @@ export class NbdClient extends EventEmitter {
   private closeRequested = false;
   private readonly drainWaiters: Array<() => void> = [];
   private readonly closeWaiters: Array<() => void> = [];
+  /** The plain socket under TLS, once STARTTLS wrapped it. */
+  private rawSocket: Duplex | null = null;
+  /** Takes our listeners off the socket (before STARTTLS hands it to TLS). */
+  private detach: (() => void) | null = null;
+  /** Fails a handshake step that waits on something other than bytes (the TLS handshake). */
+  private stepAbort: ((e: Error) => void) | null = null;
+  private _tls = false;
 
   private readonly strict: boolean;
   private readonly directReads: boolean;
@@ -325,6 +335,10 @@ export class NbdClient extends EventEmitter {
   get extendedHeaders(): boolean {
     return this._extended;
   }
+  /** True when the connection runs inside TLS (libnbd's get_tls_negotiated). */
+  get tlsNegotiated(): boolean {
+    return this._tls;
+  }
   /** Selected metadata contexts: name -> context id. */
   get metaContexts(): Map<string, number> {
     return this._contexts;
@@ -378,9 +392,11 @@ export class NbdClient extends EventEmitter {
   static async connect(target: NbdTarget, options: ConnectOptions = {}): Promise<NbdClient> {
     const client = new NbdClient(options);
     await client.withTimeout(options.timeout, async () => {
-      const uriExport = await client.open(target);
+      const t = resolveTarget(target);
+      const plan = planTls(options, t);
+      const uriExport = await client.open(t, plan === null);
       const exportName = options.exportName ?? uriExport ?? '';
-      await client.handshake(exportName, options);
+      await client.handshake(exportName, options, plan);
     });
     return client;
   }
@@ -388,7 +404,7 @@ export class NbdClient extends EventEmitter {
   /** List the server's exports with NBD_OPT_LIST. */
   static async list(target: NbdTarget, options: NegotiationOptions = {}): Promise<ExportListEntry[]> {
     const client = new NbdClient({ directReads: false });
-    return client.negotiateOnly(options.timeout, target, async () => {
+    return client.negotiateOnly(options, target, async () => {
       const replies = await client.option(NBD.OPT_LIST);
       const out: ExportListEntry[] = [];
       for (const r of replies) {
@@ -406,7 +422,7 @@ export class NbdClient extends EventEmitter {
   /** Ask about one export with NBD_OPT_INFO, without entering transmission. */
   static async info(target: NbdTarget, exportName?: string, options: NegotiationOptions = {}): Promise<ExportInfo> {
     const client = new NbdClient({ directReads: false });
-    return client.negotiateOnly(options.timeout, target, async (uriExport) => {
+    return client.negotiateOnly(options, target, async (uriExport) => {
       const name = exportName ?? uriExport ?? '';
       const infos = options.requestInfos ?? DEFAULT_INFOS;
       const replies = await client.option(NBD.OPT_INFO, encodeInfoRequest(name, infos));
@@ -451,15 +467,18 @@ export class NbdClient extends EventEmitter {
   }
 
   private async negotiateOnly<T>(
-    timeout: number | undefined,
+    options: NegotiationOptions,
     target: NbdTarget,
     fn: (uriExport: string | undefined) => Promise<T>,
   ): Promise<T> {
     try {
-      return await this.withTimeout(timeout, async () => {
-        const uriExport = await this.open(target);
+      return await this.withTimeout(options.timeout, async () => {
+        const t = resolveTarget(target);
+        const plan = planTls(options, t);
+        const uriExport = await this.open(t, false);
         const g = await this.greet(true);
         if (g.oldstyle || !g.fixed) throw new NbdProtocolError('server does not support fixed newstyle negotiation');
+        if (plan) await this.startTls(plan);
         const result = await fn(uriExport);
         await this.abortNegotiation();
         return result;
@@ -485,13 +504,13 @@ export class NbdClient extends EventEmitter {
   }
 
   /** Open the transport. Returns the export name from a URI target, if any. */
-  private async open(target: NbdTarget): Promise<string | undefined> {
-    const t = resolveTarget(target);
+  private async open(t: ResolvedTarget, mayReadDirect: boolean): Promise<string | undefined> {
     if (t.kind === 'socket') {
       this.attach(t.socket, false);
       return undefined;
     }
-    const onread = this.directReads
+    // onread hands net's reads to us; a socket that may be wrapped in TLS must not use it.
+    const onread = this.directReads && mayReadDirect
       ? { buffer: (): Uint8Array => this.nextReadBuffer(), callback: (n: number, b: Uint8Array): boolean => this.onRead(n, b) }
       : undefined;
     const sock =
@@ -526,10 +545,73 @@ export class NbdClient extends EventEmitter {
 
   private attach(sock: Duplex, usesOnread: boolean): void {
     this.socket = sock;
-    if (!usesOnread) sock.on('data', (chunk: Buffer) => this.onData(chunk));
-    sock.on('error', (e: Error) => this.die(new NbdConnectionError(`connection error: ${e.message}`, e)));
-    sock.on('end', () => this.die(new NbdConnectionError('server closed the connection')));
-    sock.on('close', () => this.die(new NbdConnectionError('connection closed')));
+    const onData = (chunk: Buffer): void => this.onData(chunk);
+    const onError = (e: Error): void => this.die(new NbdConnectionError(`connection error: ${e.message}`, e));
+    const onEnd = (): void => this.die(new NbdConnectionError('server closed the connection'));
+    const onClose = (): void => this.die(new NbdConnectionError('connection closed'));
+    if (!usesOnread) sock.on('data', onData);
+    sock.on('error', onError);
+    sock.on('end', onEnd);
+    sock.on('close', onClose);
+    this.detach = () => {
+      sock.off('data', onData);
+      sock.off('error', onError);
+      sock.off('end', onEnd);
+      sock.off('close', onClose);
+    };
+  }
+
+  /**
+   * NBD_OPT_STARTTLS, then the TLS handshake over the same socket. Returns false when the server
+   * refused STARTTLS and the mode lets us go on in clear.
+   */
+  private async startTls(plan: TlsPlan): Promise<boolean> {
+    try {
+      await this.option(NBD.OPT_STARTTLS);
+    } catch (e) {
+      if (!(e instanceof NbdOptionError)) throw e;
+      if (plan.mode === 'on') return false;
+      const text = e.serverMessage ? `: ${e.serverMessage}` : '';
+      throw new NbdTlsError(`TLS is required but the server does not offer it (NBD_OPT_STARTTLS got NBD_REP_${e.replyTypeName}${text})`, 'ENOTLS', e);
+    }
+    if (this.queue.length > 0) throw new NbdProtocolError('the server sent bytes after acknowledging NBD_OPT_STARTTLS');
+    const raw = this.socket!;
+    this.detach?.();
+    // Errors now surface on the TLS socket; this keeps a late one on the raw socket harmless.
+    raw.on('error', () => {});
+    const secure = tls.connect({ ...plan.options, socket: raw });
+    this.rawSocket = raw;
+    this.socket = secure;
+    await new Promise<void>((resolve, reject) => {
+      const done = (): void => {
+        this.stepAbort = null;
+        secure.off('secureConnect', onSecure);
+        secure.off('error', onError);
+        secure.off('close', onClose);
+      };
+      const onSecure = (): void => {
+        done();
+        this.attach(secure, false);
+        this._tls = true;
+        resolve();
+      };
+      const onError = (e: Error): void => {
+        done();
+        reject(tlsFailure(e, plan));
+      };
+      const onClose = (): void => {
+        done();
+        reject(tlsFailure(null, plan));
+      };
+      this.stepAbort = (e) => {
+        done();
+        reject(e);
+      };
+      secure.once('secureConnect', onSecure);
+      secure.once('error', onError);
+      secure.once('close', onClose);
+    });
+    return true;
   }
 
   // -------------------------------------------------------------------------------------------
@@ -551,9 +633,15 @@ export class NbdClient extends EventEmitter {
     return { oldstyle: false, fixed, noZeroes };
   }
 
-  private async handshake(exportName: string, o: ConnectOptions): Promise<void> {
+  private async handshake(exportName: string, o: ConnectOptions, plan: TlsPlan | null): Promise<void> {
     if (Buffer.byteLength(exportName) > NBD.MAX_STRING) throw new RangeError('export name longer than 4096 bytes');
     const g = await this.greet(o.fixedNewstyleOnly ?? false);
+    if (plan?.mode === 'require' && (g.oldstyle || !g.fixed)) {
+      const style = g.oldstyle ? 'oldstyle' : 'plain newstyle';
+      throw new NbdTlsError(`TLS is required but the server uses ${style} negotiation, which has no TLS`, 'ENOTLS');
+    }
+    // Everything negotiated below happens inside TLS when it is up (STARTTLS resets the rest).
+    if (plan && g.fixed && !g.oldstyle) await this.startTls(plan);
     if (g.oldstyle) {
       const rest = await this.read(OLDSTYLE_GREETING_SIZE - NBD.GREETING_SIZE);
       const { size, flags } = decodeOldstyleGreeting(Buffer.concat([g.first!, rest]));
@@ -585,7 +673,7 @@ export class NbdClient extends EventEmitter {
       try {
         replies = await this.option(NBD.OPT_SET_META_CONTEXT, encodeMetaContextRequest(exportName, contexts));
       } catch (e) {
-        if (!(e instanceof NbdOptionError)) throw e;
+        if (!(e instanceof NbdOptionError) || e.replyType === NBD.REP_ERR_TLS_REQD) throw e;
         // The server cannot select contexts: go on without block status.
       }
       for (const r of replies) {
@@ -620,7 +708,7 @@ export class NbdClient extends EventEmitter {
       await this.option(option);
       return true;
     } catch (e) {
-      if (e instanceof NbdOptionError) return false;
+      if (e instanceof NbdOptionError && e.replyType !== NBD.REP_ERR_TLS_REQD) return false;
       throw e;
     }
   }
@@ -694,7 +782,13 @@ export class NbdClient extends EventEmitter {
       if (h.length > MAX_OPTION_REPLY) throw new NbdProtocolError(`option reply of ${h.length} bytes is too large`);
       const payload = h.length > 0 ? await this.read(h.length) : Buffer.alloc(0);
       if (h.type === NBD.REP_ACK) return out;
-      if (h.type >= NBD.REP_FLAG_ERROR) throw new NbdOptionError(option, h.type, payload.toString('utf8'));
+      if (h.type >= NBD.REP_FLAG_ERROR) {
+        const hint =
+          h.type === NBD.REP_ERR_TLS_REQD && !this._tls
+            ? "the server requires TLS: use an nbds:// or nbds+unix:// URI, or tls: 'require'"
+            : undefined;
+        throw new NbdOptionError(option, h.type, payload.toString('utf8'), hint);
+      }
       out.push({ type: h.type, data: payload });
     }
   }
@@ -1489,7 +1583,9 @@ export class NbdClient extends EventEmitter {
     const w = this.waiter;
     this.waiter = null;
     w?.reject(err);
+    this.stepAbort?.(err);
     this.socket?.destroy();
+    this.rawSocket?.destroy();
     for (const d of this.drainWaiters.splice(0)) d();
     for (const c of this.closeWaiters.splice(0)) c();
     this.emit('close', clean ? undefined : err);

@@ -72,9 +72,9 @@ export class NbdOptionError extends NbdError {
   /** The human-readable text the server sent with the error, if any. */
   readonly serverMessage: string | undefined;
 
-  constructor(option: number, replyType: number, serverMessage?: string) {
+  constructor(option: number, replyType: number, serverMessage?: string, hint?: string) {
     const text = serverMessage ? `: ${serverMessage}` : '';
-    super(`NBD_OPT_${optionName(option)} failed with NBD_REP_${replyTypeName(replyType)}${text}`);
+    super(`NBD_OPT_${optionName(option)} failed with NBD_REP_${replyTypeName(replyType)}${text}${hint ? ` (${hint})` : ''}`);
     this.option = option;
     this.optionName = optionName(option);
     this.replyType = replyType;
@@ -139,5 +139,19 @@ export class NbdConnectionError extends NbdRequestError {
 export class NbdProtocolError extends NbdRequestError {
   constructor(message: string, command?: number) {
     super(ERRNO.EIO, `protocol error: ${message}`, command === undefined ? {} : { command });
+  }
+}
+
+/**
+ * TLS could not be set up: a credential file is missing or bad, the server does not offer TLS
+ * while it is required, or the TLS handshake failed (wrong key, certificate not verified). `code`
+ * is the underlying error code when there is one (`'ENOENT'`, `'ERR_TLS_CERT_ALTNAME_INVALID'`,
+ * `'ERR_SSL_...'`), `'ENOTLS'` when the server has no TLS.
+ */
+export class NbdTlsError extends NbdConnectionError {
+  readonly code: string;
+  constructor(message: string, code: string, cause?: unknown) {
+    super(message, cause);
+    this.code = code;
   }
 }

@@ -24,6 +24,8 @@ export {
   NbdRequestError,
   NbdConnectionError,
   NbdProtocolError,
+  NbdTlsError,
   type RequestErrorDetails,
 } from './errors.js';
-export { parseNbdUri, type NbdTarget } from './target.js';
+export { parseNbdUri, type NbdTarget, type UriTls } from './target.js';
+export { type TlsMode, type TlsOptions } from './tls.js';
