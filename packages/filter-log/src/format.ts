@@ -18,7 +18,8 @@ export function timestamp(epochMs: number = performance.timeOrigin + performance
     cachedSecond = second;
     cachedPrefix = new Date(second * 1000).toISOString().slice(0, 19).replace('T', ' ');
   }
-  const micros = Math.min(999_999, Math.floor((epochMs - second * 1000) * 1000));
+  // A double holding milliseconds since 1970 resolves about 0.25 µs: round, not truncate.
+  const micros = Math.min(999_999, Math.round((epochMs - second * 1000) * 1000));
   return `${cachedPrefix}.${String(micros).padStart(6, '0')}`;
 }
 
