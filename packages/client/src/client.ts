@@ -251,6 +251,8 @@ export class NbdClient extends EventEmitter {
   /** Fails a handshake step that waits on something other than bytes (the TLS handshake). */
   private stepAbort: ((e: Error) => void) | null = null;
   private _tls = false;
+  /** Set from the TLS handshake until the first option reply inside TLS arrives. */
+  private tlsFresh: TlsPlan | null = null;
 
   private readonly strict: boolean;
   private readonly directReads: boolean;
@@ -593,6 +595,7 @@ export class NbdClient extends EventEmitter {
         done();
         this.attach(secure, false);
         this._tls = true;
+        this.tlsFresh = plan;
         resolve();
       };
       const onError = (e: Error): void => {
@@ -774,7 +777,7 @@ export class NbdClient extends EventEmitter {
     this.socket!.write(encodeOption(option, data));
     const out: OptionReply[] = [];
     for (;;) {
-      const h = decodeOptionReplyHeader(await this.read(NBD.OPTION_REPLY_HEADER_SIZE));
+      const h = decodeOptionReplyHeader(await this.readOptionReply());
       if (h === null) throw new NbdProtocolError('bad option reply magic');
       if (h.option !== option) {
         throw new NbdProtocolError(`reply for option ${h.option} while waiting for option ${option}`);
@@ -790,6 +793,29 @@ export class NbdClient extends EventEmitter {
         throw new NbdOptionError(option, h.type, payload.toString('utf8'), hint);
       }
       out.push({ type: h.type, data: payload });
+    }
+  }
+
+  /**
+   * The header of an option reply. With TLS 1.3 the server checks our certificate after our side
+   * of the handshake is done, so its refusal shows up as a close here: say so.
+   */
+  private async readOptionReply(): Promise<Buffer> {
+    const plan = this.tlsFresh;
+    if (plan === null) return this.read(NBD.OPTION_REPLY_HEADER_SIZE);
+    try {
+      return await this.read(NBD.OPTION_REPLY_HEADER_SIZE);
+    } catch (e) {
+      if (!(e instanceof NbdConnectionError) || e instanceof NbdTlsError || (e as { code?: string }).code === 'ETIMEDOUT') throw e;
+      const why =
+        plan.kind === 'psk'
+          ? 'refused our key'
+          : plan.options.cert
+            ? `refused our client certificate (from ${plan.source})`
+            : 'wants a client certificate (none was sent: put client-cert.pem and client-key.pem in the tls-certificates directory)';
+      throw new NbdTlsError(`TLS: the server closed the connection right after the TLS handshake; it probably ${why}`, 'ECONNRESET', e);
+    } finally {
+      this.tlsFresh = null;
     }
   }
 

@@ -10,11 +10,13 @@ import path from 'node:path';
 import { describe, it } from 'vitest';
 
 const toolCache = new Map<string, boolean>();
+/** Tools that do not take --version. */
+const VERSION_ARGS: Record<string, string[]> = { openssl: ['version'] };
 
 export function haveTool(name: string): boolean {
   let ok = toolCache.get(name);
   if (ok === undefined) {
-    const r = spawnSync(name, ['--version'], { stdio: 'ignore' });
+    const r = spawnSync(name, VERSION_ARGS[name] ?? ['--version'], { stdio: 'ignore' });
     ok = r.status === 0;
     toolCache.set(name, ok);
   }
