@@ -28,4 +28,4 @@ export {
   type RequestErrorDetails,
 } from './errors.js';
 export { parseNbdUri, type NbdTarget, type UriTls } from './target.js';
-export { type TlsMode, type TlsOptions } from './tls.js';
+export { planTls, type TlsMode, type TlsOptions, type TlsPlan } from './tls.js';

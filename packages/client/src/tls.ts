@@ -9,7 +9,7 @@ import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { isIP } from 'node:net';
 import { NbdTlsError } from './errors.js';
-import type { ResolvedTarget, UriTls } from './target.js';
+import { parseNbdUri, type ResolvedTarget, type UriTls } from './target.js';
 
 /** `'off'`: never; `'on'`: when the server offers it, else in clear; `'require'`: TLS or nothing. */
 export type TlsMode = 'off' | 'on' | 'require';
@@ -94,10 +94,13 @@ function readPem(dir: string, name: string): Buffer | undefined {
 }
 
 /**
- * Decide whether and how to use TLS for `target`, reading every credential file now so a missing
- * or bad file fails before any connection is made. Null when TLS is off.
+ * Decide whether and how to use TLS for `target` (an NBD URI, or a resolved target), reading
+ * every credential file now so a missing or bad file fails before any connection is made (with
+ * an NbdTlsError). Null when TLS is off. `connect()` does this first; call it yourself to check
+ * settings early (a proxy at startup).
  */
-export function planTls(o: TlsOptions, target: ResolvedTarget): TlsPlan | null {
+export function planTls(o: TlsOptions, where: ResolvedTarget | string): TlsPlan | null {
+  const target: ResolvedTarget = typeof where === 'string' ? parseNbdUri(where) : where;
   const uri: UriTls = target.kind === 'socket' ? {} : (target.tls ?? {});
   if (o.tls !== undefined && !MODES.includes(o.tls)) throw new TypeError(`tls must be 'off', 'on' or 'require', got ${String(o.tls)}`);
   if (o.tls === 'off' && uri.mode === 'require') throw new TypeError("tls: 'off' contradicts the nbds:// URI (which requires TLS)");

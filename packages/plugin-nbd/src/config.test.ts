@@ -1,5 +1,8 @@
-import { describe, expect, it } from 'vitest';
-import { NbdConnectionError, NbdOptionError, NbdProtocolError, NbdRequestError, NBD } from '@nbdx/client';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterAll, describe, expect, it } from 'vitest';
+import { NbdConnectionError, NbdOptionError, NbdProtocolError, NbdRequestError, NbdTlsError, NBD } from '@nbdx/client';
 import { Errno, NbdError, isFatalError, toErrno } from '@nbdx/server/api';
 import { applyParam, completeConfig, describeAddress, type RawParams } from './config.js';
 import { translateError, upstreamLost, withRetry } from './upstream.js';
@@ -20,6 +23,7 @@ describe('parameters', () => {
       retry: 0,
       timeoutMs: 30_000,
       requestTimeoutMs: 0,
+      tls: { tls: 'off' },
     });
     const c = configure([['uri', 'nbd://example.com:10810/a%20b']]);
     expect(c.address).toEqual({ kind: 'tcp', host: 'example.com', port: 10810 });
@@ -39,11 +43,48 @@ describe('parameters', () => {
     expect(configure([['socket', '/s'], ['timeout', '500ms'], ['request-timeout', '0']])).toMatchObject({ timeoutMs: 500, requestTimeoutMs: 0 });
   });
 
-  it('refuses TLS URIs and tls=on with a message that says why', () => {
-    expect(() => configure([['uri', 'nbds://host/x']])).toThrow(/TLS to the upstream server is not supported yet/);
-    expect(() => configure([['uri', 'nbds+unix:///?socket=/s']])).toThrow(/nbd:\/\/ or nbd\+unix:\/\//);
-    expect(() => configure([['socket', '/s'], ['tls', 'require']])).toThrow(/TLS to the upstream server is not supported yet/);
-    expect(configure([['socket', '/s'], ['tls', 'off']]).address.kind).toBe('unix');
+  describe('TLS (nbdkit\'s tls, tls-certificates, tls-psk, tls-username, tls-verify)', () => {
+    const dir = mkdtempSync(path.join(os.tmpdir(), 'nbdx-plugin-nbd-config-'));
+    const psk = path.join(dir, 'keys.psk');
+    writeFileSync(psk, 'alice:00112233\n');
+    writeFileSync(path.join(dir, 'ca-cert.pem'), 'not read until connecting');
+    afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+    it('nbds URIs require TLS and bring their tls-* query parameters', () => {
+      expect(configure([['uri', `nbds+unix://alice@/e?socket=/s&tls-psk-file=${psk}`]])).toMatchObject({
+        address: { kind: 'unix', path: '/s' },
+        exportName: 'e',
+        tls: { tls: 'require', tlsPskFile: psk, tlsUsername: 'alice' },
+      });
+      expect(configure([['uri', `nbds://h:7/?tls-certificates=${dir}&tls-verify-peer=false`]]).tls).toEqual({
+        tls: 'require', tlsCertificates: dir, tlsVerifyPeer: false,
+      });
+      // Parameters win over the URI's query.
+      expect(configure([['uri', `nbds+unix:///?socket=/s&tls-username=bob&tls-psk-file=${psk}`], ['tls-username', 'alice']]).tls.tlsUsername).toBe('alice');
+    });
+
+    it('tls= defaults to off, to on with another tls-* parameter; takes nbdkit\'s spellings', () => {
+      expect(configure([['socket', '/s']]).tls).toEqual({ tls: 'off' });
+      expect(configure([['socket', '/s'], ['tls-psk', psk], ['tls-username', 'alice']]).tls).toEqual({ tls: 'on', tlsPskFile: psk, tlsUsername: 'alice' });
+      expect(configure([['socket', '/s'], ['tls', 'require'], ['tls-certificates', dir], ['tls-verify', 'false']]).tls).toEqual({
+        tls: 'require', tlsCertificates: dir, tlsVerifyPeer: false,
+      });
+      for (const [v, mode] of [['on', 'on'], ['true', 'on'], ['1', 'on'], ['off', 'off'], ['false', 'off'], ['require', 'require'], ['required', 'require'], ['force', 'require']]) {
+        const pairs: Array<[string, string]> = [['socket', '/s'], ['tls', v!]];
+        if (mode !== 'off') pairs.push(['tls-certificates', dir]);
+        expect(configure(pairs).tls.tls).toBe(mode);
+      }
+    });
+
+    it('refuses contradictions and unreadable credentials at startup', () => {
+      expect(() => configure([['socket', '/s'], ['tls', 'maybe']])).toThrow(/tls=maybe: expected off, on or require/);
+      expect(() => configure([['uri', 'nbds://h/'], ['tls', 'off']])).toThrow(/tls=off does not go with an nbds:\/\/ URI/);
+      expect(() => configure([['socket', '/s'], ['tls', 'off'], ['tls-psk', psk]])).toThrow(/tls-psk= needs TLS: drop tls=off/);
+      expect(() => configure([['socket', '/s'], ['tls-psk', path.join(dir, 'none.psk')]])).toThrow(/cannot read the TLS PSK file .*none\.psk/);
+      expect(() => configure([['socket', '/s'], ['tls-psk', psk], ['tls-username', 'bob']])).toThrow(/has no key for username 'bob'/);
+      expect(() => configure([['socket', '/s'], ['tls', 'on'], ['tls-certificates', path.join(dir, 'nope')]])).toThrow(/certificates directory .*nope does not exist/);
+      expect(() => configure([['socket', '/s'], ['tls-verify', 'perhaps']])).toThrow(/tls-verify/);
+    });
   });
 
   it('gives clear errors for bad or conflicting parameters', () => {
@@ -80,6 +121,8 @@ describe('parameters', () => {
   it('describes addresses as URIs', () => {
     expect(describeAddress({ kind: 'unix', path: '/s' }, 'a b')).toBe('nbd+unix:///a%20b?socket=/s');
     expect(describeAddress({ kind: 'tcp', host: '::1', port: 5 })).toBe('nbd://[::1]:5/');
+    expect(describeAddress({ kind: 'tcp', host: 'h', port: 5 }, 'x', 'require')).toBe('nbds://h:5/x');
+    expect(describeAddress({ kind: 'unix', path: '/s' }, '', 'require')).toBe('nbds+unix:///?socket=/s');
   });
 
   it('the plugin refuses to start without a complete configuration', async () => {
@@ -93,7 +136,14 @@ describe('parameters', () => {
 });
 
 describe('retry', () => {
-  const base = { address: { kind: 'unix' as const, path: '/nonexistent' }, exportName: '', dynamicExport: false, timeoutMs: 1000, requestTimeoutMs: 0 };
+  const base = {
+    address: { kind: 'unix' as const, path: '/nonexistent' },
+    exportName: '',
+    dynamicExport: false,
+    timeoutMs: 1000,
+    requestTimeoutMs: 0,
+    tls: { tls: 'off' as const },
+  };
 
   it('tries retry+1 times, one second apart, then says how often it tried', async () => {
     const sleeps: number[] = [];
@@ -128,6 +178,21 @@ describe('retry', () => {
     }, async () => {}).catch((e) => e);
     expect(calls).toBe(1);
     expect(err.message).toBe('connecting to Y: the upstream server refused: no such export');
+  });
+
+  it('does not retry TLS failures, and says how to turn TLS on when the upstream requires it', async () => {
+    let calls = 0;
+    const wrongKey = await withRetry({ ...base, retry: 5 }, 'connecting to Z', async () => {
+      calls++;
+      throw new NbdTlsError("TLS: the server refused the pre-shared key: wrong key, or unknown username 'alice'", 'ECONNRESET');
+    }, async () => {}).catch((e) => e);
+    expect(calls).toBe(1);
+    expect(wrongKey).toBeInstanceOf(NbdError);
+    expect(wrongKey.message).toBe("connecting to Z: TLS: the server refused the pre-shared key: wrong key, or unknown username 'alice'");
+    const reqd = await withRetry({ ...base, retry: 5 }, 'connecting to Z', async () => {
+      throw new NbdOptionError(NBD.OPT_GO, NBD.REP_ERR_TLS_REQD, 'TLS required');
+    }, async () => {}).catch((e) => e);
+    expect(reqd.message).toBe('connecting to Z: the upstream server requires TLS: use tls=require (or an nbds:// URI) with tls-psk= or tls-certificates=');
   });
 });
 

@@ -1,4 +1,4 @@
-import { parseNbdUri } from '@nbdx/client';
+import { parseNbdUri, planTls, type TlsMode, type TlsOptions, type UriTls } from '@nbdx/client';
 import { Errno, NbdError, parseBool, parseDuration } from '@nbdx/server/api';
 
 /** Where the upstream server listens. */
@@ -17,6 +17,8 @@ export interface ProxyConfig {
   timeoutMs: number;
   /** Milliseconds the upstream may leave a request unanswered before it is taken for gone; 0 = for ever. */
   requestTimeoutMs: number;
+  /** TLS to the upstream, as @nbdx/client's connect options (`tls: 'off'` when not used). */
+  tls: TlsOptions & { tls: TlsMode };
 }
 
 /** Parameters as given, before configComplete() checks that they fit together. */
@@ -30,6 +32,11 @@ export interface RawParams {
   retry?: number;
   timeoutMs?: number;
   requestTimeoutMs?: number;
+  tls?: TlsMode;
+  tlsCertificates?: string;
+  tlsPsk?: string;
+  tlsUsername?: string;
+  tlsVerify?: boolean;
 }
 
 export const DEFAULT_TIMEOUT_MS = 30_000;
@@ -38,7 +45,7 @@ export const DEFAULT_PORT = 10809;
 const MAX_RETRY = 100_000;
 
 export const CONFIG_HELP = [
-  '[uri=]URI               upstream server: nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH',
+  '[uri=]URI               upstream server: nbd[s]://HOST[:PORT]/[EXPORT] or nbd[s]+unix:///[EXPORT]?socket=PATH',
   'socket=PATH             upstream Unix socket (instead of uri=)',
   'hostname=HOST           upstream TCP host (instead of uri=)',
   'port=PORT               upstream TCP port with hostname= (default 10809)',
@@ -47,26 +54,36 @@ export const CONFIG_HELP = [
   'retry=N                 retry a failed upstream connection N times, 1 s apart (default 0)',
   'timeout=SECONDS         time allowed to connect to the upstream, per attempt (default 30; 0 = none)',
   'request-timeout=SECONDS an upstream that leaves a request unanswered this long is taken for gone (default 0 = wait)',
-  'tls=off                 (the only value accepted: TLS to the upstream is not supported yet)',
+  'tls=off|on|require      TLS to the upstream (default off; on when another tls-* is given; require for nbds URIs)',
+  'tls-certificates=DIR    X.509: DIR holds ca-cert.pem (and client-cert.pem + client-key.pem to present one)',
+  'tls-psk=FILE            pre-shared key file (psktool format, lines username:hexkey)',
+  'tls-username=NAME       PSK username (default: the local user name)',
+  'tls-verify=false        do not verify the upstream\'s certificate (default true)',
 ].join('\n');
 
 function bad(message: string): NbdError {
   return new NbdError(Errno.EINVAL, message);
 }
 
-const TLS_UNSUPPORTED =
-  'TLS to the upstream server is not supported yet (@nbdx/client has no TLS): use nbd:// or nbd+unix://';
+/** nbdkit's spellings: off/on as booleans, require (also required, force). */
+function parseTlsMode(value: string): TlsMode {
+  const v = value.trim().toLowerCase();
+  if (v === 'require' || v === 'required' || v === 'force') return 'require';
+  try {
+    return parseBool(v, 'tls') ? 'on' : 'off';
+  } catch {
+    throw bad(`tls=${value}: expected off, on or require`);
+  }
+}
 
 /** Take one key=value into `p`. Throws a clear error for anything unknown or malformed. */
 export function applyParam(p: RawParams, key: string, value: string): void {
   switch (key) {
     case 'uri': {
-      const scheme = /^([a-z0-9+.-]+):/i.exec(value)?.[1]?.toLowerCase();
-      if (scheme === 'nbds' || scheme === 'nbds+unix') throw bad(`uri=${value}: ${TLS_UNSUPPORTED}`);
       try {
         parseNbdUri(value);
       } catch (e) {
-        throw bad(`uri=${value}: ${(e as Error).message} (expected nbd://HOST[:PORT]/[EXPORT] or nbd+unix:///[EXPORT]?socket=PATH)`);
+        throw bad(`uri=${value}: ${(e as Error).message} (expected nbd[s]://HOST[:PORT]/[EXPORT] or nbd[s]+unix:///[EXPORT]?socket=PATH)`);
       }
       p.uri = value;
       return;
@@ -104,9 +121,23 @@ export function applyParam(p: RawParams, key: string, value: string): void {
       p.requestTimeoutMs = Math.round(parseDuration(value, 'request-timeout'));
       return;
     case 'tls':
-      // nbdkit takes tls=off|on|require; only "off" can be honoured.
-      if (['off', 'false', 'no', '0', 'n'].includes(value.trim().toLowerCase())) return;
-      throw bad(`tls=${value}: ${TLS_UNSUPPORTED}`);
+      p.tls = parseTlsMode(value);
+      return;
+    case 'tls-certificates':
+      if (value === '') throw bad('tls-certificates= needs a directory');
+      p.tlsCertificates = value;
+      return;
+    case 'tls-psk':
+      if (value === '') throw bad('tls-psk= needs the path of a key file');
+      p.tlsPsk = value;
+      return;
+    case 'tls-username':
+      if (value === '') throw bad('tls-username= needs a name');
+      p.tlsUsername = value;
+      return;
+    case 'tls-verify':
+      p.tlsVerify = parseBool(value, 'tls-verify');
+      return;
     case 'shared':
       throw bad(`shared=${value}: nbdx shares one upstream connection with a filter instead: nbdx --filter=shared nbd ...`);
     default:
@@ -127,11 +158,13 @@ export function completeConfig(p: RawParams): ProxyConfig {
 
   let address: UpstreamAddress;
   let exportName = p.export ?? '';
+  let uriTls: UriTls = {};
   if (p.uri !== undefined) {
     const u = parseNbdUri(p.uri);
     address = u.kind === 'unix' ? { kind: 'unix', path: u.path } : { kind: 'tcp', host: u.host, port: u.port };
     if (p.export !== undefined) throw bad('export= does not go with uri=: put the export name in the URI (nbd://host/EXPORT)');
     exportName = u.exportName;
+    uriTls = u.tls ?? {};
   } else if (p.socket !== undefined) {
     address = { kind: 'unix', path: p.socket };
   } else {
@@ -151,13 +184,49 @@ export function completeConfig(p: RawParams): ProxyConfig {
     retry: p.retry ?? 0,
     timeoutMs: p.timeoutMs ?? DEFAULT_TIMEOUT_MS,
     requestTimeoutMs: p.requestTimeoutMs ?? 0,
+    tls: tlsConfig(p, uriTls, address),
   };
 }
 
-/** The upstream as a URI, for messages. */
-export function describeAddress(a: UpstreamAddress, exportName?: string): string {
+/**
+ * The TLS settings, as nbdkit's nbd plugin reads them: tls= defaults to off, to on when another
+ * tls-* parameter is given, to require for an nbds URI. Parameters win over the URI's query.
+ * Credential files are read now, so a typo fails at startup rather than at the first client.
+ */
+function tlsConfig(p: RawParams, uri: UriTls, address: UpstreamAddress): TlsOptions & { tls: TlsMode } {
+  const others = [
+    p.tlsCertificates !== undefined && 'tls-certificates=',
+    p.tlsPsk !== undefined && 'tls-psk=',
+    p.tlsUsername !== undefined && 'tls-username=',
+    p.tlsVerify !== undefined && 'tls-verify=',
+  ].filter((x): x is string => typeof x === 'string');
+  if (p.tls === 'off' && uri.mode === 'require') throw bad('tls=off does not go with an nbds:// URI, which requires TLS');
+  if (p.tls === 'off' && others.length > 0) throw bad(`${others.join(', ')} ${others.length > 1 ? 'need' : 'needs'} TLS: drop tls=off`);
+  const mode: TlsMode = p.tls ?? uri.mode ?? (others.length > 0 ? 'on' : 'off');
+  if (mode === 'off') return { tls: 'off' };
+  const o: TlsOptions & { tls: TlsMode } = { tls: mode };
+  const certificates = p.tlsCertificates ?? uri.certificates;
+  const psk = p.tlsPsk ?? uri.pskFile;
+  const username = p.tlsUsername ?? uri.username;
+  const verify = p.tlsVerify ?? uri.verifyPeer;
+  if (certificates !== undefined) o.tlsCertificates = certificates;
+  if (psk !== undefined) o.tlsPskFile = psk;
+  if (username !== undefined) o.tlsUsername = username;
+  if (verify !== undefined) o.tlsVerifyPeer = verify;
+  if (uri.hostname !== undefined) o.tlsHostname = uri.hostname;
+  try {
+    planTls(o, address.kind === 'unix' ? { kind: 'unix', path: address.path } : { kind: 'tcp', host: address.host, port: address.port });
+  } catch (e) {
+    throw bad((e as Error).message);
+  }
+  return o;
+}
+
+/** The upstream as a URI, for messages (`nbds` when TLS is required). */
+export function describeAddress(a: UpstreamAddress, exportName?: string, tls?: TlsMode): string {
   const name = exportName ? encodeURIComponent(exportName) : '';
-  if (a.kind === 'unix') return `nbd+unix:///${name}?socket=${a.path}`;
+  const s = tls === 'require' ? 's' : '';
+  if (a.kind === 'unix') return `nbd${s}+unix:///${name}?socket=${a.path}`;
   const host = a.host.includes(':') ? `[${a.host}]` : a.host;
-  return `nbd://${host}:${a.port}/${name}`;
+  return `nbd${s}://${host}:${a.port}/${name}`;
 }

@@ -73,21 +73,22 @@ export function createNbdPlugin() {
       config = completeConfig(params);
       debug(
         NAME,
-        `upstream ${describeAddress(config.address, config.exportName)}` +
+        `upstream ${describeAddress(config.address, config.exportName, config.tls.tls)}` +
+          `${config.tls.tls === 'on' ? ', TLS if offered' : ''}` +
           `${config.dynamicExport ? ', dynamic export' : ''}, retry ${config.retry}, timeout ${config.timeoutMs} ms`,
       );
     },
 
     dumpPlugin() {
-      return { nbd_client: '@nbdx/client', nbd_tls: false, nbd_dynamic_export: true, nbd_retry: true };
+      return { nbd_client: '@nbdx/client', nbd_tls: true, nbd_dynamic_export: true, nbd_retry: true };
     },
 
     async listExports(): Promise<ExportEntry[]> {
       const c = cfg();
       if (!c.dynamicExport) return [{ name: c.exportName }];
-      const where = describeAddress(c.address);
+      const where = describeAddress(c.address, '', c.tls.tls);
       const list = await withRetry(c, `listing the exports of ${where}`, () =>
-        NbdClient.list(targetOf(c.address), { timeout: c.timeoutMs }),
+        NbdClient.list(targetOf(c.address), { ...c.tls, timeout: c.timeoutMs }),
       );
       return list.map((e) => (e.description ? { name: e.name, description: e.description } : { name: e.name }));
     },
@@ -97,8 +98,8 @@ export function createNbdPlugin() {
       if (!c.dynamicExport) return c.exportName;
       // The upstream's canonical name for its default export, when it tells (NBD_INFO_NAME).
       try {
-        const info = await withRetry(c, `asking ${describeAddress(c.address)} for its default export`, () =>
-          NbdClient.info(targetOf(c.address), '', { timeout: c.timeoutMs, requestInfos: [NBD.INFO_NAME] }),
+        const info = await withRetry(c, `asking ${describeAddress(c.address, '', c.tls.tls)} for its default export`, () =>
+          NbdClient.info(targetOf(c.address), '', { ...c.tls, timeout: c.timeoutMs, requestInfos: [NBD.INFO_NAME] }),
         );
         return info.name ?? '';
       } catch (err) {
@@ -116,12 +117,12 @@ export function createNbdPlugin() {
       client.on('close', (err) => {
         if (err) {
           h.lost = err;
-          debug(NAME, `upstream connection to ${describeAddress(c.address, name)} lost: ${err.message}`);
+          debug(NAME, `upstream connection to ${describeAddress(c.address, name, c.tls.tls)} lost: ${err.message}`);
         }
       });
       debug(
         NAME,
-        `connected to ${describeAddress(c.address, name)}: size ${client.size}, flags 0x${client.transmissionFlags.toString(16)}` +
+        `connected to ${describeAddress(c.address, name, c.tls.tls)}${client.tlsNegotiated ? ' (TLS)' : ''}: size ${client.size}, flags 0x${client.transmissionFlags.toString(16)}` +
           `${client.extendedHeaders ? ', extended headers' : client.structuredReplies ? ', structured replies' : ''}`,
       );
       return h;

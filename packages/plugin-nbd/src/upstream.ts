@@ -3,6 +3,8 @@ import {
   NbdConnectionError,
   NbdOptionError,
   NbdRequestError,
+  NbdTlsError,
+  NBD,
   type NbdTarget,
 } from '@nbdx/client';
 import { Errno, NbdError, debug } from '@nbdx/server/api';
@@ -34,8 +36,13 @@ export async function withRetry<T>(
       return await attempt();
     } catch (err) {
       if (err instanceof NbdOptionError) {
+        if (err.replyType === NBD.REP_ERR_TLS_REQD) {
+          throw new NbdError(Errno.EINVAL, `${what}: the upstream server requires TLS: use tls=require (or an nbds:// URI) with tls-psk= or tls-certificates=`);
+        }
         throw new NbdError(Errno.EINVAL, `${what}: the upstream server refused: ${err.serverMessage ?? err.message}`);
       }
+      // Wrong keys, unverified certificates, no TLS upstream: asking again gets the same answer.
+      if (err instanceof NbdTlsError) throw new NbdError(Errno.EIO, `${what}: ${err.message}`);
       const reason = reasonOf(err);
       if (i >= tries) {
         const times = tries === 1 ? '' : ` (tried ${tries} times, ${RETRY_DELAY_MS / 1000} s apart)`;
@@ -55,9 +62,10 @@ function reasonOf(err: unknown): string {
 
 /** Open a transmission connection to `exportName` upstream. */
 export function connectUpstream(config: ProxyConfig, exportName: string): Promise<NbdClient> {
-  const where = describeAddress(config.address, exportName);
+  const where = describeAddress(config.address, exportName, config.tls.tls);
   return withRetry(config, `connecting to ${where}`, () =>
     NbdClient.connect(targetOf(config.address), {
+      ...config.tls,
       exportName,
       timeout: config.timeoutMs,
       requestTimeout: config.requestTimeoutMs,
