@@ -29,6 +29,8 @@ export interface ServeOptions {
    * them one by one, in order. Unset or 0: no limit (the memory budget still bounds them).
    */
   threads?: number;
+  /** Log a debug line for every request (the CLI's -v). */
+  traceRequests?: boolean;
   /**
    * Bytes one connection may hold (requests being served, replies its client has not read yet)
    * before the server stops reading from it until the client catches up. Default 24 MiB.
@@ -100,6 +102,7 @@ export class NbdServer {
       requestLock: serializeAll ? new Mutex() : null,
       perConnectionLock: this.threadModel !== 'parallel',
       requestsPerConnection: options.threads ?? 0,
+      traceRequests: options.traceRequests ?? false,
       debug: options.debug ?? (() => {}),
       error: options.error ?? ((m) => process.stderr.write(`nbdx: ${m}\n`)),
     };

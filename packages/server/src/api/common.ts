@@ -255,3 +255,26 @@ export function parseBool(text: string, what = 'value'): boolean {
   if (['0', 'false', 'no', 'off', 'n'].includes(t)) return false;
   throw new NbdError(Errno.EINVAL, `${what}: could not parse '${text}' as a boolean`);
 }
+
+const LAYER = Symbol('nbdx.layer');
+
+/**
+ * Remember which layer an error came from, for the log line that reports it ("nbdx: file: error:
+ * ..."). The first layer it passes through names it (the one it started in, or the nearest one
+ * above); layers further up leave the name alone.
+ */
+export function tagLayer<E>(err: E, layer: string): E {
+  if (err !== null && typeof err === 'object' && !(LAYER in err)) {
+    try {
+      Object.defineProperty(err, LAYER, { value: layer });
+    } catch {
+      // a frozen object: no name then
+    }
+  }
+  return err;
+}
+
+/** The layer tagLayer() recorded for `err`, if any. */
+export function layerOf(err: unknown): string | undefined {
+  return err !== null && typeof err === 'object' ? ((err as Record<symbol, unknown>)[LAYER] as string | undefined) : undefined;
+}

@@ -6,6 +6,7 @@ import {
   FLAG_REQ_ONE,
   NbdError,
   isNotSupported,
+  tagLayer,
   type BlockSize,
   type CacheMode,
   type Extent,
@@ -169,7 +170,11 @@ export abstract class Context implements OwnedContext {
 
   // ---- data calls ------------------------------------------------------------------------------
   private locked<T>(fn: () => Promise<T>): Promise<T> {
-    return this.lock ? this.lock.run(fn) : fn();
+    // Not a hot path (flush, trim, zero, extents, cache, FUA writes): the errors it passes get
+    // this layer's name unless a layer below named them first.
+    return (this.lock ? this.lock.run(fn) : fn()).catch((err: unknown) => {
+      throw tagLayer(err, this.who);
+    });
   }
 
   /**
@@ -199,10 +204,16 @@ export abstract class Context implements OwnedContext {
   // pread and pwrite are the hot paths: no async wrappers, checks done inline. The *Now forms
   // answer without any promise when the layer below answered at once (a synchronous plugin), so
   // a request to an in-memory disk is parsed, served and answered in one go; they may throw.
+  // Errors thrown at once are named after this layer; a promise that fails later is not wrapped
+  // (that would cost a promise per request): the connection names the plugin for those.
   preadNow(buf: Uint8Array, offset: number, flags = 0): ReadResult | Promise<ReadResult> {
     this.checkRange(buf.length, offset, Errno.EINVAL, 'read');
-    if (this.lock) return this.lock.run(async () => this.implPread(buf, offset, flags));
-    return this.implPread(buf, offset, flags);
+    if (this.lock) return this.locked(async () => this.implPread(buf, offset, flags));
+    try {
+      return this.implPread(buf, offset, flags);
+    } catch (err) {
+      throw tagLayer(err, this.who);
+    }
   }
 
   pwriteNow(buf: Uint8Array, offset: number, flags = 0): void | Promise<void> {
@@ -211,7 +222,11 @@ export abstract class Context implements OwnedContext {
     if (this.lock || (flags & FLAG_FUA && this.fuaMode !== 'native')) {
       return this.locked(() => this.pwriteUnlocked(buf, offset, flags));
     }
-    return this.implPwrite(buf, offset, flags);
+    try {
+      return this.implPwrite(buf, offset, flags);
+    } catch (err) {
+      throw tagLayer(err, this.who);
+    }
   }
 
   pread(buf: Uint8Array, offset: number, flags = 0): Promise<ReadResult> {

@@ -1,4 +1,4 @@
-import { Errno, NbdError, type ExportEntry } from '../api/common.js';
+import { Errno, NbdError, tagLayer, type ExportEntry } from '../api/common.js';
 import { unsupportedApiVersion, type Filter } from '../api/define.js';
 import type { LayerBelow, Next, NextOpener, OpenContextOptions, OwnedContext } from '../api/filter/next.js';
 import type { FilterV2 } from '../api/filter/v2.js';
@@ -95,7 +95,8 @@ export class FilterLayer {
     } catch (err) {
       // Closing is idempotent, so this is safe even when the filter context already closed it.
       if (next && owned) await (next as Context).close().catch(() => {});
-      throw err;
+      // An error from the layers below already carries their name; anything else is this filter's.
+      throw tagLayer(err, this.name);
     }
   }
 }

@@ -1,4 +1,4 @@
-import type { ExportEntry, ThreadModel } from '../api/common.js';
+import { tagLayer, type ExportEntry, type ThreadModel } from '../api/common.js';
 import type { Plugin } from '../api/define.js';
 import type { PluginV2 } from '../api/plugin/v2.js';
 import { asPluginV2 } from './as-plugin-v2.js';
@@ -38,13 +38,18 @@ export class PluginLayer {
   }
 
   async open(readonly: boolean, exportName: string, isTls: boolean, signal?: AbortSignal): Promise<Context> {
-    const h = this.plugin.open ? await this.plugin.open(readonly, exportName, isTls) : {};
+    let h: unknown = {};
+    try {
+      if (this.plugin.open) h = await this.plugin.open(readonly, exportName, isTls);
+    } catch (err) {
+      throw tagLayer(err, this.plugin.name);
+    }
     const ctx = new PluginContext(this.plugin, h, readonly, exportName, signal);
     try {
       await ctx.prepare();
     } catch (err) {
       await ctx.close();
-      throw err;
+      throw tagLayer(err, this.plugin.name);
     }
     return ctx;
   }

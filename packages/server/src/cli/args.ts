@@ -27,7 +27,8 @@ export interface CliOptions {
   exitWithParent: boolean;
   maskHandshake?: number;
   noSr: boolean;
-  log: 'stderr' | 'syslog' | 'null';
+  /** Unset: stderr in the foreground, syslog once detached (as nbdkit). */
+  log?: 'stderr' | 'syslog' | 'null';
   printUri: boolean;
   dumpPlugin: boolean;
   dumpConfig: boolean;
@@ -179,7 +180,6 @@ export function parseArgs(argv: readonly string[]): CliOptions {
     tlsVerifyPeer: false,
     exitWithParent: false,
     noSr: false,
-    log: 'stderr',
     printUri: false,
     dumpPlugin: false,
     dumpConfig: false,
@@ -289,7 +289,7 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
                             served, replies it has not read); beyond it the client is not read
                             until it catches up (default 24M)
       --max-server-memory=SIZE  the same over all clients together (default 128M)
-      --log=stderr|syslog|null  where messages go (syslog is written to stderr)
+      --log=stderr|syslog|null  where messages go (default: stderr, syslog once detached)
       --print-uri           print the URI clients can use
       --no-install          never install missing first-party plugins (also NBDX_NO_INSTALL=1)
       --dump-plugin         print information about PLUGIN and exit

@@ -9,6 +9,7 @@ import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS } from '../api/define.js';
 import { socketActivationFds, type ListenTarget } from '../listeners/listen.js';
 import { LoadError, load, searchBases } from '../loader/resolve.js';
 import { NbdServer, type ServerAddress } from '../server.js';
+import { openSyslog } from './syslog.js';
 import { USAGE, UsageError, applyMagicKey, checkCombination, longOptions, parseArgs, shortOptions, type CliOptions } from './args.js';
 import { dumpPlugin } from './dump.js';
 import { tlsSettings } from './tls-setup.js';
@@ -78,7 +79,12 @@ async function run(o: CliOptions): Promise<number> {
   const pluginMod = await load(o.plugin, 'plugin', bases);
   const plugin = pluginMod.value as Plugin;
   const filters: Filter[] = [];
-  for (const name of o.filters) filters.push((await load(name, 'filter', bases)).value as Filter);
+  const loaded = [{ kind: 'plugin', name: plugin.name, version: plugin.version, file: pluginMod.file }];
+  for (const name of o.filters) {
+    const m = await load(name, 'filter', bases);
+    filters.push(m.value as Filter);
+    loaded.push({ kind: 'filter', name: m.value.name, version: m.value.version, file: m.file });
+  }
 
   if (o.help) {
     process.stdout.write(pluginHelp(plugin, filters));
@@ -103,7 +109,10 @@ async function run(o: CliOptions): Promise<number> {
     !o.foreground && !o.single && !o.run && !o.exitWithParent && !process.env[DAEMON_ENV] && !socketActivationFds();
   if (background) return detach();
 
-  const verbose = o.verbose && o.log !== 'null';
+  // As nbdkit: a server that detached logs to syslog unless told otherwise.
+  const logTo = o.log ?? (process.env[DAEMON_ENV] ? 'syslog' : 'stderr');
+  const log = openLog(logTo);
+  const verbose = o.verbose && logTo !== 'null';
   const server = await NbdServer.prepare({
     plugin,
     filters,
@@ -119,10 +128,14 @@ async function run(o: CliOptions): Promise<number> {
     handshakeTimeout: o.timeout,
     pollMicroseconds: o.poll,
     threads: o.threads,
+    traceRequests: verbose,
     tls: tlsSettings(o),
-    debug: verbose ? (m) => process.stderr.write(`nbdx: debug: ${m}\n`) : () => {},
-    error: o.log === 'null' ? () => {} : (m) => process.stderr.write(`nbdx: ${m}\n`),
+    debug: verbose ? (m) => log(7, `debug: ${m}`) : () => {},
+    // nbdkit's shape: "nbdx: LAYER: error: ..." (messages that name no layer get "error:" here).
+    error: (m) => log(3, /(^|: )error: /.test(m) ? m : `error: ${m}`),
   });
+
+  for (const m of loaded) server.settings.debug(`loaded ${m.kind} ${m.name} ${m.version ?? ''} from ${m.file}`);
 
   let shuttingDown = false;
   const cleanups: Array<() => void> = [];
@@ -174,6 +187,7 @@ async function run(o: CliOptions): Promise<number> {
   });
   // Only now say we are up: a signal sent as soon as the URI appears finds its handler.
   const uri = nbdkitUri(addresses[0]!, o.exportName ?? '', o.tls);
+  for (const a of addresses) server.settings.debug(`listening on ${a.path ?? `${a.host ?? '*'}:${a.port}`} (${a.uri})`);
   if (o.printUri) process.stdout.write(`${uri}\n`);
   if (process.env[DAEMON_ENV] && process.send) {
     process.send({ type: 'ready', uri });
@@ -184,6 +198,20 @@ async function run(o: CliOptions): Promise<number> {
     child.on('exit', (code, signal) => finish(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1)));
   }
   return done;
+}
+
+/** Where messages go (--log): a function taking a syslog severity and a message. */
+function openLog(to: 'stderr' | 'syslog' | 'null'): (severity: 3 | 6 | 7, message: string) => void {
+  if (to === 'null') return () => {};
+  if (to === 'syslog') {
+    const sink = openSyslog();
+    if (typeof sink !== 'string') {
+      process.on('exit', () => sink.close());
+      return (severity, message) => sink.write(severity, message);
+    }
+    process.stderr.write(`nbdx: warning: --log=syslog: ${sink}; logging to stderr\n`);
+  }
+  return (_severity, message) => process.stderr.write(`nbdx: ${message}\n`);
 }
 
 /** A memory limit: a size of at least 1 MiB (less would stall every client on one big request). */

@@ -35,7 +35,7 @@ export function candidatePackages(name: string, kind: Kind): string[] {
  */
 export const FIRST_PARTY: Readonly<Record<Kind, readonly string[]>> = {
   plugin: ['memory', 'file', 'nbd', 'imageio'],
-  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar'],
+  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar', 'stats', 'log'],
 };
 
 /** The first-party package a name stands for (`memory` or `@nbdx/plugin-memory`), else null. */
@@ -124,7 +124,7 @@ export function locate(name: string, kind: Kind, bases = searchBases()): Located
 }
 
 /** Import and validate a plugin or filter module. */
-export async function load(name: string, kind: Kind, bases?: string[]): Promise<{ value: Plugin | Filter; spec: string }> {
+export async function load(name: string, kind: Kind, bases?: string[]): Promise<{ value: Plugin | Filter; spec: string; file: string }> {
   const where = locate(name, kind, bases);
   let mod: Record<string, unknown>;
   try {
@@ -134,7 +134,7 @@ export async function load(name: string, kind: Kind, bases?: string[]): Promise<
   }
   const value = (mod.default ?? mod[kind]) as Plugin | Filter | undefined;
   validate(value, kind, `${kind} '${name}' (${where.spec})`);
-  return { value: value!, spec: where.spec };
+  return { value: value!, spec: where.spec, file: where.file };
 }
 
 export function validate(value: unknown, kind: Kind, what: string): void {

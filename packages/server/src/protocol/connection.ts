@@ -93,6 +93,7 @@ export class Connection {
       this.reader.discardInput();
       // The replies go out before close runs and before the client sees EOF.
       await this.lingerFor(this.writer.settled());
+      this.transmission?.reportUnloggedErrors();
       if (ctx) await ctx.close().catch((e) => settings.error(`close: ${(e as Error).message}`));
       this.writer.close();
       this.budget.close();

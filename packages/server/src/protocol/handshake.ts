@@ -1,6 +1,6 @@
 import * as tls from 'node:tls';
 import type { Duplex } from 'node:stream';
-import { toErrno, type BlockSize } from '../api/common.js';
+import { layerOf, toErrno, type BlockSize } from '../api/common.js';
 import { advertisedBlockSize } from '../backend/block-size.js';
 import type { Context } from '../backend/context.js';
 import * as C from '../wire/constants.js';
@@ -140,7 +140,7 @@ export async function negotiate(
           ctx = await backend.open(settings.readonly, exportName, isTls, settings.abort?.signal);
         } catch (err) {
           const message = `cannot open export '${exportName}': ${(err as Error).message}`;
-          settings.error(message);
+          settings.error(`${layerOf(err) ?? 'nbdx'}: error: ${message}`);
           throw new HandshakeClose(message);
         }
         const flags = await exportFlags(ctx, structured);
@@ -254,7 +254,7 @@ export async function negotiate(
         } catch (err) {
           const message = `cannot open export '${exportName}': ${(err as Error).message}`;
           // The operator sees why (the client only gets the reply, if it shows it at all).
-          settings.error(message);
+          settings.error(`${layerOf(err) ?? 'nbdx'}: error: ${message}`);
           replyError(option, C.REP_ERR_UNKNOWN, message);
           break;
         }

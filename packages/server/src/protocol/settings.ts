@@ -47,6 +47,8 @@ export interface ProtocolSettings {
   requestLock: Mutex | null;
   /** One request at a time per connection (serialize_requests and stricter). */
   perConnectionLock: boolean;
+  /** Log a debug line per request (-v); off, it costs nothing on the hot path. */
+  traceRequests: boolean;
   /** At most this many requests of one connection worked on at once (-t N); 0 = no limit. */
   requestsPerConnection: number;
   debug: (message: string) => void;
@@ -67,4 +69,5 @@ export const DEFAULT_SETTINGS = {
   handshakeTimeoutMs: 60_000,
   pollMaxNs: 50_000,
   requestsPerConnection: 0,
+  traceRequests: false,
 };

@@ -5,6 +5,7 @@ import {
   FLAG_MAY_TRIM,
   FLAG_REQ_ONE,
   NbdError,
+  layerOf,
   errnoName,
   isFatalError,
   toErrno,
@@ -416,8 +417,11 @@ export class Transmission {
   /** `pooled`: the payload came from the buffer pool and goes back once the request is done. */
   private start(req: Request, payload: Buffer | null, error: NbdError | null, pooled = false): void {
     if (error) {
-      this.replyError(req, error);
+      this.replyError(req, error, true);
       return;
+    }
+    if (this.settings.traceRequests) {
+      this.settings.debug(`${C.CMD_NAMES[req.type] ?? req.type} ${req.length} bytes at ${req.offset} flags 0x${req.flags.toString(16)} cookie ${req.cookie}`);
     }
     const cost = this.costOf(req);
     this.started++;
@@ -472,6 +476,36 @@ export class Transmission {
       const w = this.idleWaiters;
       this.idleWaiters = [];
       for (const fn of w) fn();
+    }
+  }
+
+  /** Kinds of error already logged on this connection, and how many were not logged again. */
+  private readonly loggedErrors = new Set<string>();
+  private unloggedErrors = 0;
+
+  /**
+   * Errors are logged by default, naming the layer (`file: error: READ ...`), but only the first
+   * of each kind (layer, command, errno) per connection: a client repeating a failing request
+   * must not flood the log. `-v` shows every one. `layer` null: the client's request was invalid.
+   */
+  private logError(cmd: string, errno: number, layer: string | null, text: string): void {
+    const line = layer === null ? `error: invalid request: ${text}` : `${layer}: error: ${text}`;
+    const kind = `${layer ?? ''}\0${cmd}\0${errno}`;
+    // Requests cut short because the client left or the server is stopping are not failures.
+    const expected = errno === Errno.ESHUTDOWN && this.settings.abort?.signal.aborted === true;
+    if (expected || this.loggedErrors.has(kind)) {
+      if (!expected) this.unloggedErrors++;
+      this.settings.debug(line);
+      return;
+    }
+    this.loggedErrors.add(kind);
+    this.settings.error(line);
+  }
+
+  /** At the end: how many errors were only counted (see logError). */
+  reportUnloggedErrors(): void {
+    if (this.unloggedErrors > 0) {
+      this.settings.error(`${this.unloggedErrors} more error(s) like the ones above on this connection (-v shows each)`);
     }
   }
 
@@ -584,14 +618,11 @@ export class Transmission {
     }
   }
 
-  private replyError(req: Request, err: unknown): void {
+  private replyError(req: Request, err: unknown, invalid = false): void {
     const errno = toErrno(err);
     const message = err instanceof Error ? err.message : String(err);
     const cmd = C.CMD_NAMES[req.type] ?? `command ${req.type}`;
-    this.settings.debug(`${cmd} at ${req.offset}+${req.length}: ${errnoName(errno)}: ${message}`);
-    if (!(err instanceof NbdError) && !(err as { code?: string })?.code) {
-      this.settings.error(`${cmd}: ${message}`);
-    }
+    this.logError(cmd, errno, invalid ? null : (layerOf(err) ?? this.settings.backend.plugin.plugin.name), `${cmd} ${req.length} bytes at ${req.offset}: ${message} (${errnoName(errno)})`);
     const w = this.writer;
     if (this.structured) {
       const payload = encodeErrorPayload(errno, message);
