@@ -128,7 +128,7 @@ describe('first-party names: nbdx runs itself again through npx with exactly wha
       expect(r.calls).toEqual([]);
       expect(r.code).toBe(1);
       expect(r.stderr.trim().split('\n')).toHaveLength(1);
-      expect(r.stderr).toContain(`nbdx: plugin 'memory' not found; tried @nbdx/plugin-memory, nbdx-plugin-memory from ${work}`);
+      expect(r.stderr).toContain(`nbdx: plugin 'memory' is not installed (looked in ${work}`);
       expect(r.stderr).toContain(`Not installing it (${said}).`);
       expect(r.stderr).toContain(`npm install @nbdx/plugin-memory@${VERSION}`);
       expect(r.stderr).toContain(`(or run: npx -p nbdx@${VERSION} -p @nbdx/plugin-memory@${VERSION} nbdx ${args.join(' ')})`);
@@ -139,22 +139,34 @@ describe('first-party names: nbdx runs itself again through npx with exactly wha
     const r = await nbdx(['memory', '1M'], { NBDX_NPX_RERUN: '1' });
     expect(r.calls).toEqual([]);
     expect(r.code).toBe(1);
-    expect(r.stderr).toMatch(/^nbdx: plugin 'memory' not found; tried @nbdx\/plugin-memory, nbdx-plugin-memory from .*Install it with: npm install @nbdx\/plugin-memory /);
+    expect(r.stderr).toMatch(/^nbdx: plugin 'memory' is not installed \(looked in .*Install it with: npm install @nbdx\/plugin-memory /);
   });
 });
 
 describe('third-party names are never installed: the error gives the exact command', () => {
-  it('nbdx pattern ... names nbdx-plugin-pattern and a command that works when pasted', async () => {
-    const args = ['pattern', '1M', 'pattern=c0ffee', '--run', `nbdinfo "$uri" | grep 'export-size'`];
+  it('a short name that is not ours: no package name is invented; did-you-mean and nbdx --list instead', async () => {
+    const r = await nbdx(['pattern', '1M', 'pattern=c0ffee']);
+    expect(r.calls).toEqual([]);
+    expect(r.code).toBe(1);
+    expect(r.stderr.trim().split('\n')).toHaveLength(1);
+    expect(r.stderr).toContain("nbdx: plugin 'pattern' not found.");
+    expect(r.stderr).toContain("'nbdx --list' shows the plugins and filters available");
+    expect(r.stderr).not.toMatch(/npm install|npx -p/);
+    const typo = await nbdx(['memroy', '1G']);
+    expect(typo.stderr).toContain("nbdx: plugin 'memroy' not found. Did you mean 'memory'?");
+    expect(typo.stderr).not.toMatch(/nbdx-plugin-memroy/);
+  });
+
+  it('a full package name: the npx command that runs it, which works when pasted', async () => {
+    const args = ['nbdx-plugin-pattern', '1M', 'pattern=c0ffee', '--run', `nbdinfo "$uri" | grep 'export-size'`];
     const r = await nbdx(args);
     expect(r.calls).toEqual([]);
     expect(r.code).toBe(1);
     expect(r.stderr.trim().split('\n')).toHaveLength(1);
-    expect(r.stderr).toContain("nbdx: plugin 'pattern' not found; tried @nbdx/plugin-pattern, nbdx-plugin-pattern from");
+    expect(r.stderr).toContain("nbdx: plugin package 'nbdx-plugin-pattern' is not installed (looked in");
     expect(r.stderr).toContain('nbdx installs only its own @nbdx packages by itself, never third-party ones.');
-    expect(r.stderr).toContain('Install it with: npm install nbdx-plugin-pattern ');
-    const command = /\(or run: (npx .*)\)\n$/.exec(r.stderr)![1]!;
-    expect(command).toBe(`npx -p nbdx@${VERSION} -p nbdx-plugin-pattern nbdx pattern 1M pattern=c0ffee --run 'nbdinfo "$uri" | grep '\\''export-size'\\'''`);
+    const command = /To run it: (npx .*)\n$/.exec(r.stderr)![1]!;
+    expect(command).toBe(`npx -p nbdx@${VERSION} -p nbdx-plugin-pattern nbdx nbdx-plugin-pattern 1M pattern=c0ffee --run 'nbdinfo "$uri" | grep '\\''export-size'\\'''`);
     // Paste it into a shell: npx gets exactly the arguments nbdx was given.
     const pasted = await new Promise<unknown[]>((resolve) => {
       fs.rmSync(log, { force: true });
@@ -166,18 +178,19 @@ describe('third-party names are never installed: the error gives the exact comma
   });
 
   it('a missing third-party filter with a missing first-party plugin: one command for both, nothing installed', async () => {
-    const r = await nbdx(['--filter=xor', 'memory', '1M', 'xor=0x5a']);
+    const r = await nbdx(['--filter=nbdx-filter-xor', 'memory', '1M', 'xor=0x5a']);
     expect(r.calls).toEqual([]);
     expect(r.code).toBe(1);
-    expect(r.stderr).toContain("filter 'xor' not found; tried @nbdx/filter-xor, nbdx-filter-xor");
+    expect(r.stderr).toContain("filter package 'nbdx-filter-xor' is not installed");
     expect(r.stderr).toContain("Also missing: plugin 'memory'.");
-    expect(r.stderr).toContain(`npx -p nbdx@${VERSION} -p @nbdx/plugin-memory@${VERSION} -p nbdx-filter-xor nbdx --filter=xor memory 1M xor=0x5a`);
+    expect(r.stderr).toContain(`npx -p nbdx@${VERSION} -p @nbdx/plugin-memory@${VERSION} -p nbdx-filter-xor nbdx --filter=nbdx-filter-xor memory 1M xor=0x5a`);
   });
 
   it('scoped names follow the convention: @acme/disk → @acme/nbdx-plugin-disk', async () => {
     const r = await nbdx(['@acme/disk']);
     expect(r.calls).toEqual([]);
-    expect(r.stderr).toContain('npm install @acme/nbdx-plugin-disk ');
+    expect(r.stderr).toContain("plugin package '@acme/nbdx-plugin-disk' is not installed");
+    expect(r.stderr).toContain('-p @acme/nbdx-plugin-disk nbdx @acme/disk');
   });
 
   it('a key=value where the plugin name belongs: a usage hint, nothing installed', async () => {

@@ -32,6 +32,8 @@ export interface CliOptions {
   printUri: boolean;
   dumpPlugin: boolean;
   dumpConfig: boolean;
+  /** --list: print the plugins and filters available. */
+  list?: boolean;
   /** --long-options / --short-options: print the option table (for shell completion), as nbdkit. */
   listOptions?: 'long' | 'short';
   help: boolean;
@@ -131,6 +133,7 @@ const LONG: Record<string, Spec> = {
   'dump-plugin': { takesValue: false, set: (o) => (o.dumpPlugin = true) },
   'dump-config': { takesValue: false, set: (o) => (o.dumpConfig = true) },
   'long-options': { takesValue: false, set: (o) => (o.listOptions = 'long') },
+  list: { takesValue: false, set: (o) => (o.list = true) },
   'short-options': { takesValue: false, set: (o) => (o.listOptions = 'short') },
   help: { takesValue: false, set: (o) => (o.help = true) },
   version: { takesValue: false, set: (o) => (o.version = true) },
@@ -294,6 +297,7 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
       --no-install          never install missing first-party plugins (also NBDX_NO_INSTALL=1)
       --dump-plugin         print information about PLUGIN and exit
       --dump-config         print information about nbdx and exit
+      --list                list the plugins and filters installed, and nbdx's own ones
       --long-options, --short-options  list the options (for shell completion) and exit
       --help                this text; 'nbdx PLUGIN --help' shows PLUGIN's parameters
       --version             print the version of nbdx (and of PLUGIN and filters)
@@ -305,7 +309,7 @@ Plugins and filters are npm packages found by name: PLUGIN 'x' is @nbdx/plugin-x
 /** Every long option, one per line, as `nbdx --long-options` prints them (nbdkit's format). */
 export function longOptions(): string {
   return Object.keys(LONG)
-    .filter((name) => name !== 'long-options' && name !== 'short-options')
+    .filter((name) => name !== 'long-options' && name !== 'short-options' && name !== 'list')
     .sort()
     .map((name) => `--${name}\n`)
     .join('');

@@ -1,7 +1,9 @@
 import { spawn } from 'node:child_process';
 import * as os from 'node:os';
 import * as path from 'node:path';
-import { LoadError, firstPartyPackage, isPathName, locate, notFoundMessage, searchBases, suggestedPackage, type Kind } from '../loader/resolve.js';
+import { LoadError, firstPartyPackage, isPackageName, isPathName, locate, notFoundMessage, searchBases, shellQuote, suggestedPackage, type Kind } from '../loader/resolve.js';
+
+export { shellQuote };
 import type { CliOptions } from './args.js';
 import { VERSION } from './main.js';
 
@@ -106,12 +108,13 @@ export async function ensureInstalled(o: CliOptions, argv: string[]): Promise<nu
   const thirdParty = plan.missing.find((m) => !m.firstParty);
   if (thirdParty) {
     const others = plan.missing.filter((m) => m !== thirdParty).map((m) => `${m.kind} '${m.name}'`);
+    const typedPackage = isPackageName(thirdParty.name, thirdParty.kind);
     throw new LoadError(
       notFoundMessage(thirdParty.name, thirdParty.kind, bases, {
-        pkg: thirdParty.pkg,
-        run: plan.command,
+        // The whole npx command only for a package name the user typed (see notFoundMessage).
+        ...(typedPackage ? { run: plan.command } : {}),
         note:
-          `nbdx installs only its own @nbdx packages by itself, never third-party ones.` +
+          (typedPackage ? `nbdx installs only its own @nbdx packages by itself, never third-party ones.` : '') +
           (others.length ? ` Also missing: ${others.join(', ')}.` : ''),
       }),
     );
@@ -172,7 +175,3 @@ function signalNumber(signal: NodeJS.Signals): number {
 }
 
 /** Quote one argument for a POSIX shell (only when needed). */
-export function shellQuote(arg: string): string {
-  if (/^[A-Za-z0-9_@%+=:,./-]+$/.test(arg)) return arg;
-  return `'${arg.replace(/'/g, `'\\''`)}'`;
-}

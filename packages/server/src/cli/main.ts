@@ -7,6 +7,7 @@ import { checkMaxPayload } from '../backend/block-size.js';
 import type { Filter, Plugin } from '../api/define.js';
 import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS } from '../api/define.js';
 import { socketActivationFds, type ListenTarget } from '../listeners/listen.js';
+import { formatList } from '../loader/names.js';
 import { LoadError, load, searchBases } from '../loader/resolve.js';
 import { NbdServer, type ServerAddress } from '../server.js';
 import { openSyslog } from './syslog.js';
@@ -52,6 +53,10 @@ function reportStartupError(msg: string): void {
 async function run(o: CliOptions): Promise<number> {
   if (o.listOptions) {
     process.stdout.write(o.listOptions === 'long' ? longOptions() : shortOptions());
+    return 0;
+  }
+  if (o.list) {
+    process.stdout.write(formatList(searchBases()));
     return 0;
   }
   if (!o.help && !o.version) checkCombination(o);

@@ -19,7 +19,8 @@ describe('bad command lines: one clear line, exit 1', () => {
   for (const [args, msg] of [
     [['memory'], /size is required/],
     [['memory', '1G', '--bogus'], /unknown option '--bogus'/],
-    [['nosuchplugin', '1G'], /plugin 'nosuchplugin' not found; tried @nbdx\/plugin-nosuchplugin, nbdx-plugin-nosuchplugin.*npm install nbdx-plugin-nosuchplugin/],
+    [['nosuchplugin', '1G'], /plugin 'nosuchplugin' not found\. 'nbdx --list' shows/],
+    [['memroy', '1G'], /plugin 'memroy' not found\. Did you mean 'memory'\?/],
     [['memory', '1G', '2G'], /only the first parameter may leave out 'size='/],
     [['memory', 'size=lots'], /could not parse 'lots' as a size/],
     [['memory', '1G', 'colour=blue'], /unknown parameter 'colour'/],
@@ -181,6 +182,14 @@ export default {
       }
     }, 5000);
     expect(fs.existsSync(sock)).toBe(false);
+  });
+
+  it('--list shows the plugins and filters, installed ones with package and version', async () => {
+    const r = await nbdx(['--list']);
+    expect(r.code).toBe(0);
+    expect(r.stdout).toMatch(/^plugins:\n/);
+    expect(r.stdout).toMatch(/^  memory +@nbdx\/plugin-memory \d+\.\d+\.\d+/m);
+    expect(r.stdout).toMatch(/^filters:\n(.*\n)*  offset +@nbdx\/filter-offset /m);
   });
 
   it('the process is named nbdx in ps and top (comm and cmdline)', async () => {

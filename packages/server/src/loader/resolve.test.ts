@@ -57,8 +57,11 @@ describe('loading', () => {
     await expect(load('broken', 'plugin', [dir])).rejects.toThrow(/not a plugin: it has no getSize/);
   });
 
-  it('says what it tried and how to install when nothing is found', () => {
+  it('says what is available when nothing is found, and names only packages someone typed or that are ours', () => {
     expect(() => locate('nope', 'filter', [dir])).toThrow(LoadError);
-    expect(() => locate('nope', 'filter', [dir])).toThrow(/tried @nbdx\/filter-nope, nbdx-filter-nope.*npm install nbdx-filter-nope/);
+    expect(() => locate('nope', 'filter', [dir])).toThrow(/^filter 'nope' not found\. 'nbdx --list' shows/);
+    expect(() => locate('ofset', 'filter', [dir])).toThrow(/Did you mean 'offset'\?/);
+    expect(() => locate('nbdx-filter-nope', 'filter', [dir])).toThrow(/filter package 'nbdx-filter-nope' is not installed.*To run it: npx -p nbdx -p nbdx-filter-nope nbdx/);
+    expect(() => locate('cow', 'filter', [dir])).toThrow(/filter 'cow' is not installed .*npm install @nbdx\/filter-cow/);
   });
 });

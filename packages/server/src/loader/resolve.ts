@@ -2,6 +2,7 @@ import * as fs from 'node:fs';
 import * as path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
 import { unsupportedApiVersion, type Filter, type Plugin } from '../api/define.js';
+import { suggestions } from './names.js';
 
 export type Kind = 'plugin' | 'filter';
 
@@ -55,14 +56,42 @@ export function suggestedPackage(name: string, kind: Kind): string {
   return candidates[0] ?? candidatePackages(name, kind)[0]!;
 }
 
-/** The one-line "not found" message; `run` is the npx command to suggest (default: a sketch). */
+/** Did the user type a whole package name (`nbdx-plugin-x`, `@scope/...`) rather than a short name? */
+export function isPackageName(name: string, kind: Kind): boolean {
+  return name.startsWith('@') || name.includes(`nbdx-${kind}`);
+}
+
+/** Quote for a POSIX shell (for commands we suggest). */
+export function shellQuote(s: string): string {
+  return /^[A-Za-z0-9_@%+=:,./-]+$/.test(s) ? s : `'${s.replace(/'/g, `'\\''`)}'`;
+}
+
+/**
+ * The one-line "not found" message. A package name is suggested only where someone has checked
+ * it exists: nbdx's own packages, or a full package name the user typed. A short name that is
+ * neither gets "did you mean" suggestions and a pointer to `nbdx --list`, never an invented
+ * package name (which would be bait for typosquatting). `run`: the command to suggest (default:
+ * this command line through npx).
+ */
 export function notFoundMessage(name: string, kind: Kind, bases: readonly string[], extra?: { pkg?: string; run?: string; note?: string }): string {
-  const pkg = extra?.pkg ?? suggestedPackage(name, kind);
-  const tried = candidatePackages(name, kind);
+  const note = extra?.note ? ` ${extra.note}` : '';
+  const first = firstPartyPackage(name, kind);
+  const npxRun = (pkg: string) =>
+    extra?.run ?? ['npx', '-p', 'nbdx', '-p', pkg, 'nbdx', ...process.argv.slice(2)].map(shellQuote).join(' ');
+  if (first) {
+    const pkg = extra?.pkg ?? first;
+    return `${kind} '${name}' is not installed (looked in ${bases.join(', ')}).${note} Install it with: npm install ${pkg}   (or run: ${npxRun(pkg)})`;
+  }
+  if (isPackageName(name, kind)) {
+    const pkg = candidatePackages(name, kind)[0]!;
+    return `${kind} package '${pkg}' is not installed (looked in ${bases.join(', ')}).${note} To run it: ${npxRun(pkg)}`;
+  }
+  const near = suggestions(name, kind, bases);
   return (
-    `${kind} '${name}' not found; tried ${tried.join(', ')} from ${bases.join(', ')}. ` +
-    (extra?.note ? `${extra.note} ` : '') +
-    `Install it with: npm install ${pkg}   (or run: ${extra?.run ?? `npx -p nbdx -p ${pkg} nbdx ...`})`
+    `${kind} '${name}' not found.` +
+    (near.length ? ` Did you mean ${near.join(' or ')}?` : '') +
+    `${note} 'nbdx --list' shows the plugins and filters available; a third-party ${kind} is run by its full package name ` +
+    `(nbdx-${kind}-NAME or @SCOPE/nbdx-${kind}-NAME).`
   );
 }
 
