@@ -120,6 +120,28 @@ describe('STARTTLS: nothing sent in clear after it is ever read', () => {
     });
   }
 
+  // Found with the TLS client: a client that left right after its side of a TLS 1.3 handshake
+  // (as one does that rejects the server's certificate) was never noticed: its connection stayed
+  // for ever and close() hung. The sockets allow half-open connections, so only EOF came.
+  it('a client that leaves as soon as its TLS handshake is done is noticed at once', async () => {
+    const before = s.connectionCount;
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), option(C.OPT_STARTTLS));
+    await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + 20, 2000);
+    const t = await upgrade(r.sock);
+    t.destroy();
+    await waitFor(() => s.connectionCount === before, 1000, 'the connection to close');
+  });
+
+  it('a client that answers the STARTTLS ACK with nothing is closed by the handshake timeout', async () => {
+    const before = s.connectionCount;
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), option(C.OPT_STARTTLS));
+    await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + 20, 2000);
+    expect(await r.untilClosed(4000)).toBe(true);
+    await waitFor(() => s.connectionCount === before, 1000, 'the connection to go');
+  });
+
   it('an option sent in the same write as STARTTLS closes the connection, unanswered in clear or in TLS', async () => {
     const r = await RawSession.open(pathOf(s));
     r.send(clientFlags(), option(C.OPT_STARTTLS), go());

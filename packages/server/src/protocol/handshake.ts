@@ -305,11 +305,24 @@ async function startTls(settings: ProtocolSettings, reader: SocketReader, writer
     rejectUnauthorized: rejectUnauthorized ?? false,
     ...(pskCallback ? { pskCallback: (_sock: tls.TLSSocket, id: string) => pskCallback(secure, id) } : {}),
   } as tls.TLSSocketOptions);
-  await new Promise<void>((resolve, reject) => {
-    secure.once('secure', resolve);
-    secure.once('error', reject);
-    secure.once('close', () => reject(new Error('connection closed during the TLS handshake')));
-  });
+  try {
+    await new Promise<void>((resolve, reject) => {
+      const gone = () => reject(new HandshakeClose('connection closed during the TLS handshake'));
+      secure.once('secure', resolve);
+      secure.once('error', reject);
+      secure.once('close', gone);
+      // The sockets allow half-open connections, so a client that leaves mid-handshake shows
+      // as EOF only (no close follows by itself).
+      secure.once('end', gone);
+      // The handshake timeout or a shutdown (reader.fail) ends the wait too.
+      reader.onFail = reject;
+    });
+  } catch (err) {
+    secure.destroy();
+    throw err;
+  } finally {
+    reader.onFail = null;
+  }
   if (requestCert && rejectUnauthorized !== false) {
     // A TLSSocket made by hand (not by tls.Server) never sets `authorized`: ask OpenSSL directly.
     const peer = secure.getPeerCertificate();

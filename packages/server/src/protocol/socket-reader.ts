@@ -37,6 +37,8 @@ export class SocketReader {
   onData: (() => void) | null = null;
   /** `hard`: the connection is gone (error, close); otherwise the client sent EOF and may still read replies. */
   onEnd: ((hard: boolean) => void) | null = null;
+  /** Told by fail(): whoever waits on something other than read() (the TLS handshake). */
+  onFail: ((err: Error) => void) | null = null;
   /** With direct reads on: the next read lands here (a WRITE payload's missing part). */
   directTarget: Uint8Array | null = null;
   /** Set by the parser after a big WRITE: the next read stages only a little (direct-reads.ts). */
@@ -199,6 +201,9 @@ export class SocketReader {
    */
   fail(err: Error): void {
     this.discardInput();
+    const f = this.onFail;
+    this.onFail = null;
+    f?.(err);
     if (this.ended) return;
     this.ended = err;
     if (this.waiter) {
