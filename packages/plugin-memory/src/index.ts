@@ -9,7 +9,10 @@ import {
   type Extent,
   packageVersion,
 } from '@nbdx/server/api';
+import { constants } from 'node:buffer';
 import { SparseArray } from './sparse.js';
+
+const MAX_LENGTH = constants.MAX_LENGTH;
 
 type Allocator = 'sparse' | 'malloc';
 
@@ -75,9 +78,19 @@ export function createMemoryPlugin() {
     },
     configComplete() {
       if (size === undefined) throw new NbdError(Errno.EINVAL, 'size is required: nbdx memory SIZE (e.g. 1G)');
+      if (allocator === 'malloc' && size > MAX_LENGTH) {
+        throw new NbdError(
+          Errno.EINVAL,
+          `allocator=malloc: ${size} bytes is more than one buffer can hold here (${MAX_LENGTH}); use allocator=sparse (the default)`,
+        );
+      }
     },
     getReady() {
-      disk = allocator === 'sparse' ? new SparseArray(size!) : new FlatDisk(size!);
+      try {
+        disk = allocator === 'sparse' ? new SparseArray(size!) : new FlatDisk(size!);
+      } catch (err) {
+        throw new NbdError(Errno.ENOMEM, `allocator=malloc: cannot allocate ${size} bytes: ${(err as Error).message}`);
+      }
     },
     dumpPlugin() {
       return { memory_allocators: 'sparse,malloc' };

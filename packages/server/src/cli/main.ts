@@ -2,7 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 import * as os from 'node:os';
-import { NbdError, packageVersion, parseSize } from '../api/common.js';
+import { NbdError, layerOf, packageVersion, parseSize } from '../api/common.js';
 import { checkMaxPayload } from '../backend/block-size.js';
 import type { Filter, Plugin } from '../api/define.js';
 import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS } from '../api/define.js';
@@ -37,9 +37,12 @@ export async function main(argv: readonly string[]): Promise<number> {
     o = parseArgs(argv);
     return await run(o);
   } catch (err) {
-    const msg = err instanceof UsageError || err instanceof LoadError || err instanceof NbdError
-      ? err.message
-      : ((err as Error).stack ?? String(err));
+    // Always one line, naming the layer when one failed; the stack only for -v (for bug reports).
+    const e = err as Error;
+    const known = err instanceof UsageError || err instanceof LoadError || err instanceof NbdError;
+    const layer = layerOf(err);
+    let msg = `${layer ? `${layer}: ` : ''}${e?.message ?? String(err)}`;
+    if (!known && argv.some((a) => a === '-v' || a === '--verbose') && e?.stack) msg += `\n${e.stack}`;
     reportStartupError(msg);
     return 1;
   }
@@ -164,7 +167,7 @@ async function run(o: CliOptions): Promise<number> {
     addresses = await server.listen(listenTarget(o));
   } catch (err) {
     await server.close();
-    fail(`cannot listen: ${(err as Error).message}`);
+    fail(`cannot listen: ${listenError(o, err as NodeJS.ErrnoException)}`);
   }
   try {
     await server.afterStart();
@@ -174,7 +177,12 @@ async function run(o: CliOptions): Promise<number> {
   }
 
   if (o.pidfile) {
-    fs.writeFileSync(o.pidfile, `${process.pid}\n`);
+    try {
+      fs.writeFileSync(o.pidfile, `${process.pid}\n`);
+    } catch (err) {
+      await server.close();
+      fail(`-P ${o.pidfile}: cannot write the pidfile: ${(err as Error).message.replace(/^[A-Z]+: /, '')}`);
+    }
     const pidfile = o.pidfile;
     cleanups.push(() => fs.rmSync(pidfile, { force: true }));
   }
@@ -203,6 +211,21 @@ async function run(o: CliOptions): Promise<number> {
     child.on('exit', (code, signal) => finish(code ?? (signal ? 128 + (os.constants.signals[signal] ?? 0) : 1)));
   }
   return done;
+}
+
+/** Why listening failed, in the user's terms (Node says EACCES for a socket in a missing directory). */
+function listenError(o: CliOptions, err: NodeJS.ErrnoException): string {
+  if (o.unix && o.unix !== '-') {
+    const dir = path.dirname(path.resolve(o.unix));
+    if (!fs.existsSync(dir)) return `-U ${o.unix}: the directory ${dir} does not exist`;
+    if (err.code === 'EADDRINUSE') return `-U ${o.unix}: the socket is in use by another server (or left behind: remove it)`;
+    if (err.code === 'EACCES') return `-U ${o.unix}: no permission to create a socket in ${dir}`;
+    return `-U ${o.unix}: ${err.message}`;
+  }
+  if (err.code === 'EADDRINUSE') return `port ${o.port ?? 10809} is in use by another server`;
+  if (err.code === 'EACCES') return `port ${o.port ?? 10809}: permission denied (ports below 1024 need privileges)`;
+  if (err.code === 'EADDRNOTAVAIL') return `-i ${o.ipaddr}: no such address on this machine`;
+  return err.message;
 }
 
 /** Where messages go (--log): a function taking a syslog severity and a message. */

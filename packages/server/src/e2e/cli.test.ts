@@ -33,12 +33,21 @@ describe('bad command lines: one clear line, exit 1', () => {
     [['--max-connection-memory=1K', 'memory', '1G'], /--max-connection-memory: '1K' is below the smallest useful limit of 1M/],
     [['--max-server-memory=lots', 'memory', '1G'], /could not parse 'lots' as a size/],
     [[], /no plugin given/],
+    // Issue 15's list: each once gave a stack trace or blamed the wrong thing.
+    [['-f', '-P', '/nonexistent/dir/pid', '-U', path.join(dir, 'p1.sock'), 'memory', '1M'], /^nbdx: -P \/nonexistent\/dir\/pid: cannot write the pidfile: no such file or directory/],
+    [['-f', '-U', path.join(dir, 'm5.sock'), 'memory', '5T', 'allocator=malloc'], /^nbdx: allocator=malloc: \d+ bytes is more than one buffer can hold here \(\d+\); use allocator=sparse/],
+    [['-f', '-U', path.join(dir, 'sh.sock'), '--filter=shared', 'file', `dir=${dir}`, 'shared-export=nope'], /^nbdx: file: ENOENT: .*nope/],
+    [['-f', '-U', '/nonexistent/dir/x.sock', 'memory', '1M'], /^nbdx: cannot listen: -U \/nonexistent\/dir\/x\.sock: the directory \/nonexistent\/dir does not exist\n/],
+    [['-U', path.join(dir, 'x.sock'), '-p', '10999', 'memory', '1M'], /^nbdx: --dump-plugin, -p, --run, -s and -U cannot be used in this combination\n/],
+    [['-f', '-i', '192.0.2.1', '-p', '0', 'memory', '1M'], /^nbdx: cannot listen: -i 192\.0\.2\.1: no such address on this machine\n/],
+    [['--max-payload=1000', 'memory', '1M'], /^nbdx: --max-payload: 1000 is not between 64K and 1G/],
   ] as const) {
     it(`nbdx ${args.join(' ')}`, async () => {
       const r = await nbdx([...args, '--no-install']);
       expect(r.code).toBe(1);
       expect(r.stderr.trim().split('\n')).toHaveLength(1);
       expect(r.stderr).toMatch(msg);
+      expect(r.stderr).not.toMatch(/\n\s+at /); // no stack trace
     });
   }
 });
