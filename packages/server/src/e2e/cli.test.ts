@@ -201,6 +201,14 @@ export default {
     expect(r.stdout).toMatch(/^filters:\n(.*\n)*  offset +@nbdx\/filter-offset /m);
   });
 
+  // The fast paths use Node internals (direct reads into payload buffers, polling the socket's
+  // descriptor): on each supported Node line they must be on, not quietly fall back.
+  it(`the direct-read and polling fast paths are on (Node ${process.version})`, async () => {
+    const r = await nbdx(['-v', '-U', '-', 'memory', '1M', '--run', 'nbdsh -u "$uri" -c "h.pwrite(bytearray(300000), 0); h.pread(512, 0)"']);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stderr).toMatch(/^nbdx: debug: conn \d+: fast paths: direct reads on, polling on$/m);
+  });
+
   it('the process is named nbdx in ps and top (comm and cmdline)', async () => {
     const srv = await startCli(['-U', path.join(dir, 'title.sock'), 'memory', '1M']);
     const pid = srv.child.pid!;

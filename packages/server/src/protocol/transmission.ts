@@ -172,6 +172,8 @@ export class Transmission {
       const poller = this.poller;
       reader.onWake = () => poller.woke();
     }
+    // Which fast paths this socket got (they use Node internals; tests assert them per Node line).
+    settings.debug(`fast paths: direct reads ${this.direct ? 'on' : 'off'}, polling ${this.poller ? 'on' : 'off'}`);
     this.parse();
   }
 
