@@ -35,7 +35,7 @@ describe('bad command lines: one clear line, exit 1', () => {
     [[], /no plugin given/],
     // Issue 15's list: each once gave a stack trace or blamed the wrong thing.
     [['-f', '-P', '/nonexistent/dir/pid', '-U', path.join(dir, 'p1.sock'), 'memory', '1M'], /^nbdx: -P \/nonexistent\/dir\/pid: cannot write the pidfile: no such file or directory/],
-    [['-f', '-U', path.join(dir, 'm5.sock'), 'memory', '5T', 'allocator=malloc'], /^nbdx: allocator=malloc: \d+ bytes is more than one buffer can hold here \(\d+\); use allocator=sparse/],
+    [['-f', '-U', path.join(dir, 'm5.sock'), 'memory', '5T', 'allocator=malloc'], /^nbdx: (memory: )?allocator=malloc: (\d+ bytes is more than one buffer can hold here \(\d+\); use allocator=sparse|cannot allocate \d+ bytes)/],
     [['-f', '-U', path.join(dir, 'sh.sock'), '--filter=shared', 'file', `dir=${dir}`, 'shared-export=nope'], /^nbdx: file: ENOENT: .*nope/],
     [['-f', '-U', '/nonexistent/dir/x.sock', 'memory', '1M'], /^nbdx: cannot listen: -U \/nonexistent\/dir\/x\.sock: the directory \/nonexistent\/dir does not exist\n/],
     [['-U', path.join(dir, 'x.sock'), '-p', '10999', 'memory', '1M'], /^nbdx: --dump-plugin, -p, --run, -s and -U cannot be used in this combination\n/],

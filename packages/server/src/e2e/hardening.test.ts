@@ -212,6 +212,29 @@ describe('the handshake is bounded', () => {
     r.destroy();
   });
 
+  // Found by the fuzzer: EXPORT_NAME over the limit got an ERR_POLICY reply, which EXPORT_NAME
+  // cannot have ("the server ... MUST terminate the session" is its only error answer).
+  it('EXPORT_NAME over the option limit: no reply to it, the connection just closes', async () => {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), ...Array.from({ length: 8 }, () => option(C.OPT_LIST)), option(C.OPT_EXPORT_NAME, Buffer.from('')));
+    expect(await r.untilClosed(3000)).toBe(true);
+    const replies = optionReplies(r.received);
+    expect(replies.filter((x) => x.option === C.OPT_EXPORT_NAME)).toEqual([]);
+    expect(replies.filter((x) => x.type === C.REP_ACK).length).toBe(8);
+  });
+
+  // Also from the fuzzer: options sent just before the client's EOF got ERR_SHUTDOWN, as if the
+  // server were stopping; they are answered normally (ABORT with its ACK).
+  it('options followed by a half-close are answered normally, ABORT acknowledged', async () => {
+    const r = await RawSession.open(pathOf(s));
+    r.send(clientFlags(), option(C.OPT_LIST), option(C.OPT_ABORT));
+    r.sock.end();
+    expect(await r.untilClosed(3000)).toBe(true);
+    const replies = optionReplies(r.received);
+    expect(replies.map((x) => [x.option, x.type]).filter(([o]) => o === C.OPT_ABORT)).toEqual([[C.OPT_ABORT, C.REP_ACK]]);
+    expect(replies.some((x) => x.type === C.REP_ERR_SHUTDOWN)).toBe(false);
+  });
+
   it('ABORT with data is acknowledged (the data ignored), then the connection closes', async () => {
     const r = await RawSession.open(pathOf(s));
     r.send(clientFlags(), option(C.OPT_ABORT, Buffer.from('junk')));

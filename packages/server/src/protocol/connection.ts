@@ -35,6 +35,7 @@ export class Connection {
   private readonly budget: ConnectionBudget;
   /** Aborted when the client vanishes or the server shuts down: see Next.signal. */
   private readonly abort = new AbortController();
+  private shuttingDown = false;
   readonly closed: Promise<void>;
 
   constructor(
@@ -68,7 +69,11 @@ export class Connection {
         }, settings.handshakeTimeoutMs);
         timer.unref();
       }
-      const n = await negotiate({ ...settings, abort: this.abort, debug: (m) => this.debug(m) }, this.reader, this.writer);
+      const n = await negotiate(
+        { ...settings, abort: this.abort, shuttingDown: () => this.shuttingDown, debug: (m) => this.debug(m) },
+        this.reader,
+        this.writer,
+      );
       if (timer) clearTimeout(timer);
       if (!n) return;
       ctx = n.ctx;
@@ -145,6 +150,7 @@ export class Connection {
 
   /** Shutting down: finish what is in flight, then close. */
   shutdown(): void {
+    this.shuttingDown = true;
     this.abort.abort(new NbdError(Errno.ESHUTDOWN, 'the server is shutting down'));
     if (this.transmission) return this.transmission.stop('server shutting down');
     // In the handshake: options already sent or arriving now get NBD_REP_ERR_SHUTDOWN

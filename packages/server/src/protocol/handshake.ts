@@ -116,13 +116,16 @@ export async function negotiate(
     const data = await reader.read(length);
     const name = C.OPTION_NAMES[option] ?? `unknown option ${option}`;
     settings.debug(`client option ${name} (length ${length})`);
-    if (settings.abort?.signal.aborted) {
-      // The server is shutting down (the client's own disconnect would not get us here).
+    if (settings.shuttingDown?.() && option !== C.OPT_ABORT) {
+      // Options that arrive while the server shuts down (ABORT is still acknowledged below).
+      // Found by the fuzzer: a client's own EOF must not count as that (it also aborts the
+      // connection's signal): the options it sent before EOF are answered normally.
       if (option !== C.OPT_EXPORT_NAME) replyError(option, C.REP_ERR_SHUTDOWN, 'the server is shutting down');
       throw new HandshakeClose('the server is shutting down');
     }
     if (count > settings.maxOptions) {
-      replyError(option, C.REP_ERR_POLICY, `too many options (the limit is ${settings.maxOptions})`);
+      // Found by the fuzzer: EXPORT_NAME has no error reply, only hanging up (as above).
+      if (option !== C.OPT_EXPORT_NAME) replyError(option, C.REP_ERR_POLICY, `too many options (the limit is ${settings.maxOptions})`);
       throw new HandshakeClose(`client sent more than ${settings.maxOptions} options without choosing an export`);
     }
 

@@ -53,6 +53,8 @@ export interface ProtocolSettings {
   requestsPerConnection: number;
   debug: (message: string) => void;
   error: (message: string) => void;
+  /** Per connection (set by Connection): whether the server is shutting down (not the client leaving). */
+  shuttingDown?: () => boolean;
   /** Per connection (set by Connection): aborted when the client vanishes or the server shuts down. */
   abort?: AbortController;
 }
