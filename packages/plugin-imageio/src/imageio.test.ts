@@ -397,9 +397,13 @@ assert h.pread(4096, 0) == b"x" * 4096
 
 describe.skipIf(!have)('imageio plugin: TLS and the Unix socket', () => {
   let certs: TestCerts;
+  let certDir: string;
   beforeAll(async () => {
-    certs = await makeCerts(tmpDir('nbdx-imageio-tls-'));
+    certDir = tmpDir('nbdx-imageio-tls-');
+    certs = await makeCerts(certDir);
   });
+  // The directory holds a test CA's private key: never leave it behind.
+  afterAll(() => fs.rmSync(certDir, { recursive: true, force: true }));
 
   it('https with cafile= works; without it the start-up error says what to do; insecure=true works', async () => {
     const srv = await startImageio({ size: 2 * MiB, tls: { key: certs.key, cert: certs.cert } });

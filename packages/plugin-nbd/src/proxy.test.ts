@@ -4,8 +4,9 @@
  * upstream connection.
  */
 import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, afterAll } from 'vitest';
 import { NBD, NbdClient, NbdRequestError } from '@nbdx/client';
 import {
   Errno,
@@ -20,6 +21,17 @@ import {
 import { needTools, runOk, servePlugin, tmpDir, type TestServer } from '@nbdx/testkit';
 import { createNbdPlugin } from './index.js';
 import { startProbeUpstream, startRelay, type ProbeUpstream } from './fixtures.test-helper.js';
+
+/** Temporary directories of this file, removed when it is done. */
+const scratchDirs: string[] = [];
+const scratch = () => {
+  const d = tmpDir();
+  scratchDirs.push(d);
+  return d;
+};
+afterAll(() => {
+  for (const d of scratchDirs) fs.rmSync(d, { recursive: true, force: true });
+});
 
 const cleanups: Array<() => Promise<unknown>> = [];
 afterEach(async () => {
@@ -303,7 +315,7 @@ describe('errors', () => {
   });
 
   it('an unreachable upstream fails the client handshake with a clear message; the server stays up', async () => {
-    const dir = tmpDir();
+    const dir = scratch();
     const sock = path.join(dir, 'later.sock');
     const down = await proxy(`nbd+unix:///?socket=${sock}`);
     const err = await failure(NbdClient.connect(down.uri));
@@ -325,7 +337,7 @@ describe('errors', () => {
 
   it('losing the upstream: requests in flight get EIO, the client connection is closed, a new one reconnects', async () => {
     const up = await upstream({ readDelayMs: 300 }, '1M');
-    const sock = path.join(tmpDir(), 'relay.sock');
+    const sock = path.join(scratch(), 'relay.sock');
     const relay = await startRelay(sock, up.server.addresses[0]!.path!);
     cleanups.push(() => relay.close());
     const down = await proxy(`nbd+unix:///?socket=${sock}`);
@@ -363,7 +375,7 @@ describe('errors', () => {
 
   it('requests after the loss fail at once with EIO (raw client that does not hang up)', async () => {
     const up = await upstream({}, '1M');
-    const sock = path.join(tmpDir(), 'relay.sock');
+    const sock = path.join(scratch(), 'relay.sock');
     const relay = await startRelay(sock, up.server.addresses[0]!.path!);
     cleanups.push(() => relay.close());
     const down = await proxy(`nbd+unix:///?socket=${sock}`);

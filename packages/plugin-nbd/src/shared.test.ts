@@ -2,14 +2,26 @@
  * `--filter=shared nbd ...`: every client served over one upstream connection, counted on the
  * upstream side (an in-process nbdx upstream whose probe filter counts connections).
  */
+import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, afterAll } from 'vitest';
 import { NbdClient, NbdRequestError } from '@nbdx/client';
 import { Errno } from '@nbdx/server/api';
 import { createSharedFilter } from '@nbdx/filter-shared';
 import { needTools, runOk, servePlugin, startCli, tmpDir, type CliServer } from '@nbdx/testkit';
 import { createNbdPlugin } from './index.js';
 import { startProbeUpstream, startRelay, type ProbeUpstream } from './fixtures.test-helper.js';
+
+/** Temporary directories of this file, removed when it is done. */
+const scratchDirs: string[] = [];
+const scratch = () => {
+  const d = tmpDir();
+  scratchDirs.push(d);
+  return d;
+};
+afterAll(() => {
+  for (const d of scratchDirs) fs.rmSync(d, { recursive: true, force: true });
+});
 
 const cleanups: Array<() => Promise<unknown>> = [];
 afterEach(async () => {
@@ -81,7 +93,7 @@ describe('--filter=shared nbd', () => {
 
   it('losing the shared upstream connection: clients get EIO and are closed; later clients get a new one', async () => {
     const up = await upstream('1M');
-    const sock = path.join(tmpDir(), 'relay.sock');
+    const sock = path.join(scratch(), 'relay.sock');
     const relay = await startRelay(sock, up.server.addresses[0]!.path!);
     cleanups.push(() => relay.close());
     const s = await servePlugin(createNbdPlugin(), {
