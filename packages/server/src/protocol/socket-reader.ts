@@ -121,6 +121,16 @@ export class SocketReader {
    * handed to `onDirect` without any copy.
    */
   useDirectReads(): boolean {
+    // Found by the fuzzer: bytes the stream read before the switch and still holds (it was
+    // paused during the handshake) must come before anything read directly, or a client that
+    // sent far ahead gets its requests reordered. Take them now, in order.
+    if ((this.stream.readableLength ?? 0) > 0 && !this.discarding) {
+      this.stream.off('data', this.dataListener);
+      for (let chunk = this.stream.read() as Buffer | null; chunk !== null; chunk = this.stream.read() as Buffer | null) {
+        this.queue.push(chunk);
+      }
+      this.stream.on('data', this.dataListener);
+    }
     this.direct = enableDirectReads(this.stream, {
       onRead: (nread, buf) => {
         this.reads++;
