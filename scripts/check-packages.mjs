@@ -144,7 +144,8 @@ function checkManifest(pkg, m, files, coreVersion) {
     if (m[k] === undefined) problem(name, `package.json has no "${k}"`);
   }
   if (m.type !== 'module') problem(name, '"type" is not "module"');
-  if (!m.engines?.node || !satisfies('20.0.0', m.engines.node)) problem(name, `engines.node '${m.engines?.node}' does not accept Node 20`);
+  // The oldest supported Node.js line (README, "Node.js versions"; .ci/run tests it).
+  if (!m.engines?.node || !satisfies('22.0.0', m.engines.node)) problem(name, `engines.node '${m.engines?.node}' does not accept Node 22`);
   const repo = m.repository;
   if (!repo || repo.type !== 'git' || repo.url !== REPOSITORY || repo.directory !== pkg.rel) {
     problem(name, `repository should be { type: git, url: ${REPOSITORY}, directory: ${pkg.rel} }, is ${JSON.stringify(repo)}`);
