@@ -22,16 +22,9 @@ import { needTools, runOk, servePlugin, tmpDir, type TestServer } from '@nbdx/te
 import { createNbdPlugin } from './index.js';
 import { startProbeUpstream, startRelay, type ProbeUpstream } from './fixtures.test-helper.js';
 
-/** Temporary directories of this file, removed when it is done. */
-const scratchDirs: string[] = [];
-const scratch = () => {
-  const d = tmpDir();
-  scratchDirs.push(d);
-  return d;
-};
-afterAll(() => {
-  for (const d of scratchDirs) fs.rmSync(d, { recursive: true, force: true });
-});
+/** This file's temporary files, removed when it is done (as the other e2e tests do). */
+const files = tmpDir();
+afterAll(() => fs.rmSync(files, { recursive: true, force: true }));
 
 const cleanups: Array<() => Promise<unknown>> = [];
 afterEach(async () => {
@@ -315,7 +308,7 @@ describe('errors', () => {
   });
 
   it('an unreachable upstream fails the client handshake with a clear message; the server stays up', async () => {
-    const dir = scratch();
+    const dir = fs.mkdtempSync(path.join(files, 'dir-'));
     const sock = path.join(dir, 'later.sock');
     const down = await proxy(`nbd+unix:///?socket=${sock}`);
     const err = await failure(NbdClient.connect(down.uri));
@@ -337,7 +330,7 @@ describe('errors', () => {
 
   it('losing the upstream: requests in flight get EIO, the client connection is closed, a new one reconnects', async () => {
     const up = await upstream({ readDelayMs: 300 }, '1M');
-    const sock = path.join(scratch(), 'relay.sock');
+    const sock = path.join(fs.mkdtempSync(path.join(files, 'relay-')), 'relay.sock');
     const relay = await startRelay(sock, up.server.addresses[0]!.path!);
     cleanups.push(() => relay.close());
     const down = await proxy(`nbd+unix:///?socket=${sock}`);
@@ -375,7 +368,7 @@ describe('errors', () => {
 
   it('requests after the loss fail at once with EIO (raw client that does not hang up)', async () => {
     const up = await upstream({}, '1M');
-    const sock = path.join(scratch(), 'relay.sock');
+    const sock = path.join(fs.mkdtempSync(path.join(files, 'relay-')), 'relay.sock');
     const relay = await startRelay(sock, up.server.addresses[0]!.path!);
     cleanups.push(() => relay.close());
     const down = await proxy(`nbd+unix:///?socket=${sock}`);

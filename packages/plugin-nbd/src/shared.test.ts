@@ -12,16 +12,9 @@ import { needTools, runOk, servePlugin, startCli, tmpDir, type CliServer } from 
 import { createNbdPlugin } from './index.js';
 import { startProbeUpstream, startRelay, type ProbeUpstream } from './fixtures.test-helper.js';
 
-/** Temporary directories of this file, removed when it is done. */
-const scratchDirs: string[] = [];
-const scratch = () => {
-  const d = tmpDir();
-  scratchDirs.push(d);
-  return d;
-};
-afterAll(() => {
-  for (const d of scratchDirs) fs.rmSync(d, { recursive: true, force: true });
-});
+/** This file's temporary files, removed when it is done (as the other e2e tests do). */
+const files = tmpDir();
+afterAll(() => fs.rmSync(files, { recursive: true, force: true }));
 
 const cleanups: Array<() => Promise<unknown>> = [];
 afterEach(async () => {
@@ -93,7 +86,7 @@ describe('--filter=shared nbd', () => {
 
   it('losing the shared upstream connection: clients get EIO and are closed; later clients get a new one', async () => {
     const up = await upstream('1M');
-    const sock = path.join(scratch(), 'relay.sock');
+    const sock = path.join(files, 'relay.sock');
     const relay = await startRelay(sock, up.server.addresses[0]!.path!);
     cleanups.push(() => relay.close());
     const s = await servePlugin(createNbdPlugin(), {
