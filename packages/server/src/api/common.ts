@@ -97,6 +97,13 @@ export interface NbdErrorOptions {
 }
 
 /** Throw this (or any Error with a Node `code`) from a callback to choose the NBD error. */
+/**
+ * Marks NbdErrors by a registry symbol rather than by class identity: a plugin installed with its
+ * own copy of @nbdx/server (npm puts one beside it when versions differ) throws that copy's
+ * NbdError, which must still carry its errno through this copy's core.
+ */
+const NBD_ERROR = Symbol.for('nbdx.NbdError');
+
 export class NbdError extends Error {
   readonly errno: number;
   /** See NbdErrorOptions.fatal. */
@@ -106,6 +113,19 @@ export class NbdError extends Error {
     this.name = 'NbdError';
     this.errno = errno;
     this.fatal = options?.fatal ?? false;
+  }
+
+  get [NBD_ERROR](): true {
+    return true;
+  }
+
+  /**
+   * `err instanceof NbdError` holds for NbdErrors of every copy of this module; subclasses
+   * (`instanceof PartitionError`) keep the ordinary prototype check.
+   */
+  static override [Symbol.hasInstance](value: unknown): boolean {
+    if (this !== NbdError) return Function.prototype[Symbol.hasInstance].call(this, value);
+    return value !== null && typeof value === 'object' && (value as Record<symbol, unknown>)[NBD_ERROR] === true;
   }
 }
 
@@ -162,12 +182,20 @@ export function isNotSupported(err: unknown): boolean {
 // Logging: the server installs the sink; plugins call debug()/log() without importing the server.
 
 export type LogSink = (level: 'debug' | 'info' | 'error', source: string, message: string) => void;
-let sink: LogSink = (level, source, message) => {
+// The sink lives in a process-wide registry slot, not in this module: a plugin that loaded its own
+// copy of @nbdx/server must still log through the server's sink (-v, syslog, --log=null).
+const SINK = Symbol.for('nbdx.logSink');
+const registry = globalThis as unknown as Record<symbol, LogSink | undefined>;
+const defaultSink: LogSink = (level, source, message) => {
   if (level !== 'debug') process.stderr.write(`nbdx: ${source}: ${message}\n`);
 };
 
 export function setLogSink(next: LogSink): void {
-  sink = next;
+  registry[SINK] = next;
+}
+
+function sink(level: 'debug' | 'info' | 'error', source: string, message: string): void {
+  (registry[SINK] ?? defaultSink)(level, source, message);
 }
 
 /** Debug output, shown with `-v`. `source` is usually the plugin or filter name. */
@@ -177,6 +205,14 @@ export function debug(source: string, message: string): void {
 
 export function logError(source: string, message: string): void {
   sink('error', source, message);
+}
+
+/**
+ * A warning shown at the default level (`nbdx: SOURCE: warning: MESSAGE`): for something the
+ * operator should know at start-up, such as a plugin running without an optional helper.
+ */
+export function logWarning(source: string, message: string): void {
+  sink('info', source, `warning: ${message}`);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -256,7 +292,7 @@ export function parseBool(text: string, what = 'value'): boolean {
   throw new NbdError(Errno.EINVAL, `${what}: could not parse '${text}' as a boolean`);
 }
 
-const LAYER = Symbol('nbdx.layer');
+const LAYER = Symbol.for('nbdx.layer');
 
 /**
  * Remember which layer an error came from, for the log line that reports it ("nbdx: file: error:

@@ -80,8 +80,7 @@ async function run(o: CliOptions): Promise<number> {
   }
 
   const { ensureInstalled } = await import('./install.js');
-  const reexec = await ensureInstalled(o, argv());
-  if (reexec !== null) return reexec;
+  await ensureInstalled(o, argv());
 
   const bases = searchBases();
   const pluginMod = await load(o.plugin, 'plugin', bases);

@@ -1,6 +1,8 @@
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { packageVersion } from '../api/common.js';
 import { unsupportedApiVersion, type Filter, type Plugin } from '../api/define.js';
 import { suggestions } from './names.js';
 
@@ -95,13 +97,36 @@ export function notFoundMessage(name: string, kind: Kind, bases: readonly string
   );
 }
 
-/** Directories searched: the working directory first, then where the CLI itself is installed. */
-export function searchBases(cwd: string = process.cwd()): string[] {
+/** nbdx's version: its own plugins and filters are released with it, at the same version. */
+export const NBDX_VERSION: string = packageVersion(import.meta.url);
+
+/**
+ * Where nbdx installs its own plugins and filters when a command line names one that is missing
+ * (cli/install.ts): an npm prefix per nbdx version, `$NBDX_CACHE_DIR/VERSION`, by default
+ * `${XDG_CACHE_HOME:-~/.cache}/nbdx/VERSION`. Outside any project, so it never edits the user's
+ * package.json, and searched on every start, so a package is downloaded once.
+ */
+export function installCacheDir(version: string = NBDX_VERSION, env: NodeJS.ProcessEnv = process.env): string {
+  const root = env.NBDX_CACHE_DIR || path.join(env.XDG_CACHE_HOME || path.join(os.homedir(), '.cache'), 'nbdx');
+  return path.join(root, version);
+}
+
+/**
+ * Directories searched, in order: the working directory (a project's own node_modules), where
+ * the CLI itself is installed, the packages `npx -p PKG` put on PATH (npx adds their
+ * node_modules/.bin; inside a project that has nbdx, npx runs the project's nbdx, which must
+ * still see them), and the on-demand install cache.
+ */
+export function searchBases(cwd: string = process.cwd(), env: NodeJS.ProcessEnv = process.env): string[] {
   const here = path.dirname(fileURLToPath(import.meta.url));
   const bases = [cwd, here];
   try {
     bases.push(path.dirname(fs.realpathSync(process.argv[1] ?? here)));
   } catch {}
+  for (const dir of (env.PATH ?? '').split(path.delimiter)) {
+    if (dir.endsWith(`${path.sep}node_modules${path.sep}.bin`)) bases.push(path.dirname(path.dirname(dir)));
+  }
+  bases.push(installCacheDir(NBDX_VERSION, env));
   return [...new Set(bases)];
 }
 
