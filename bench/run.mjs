@@ -14,7 +14,7 @@ import { fileURLToPath } from 'node:url';
 import { scenarios } from './scenarios.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-const NBDX = path.resolve(here, '../packages/nbdx/dist/bin.js');
+const NBDX = path.resolve(here, '../packages/nbdx/bin/nbdx.js');
 const SECONDS = Number(process.env.BENCH_SECONDS ?? 5);
 const REPEAT = Number(process.env.BENCH_REPEAT ?? 1);
 const ENV = { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env.PATH}` };

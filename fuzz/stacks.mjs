@@ -14,7 +14,7 @@ import { writeRegion } from './probe.mjs';
 import { Rng } from './rng.mjs';
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-export const NBDX = path.resolve(here, '../packages/nbdx/dist/bin.js');
+export const NBDX = path.resolve(here, '../packages/nbdx/bin/nbdx.js');
 export const ENV = { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env.PATH}` };
 export const SIZE = 64 * 1024 * 1024;
 export const REGION = { offset: 8 * 1024 * 1024, length: 1024 * 1024 };

@@ -25,7 +25,9 @@ let cache: string;
 function copyPackage(from: string, to: string): void {
   fs.mkdirSync(to, { recursive: true });
   fs.copyFileSync(path.join(from, 'package.json'), path.join(to, 'package.json'));
-  fs.cpSync(path.join(from, 'dist'), path.join(to, 'dist'), { recursive: true });
+  for (const dir of ['dist', 'bin']) {
+    if (fs.existsSync(path.join(from, dir))) fs.cpSync(path.join(from, dir), path.join(to, dir), { recursive: true });
+  }
 }
 
 beforeAll(() => {
@@ -33,7 +35,7 @@ beforeAll(() => {
   const nm = path.join(tmp, 'lib', 'node_modules');
   copyPackage(path.join(root, 'packages/nbdx'), path.join(nm, 'nbdx'));
   copyPackage(path.join(root, 'packages/server'), path.join(nm, '@nbdx', 'server'));
-  bin = path.join(nm, 'nbdx', 'dist', 'bin.js');
+  bin = path.join(nm, 'nbdx', 'bin', 'nbdx.js');
   log = path.join(tmp, 'npm.log');
   work = path.join(tmp, 'work');
   cache = path.join(tmp, 'cache');

@@ -15,7 +15,7 @@ import { fileURLToPath } from 'node:url';
 const here = path.dirname(fileURLToPath(import.meta.url));
 const pkg = path.resolve(here, '..');
 const root = path.resolve(pkg, '../..');
-const NBDX = path.join(root, 'packages/nbdx/dist/bin.js');
+const NBDX = path.join(root, 'packages/nbdx/bin/nbdx.js');
 const ENV = { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env.PATH}` };
 const size = process.argv[2] ?? '1G';
 const extra = process.argv.slice(3);

@@ -415,7 +415,7 @@ export function nbdxBin(): string {
   if (process.env.NBDX_BIN) return process.env.NBDX_BIN;
   let dir = path.dirname(fileURLToPath(import.meta.url));
   for (;;) {
-    for (const p of [path.join(dir, 'node_modules', 'nbdx', 'dist', 'bin.js'), path.join(dir, 'packages', 'nbdx', 'dist', 'bin.js')]) {
+    for (const p of [path.join(dir, 'node_modules', 'nbdx', 'bin', 'nbdx.js'), path.join(dir, 'packages', 'nbdx', 'bin', 'nbdx.js')]) {
       if (fs.existsSync(p)) return p;
     }
     const up = path.dirname(dir);

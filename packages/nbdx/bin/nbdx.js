@@ -1,4 +1,6 @@
 #!/usr/bin/env node
+// The `nbdx` command. Plain JavaScript kept in git rather than built, so that package managers
+// can link it when the workspace is installed, before anything is built.
 import { main } from '@nbdx/server/cli';
 
 main(process.argv.slice(2)).then(
@@ -8,7 +10,8 @@ main(process.argv.slice(2)).then(
     setImmediate(() => process.exit(status));
   },
   (err) => {
-    process.stderr.write(`nbdx: ${(err as Error).stack ?? err}\n`);
+    // main() reports its own errors in one line; this is for a bug in it.
+    process.stderr.write(`nbdx: ${err?.stack ?? err}\n`);
     process.exit(1);
   },
 );
