@@ -8,7 +8,9 @@ import { Mutex } from './backend/mutex.js';
 import { Connection } from './protocol/connection.js';
 import { ServerBudget } from './protocol/memory-budget.js';
 import { DEFAULT_SETTINGS, type ProtocolSettings, type TlsSettings } from './protocol/settings.js';
+import { ServerStats } from './protocol/stats.js';
 import { bind, type BoundListener, type ListenTarget } from './listeners/listen.js';
+import type { MetricsEndpoint, MetricsOptions } from './metrics/exporter.js';
 
 export interface ServeOptions {
   plugin: Plugin;
@@ -53,6 +55,12 @@ export interface ServeOptions {
    */
   pollMicroseconds?: number;
   tls?: TlsSettings;
+  /**
+   * Serve Prometheus / OpenMetrics text at http://HOST:PORT/metrics (the CLI's --metrics): requests,
+   * bytes, errors and latencies per operation and export, connections. Off by default; when off,
+   * nothing is counted and prom-client is not loaded. See "Metrics" in the README.
+   */
+  metrics?: MetricsOptions;
   /** Called with debug lines (-v). */
   debug?: (message: string) => void;
   error?: (message: string) => void;
@@ -78,6 +86,7 @@ export class NbdServer {
   private connections = new Set<Connection>();
   private connectionLock: Mutex | null;
   private closing: Promise<void> | null = null;
+  private metricsEndpoint: MetricsEndpoint | null = null;
   exportName = '';
 
   private constructor(backend: Backend, options: ServeOptions) {
@@ -105,6 +114,7 @@ export class NbdServer {
       traceRequests: options.traceRequests ?? false,
       debug: options.debug ?? (() => {}),
       error: options.error ?? ((m) => process.stderr.write(`nbdx: ${m}\n`)),
+      stats: options.metrics ? new ServerStats() : null,
     };
     this.exportName = options.exportName ?? '';
   }
@@ -131,7 +141,23 @@ export class NbdServer {
       await backend.unload();
       throw err;
     }
-    return new NbdServer(backend, options);
+    const server = new NbdServer(backend, options);
+    if (options.metrics) {
+      try {
+        const { startMetrics } = await import('./metrics/exporter.js');
+        server.metricsEndpoint = await startMetrics(server.settings.stats!, options.metrics, server.settings.debug);
+      } catch (err) {
+        await backend.unload();
+        throw err;
+      }
+    }
+    return server;
+  }
+
+  /** Where the metrics endpoint listens (its port, when 0 was asked for); null without metrics. */
+  get metricsAddress(): { host: string; port: number; url: string } | null {
+    const m = this.metricsEndpoint;
+    return m ? { host: m.host, port: m.port, url: m.url } : null;
   }
 
   /** Start listening on a target; may be called more than once. */
@@ -198,6 +224,7 @@ export class NbdServer {
       for (const c of this.connections) c.shutdown();
       await Promise.all([...this.connections].map((c) => c.closed));
       await this.backend.unload();
+      await this.metricsEndpoint?.close();
     })();
     return this.closing;
   }

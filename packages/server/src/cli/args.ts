@@ -1,3 +1,5 @@
+import { isIP } from 'node:net';
+
 /**
  * nbdkit's command-line grammar: `nbdx [OPTIONS] PLUGIN [KEY=VALUE | VALUE]... [OPTIONS]`.
  * Options may come before or after the plugin; the first bare value after the plugin goes to
@@ -47,6 +49,8 @@ export interface CliOptions {
   timeout?: number;
   /** --poll=MICROSECONDS (see ServeOptions.pollMicroseconds). */
   poll?: number;
+  /** --metrics=[HOST:]PORT: where the metrics endpoint listens (see ServeOptions.metrics). */
+  metrics?: { host: string; port: number };
   noInstall: boolean;
   plugin?: string;
   /** key=value pairs in order; bare values arrive as [null, value] until the magic key is known. */
@@ -143,6 +147,7 @@ const LONG: Record<string, Spec> = {
   'max-options': numberOption('max-options', 'a number from 1 to 65536', 1, 65536, true, (o, n) => (o.maxOptions = n)),
   timeout: numberOption('timeout', 'a number of seconds from 0 to 86400', 0, 86400, false, (o, n) => (o.timeout = n)),
   poll: numberOption('poll', 'a number of microseconds from 0 to 1000000', 0, 1_000_000, true, (o, n) => (o.poll = n)),
+  metrics: { takesValue: true, set: (o, v) => (o.metrics = parseMetricsAddress(v)) },
   'no-install': { takesValue: false, set: (o) => (o.noInstall = true) },
   newstyle: { takesValue: false, set: () => {} },
   oldstyle: {
@@ -242,6 +247,41 @@ export function parseArgs(argv: readonly string[]): CliOptions {
   return o;
 }
 
+/** Where metrics are served when --metrics names only a port: this machine only. */
+export const METRICS_DEFAULT_HOST = '127.0.0.1';
+
+/**
+ * --metrics=[HOST:]PORT: `9100`, `0.0.0.0:9100`, `localhost:9100`, `[::1]:9100`. Port 0 picks a
+ * free port (-v logs it). An IPv6 address goes in brackets, as in URLs.
+ */
+export function parseMetricsAddress(value: string): { host: string; port: number } {
+  const bad = (why: string): never => {
+    throw new UsageError(`--metrics: '${value}' ${why} (expected [HOST:]PORT, e.g. 9100, 0.0.0.0:9100, [::1]:9100)`);
+  };
+  let host = METRICS_DEFAULT_HOST;
+  let port = value;
+  if (value.startsWith('[')) {
+    const end = value.indexOf(']');
+    if (end < 0 || value[end + 1] !== ':') bad('is not [IPV6]:PORT');
+    host = value.slice(1, end);
+    if (isIP(host) !== 6) bad(`has '${host}' in brackets, which is not an IPv6 address`);
+    port = value.slice(end + 2);
+  } else {
+    const colon = value.lastIndexOf(':');
+    if (colon >= 0) {
+      host = value.slice(0, colon);
+      port = value.slice(colon + 1);
+      if (host.includes(':')) bad('has an IPv6 address without brackets');
+      if (!HOST_NAME.test(host)) bad(host === '' ? 'has no host before the colon' : `has '${host}', which is not a host name or address`);
+    }
+  }
+  if (!/^[0-9]{1,5}$/.test(port) || Number(port) > 65535) bad(port === '' ? 'has no port' : `has '${port}', which is not a port number (0 to 65535)`);
+  return { host, port: Number(port) };
+}
+
+/** A host name or IPv4 address (letters, digits, dots and hyphens). */
+const HOST_NAME = /^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$/;
+
 /** What may stand before '=' in KEY=VALUE (nbdkit's rule); anything else is a bare value. */
 const CONFIG_KEY = /^[A-Za-z][A-Za-z0-9_.-]*$/;
 
@@ -285,6 +325,9 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
       --no-sr               no structured replies (nor extended headers)
       --max-payload=SIZE    largest read/write request (default 32M)
       --poll=MICROSECONDS   poll an idle connection this long before sleeping (default 50, 0 = off)
+      --metrics=[HOST:]PORT serve Prometheus/OpenMetrics at http://HOST:PORT/metrics; HOST
+                            defaults to 127.0.0.1 (this machine only): 0.0.0.0:PORT or [::]:PORT
+                            exposes them; port 0 picks a free one (-v shows it)
       --timeout=SECONDS     a client must finish the handshake (TLS included) in this time
                             (default 60, 0 = no limit)
       --max-options=N       options a client may send before choosing an export (default 32)

@@ -134,6 +134,7 @@ async function run(o: CliOptions): Promise<number> {
     maxOptions: o.maxOptions,
     handshakeTimeout: o.timeout,
     pollMicroseconds: o.poll,
+    metrics: o.metrics,
     threads: o.threads,
     traceRequests: verbose,
     tls: tlsSettings(o),

@@ -5,6 +5,7 @@ import { ConnectionBudget } from './memory-budget.js';
 import { ReplyWriter } from './reply-writer.js';
 import type { ProtocolSettings } from './settings.js';
 import { SocketReader } from './socket-reader.js';
+import type { ExportStats } from './stats.js';
 import { Transmission } from './transmission.js';
 
 let nextId = 1;
@@ -50,6 +51,10 @@ export class Connection {
     this.writer = new ReplyWriter(output, this.budget);
     stream.on('error', () => {});
     output.on('error', () => {});
+    if (settings.stats) {
+      settings.stats.connectionsAccepted++;
+      settings.stats.connectionsOpen++;
+    }
     this.closed = this.run();
   }
 
@@ -60,6 +65,7 @@ export class Connection {
   private async run(): Promise<void> {
     const { settings } = this;
     let ctx = null;
+    let exportStats: ExportStats | null = null;
     let timer: NodeJS.Timeout | null = null;
     try {
       await settings.backend.preconnect(settings.readonly);
@@ -77,6 +83,11 @@ export class Connection {
       if (timer) clearTimeout(timer);
       if (!n) return;
       ctx = n.ctx;
+      if (settings.stats) {
+        exportStats = settings.stats.forExport(ctx.exportName);
+        exportStats.connections++;
+        exportStats.connectionsOpen++;
+      }
       this.debug(
         `transmission: export '${ctx.exportName}' size ${ctx.size} flags 0x${n.flags.toString(16)}` +
           `${n.extended ? ' extended' : n.structured ? ' structured' : ''}${n.isTls ? ' tls' : ''}`,
@@ -87,9 +98,11 @@ export class Connection {
         this.reader,
         this.writer,
         this.budget,
+        exportStats,
       );
       await this.transmission.done;
     } catch (err) {
+      if (!ctx && settings.stats) settings.stats.handshakeFailures++;
       if (err instanceof HandshakeClose) this.debug(`handshake ended: ${err.message}`);
       else if (!this.reader.isEnded) settings.error(`conn ${this.id}: ${(err as Error).message}`);
       else this.debug(`client went away: ${(err as Error).message}`);
@@ -103,6 +116,8 @@ export class Connection {
       this.writer.close();
       this.budget.close();
       await this.closeStreams();
+      if (exportStats) exportStats.connectionsOpen--;
+      if (settings.stats) settings.stats.connectionsOpen--;
     }
   }
 

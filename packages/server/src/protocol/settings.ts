@@ -3,6 +3,7 @@ import type { Backend } from '../backend/backend.js';
 import type { Mutex } from '../backend/mutex.js';
 import { DEFAULT_MAX_PAYLOAD } from '../wire/constants.js';
 import { DEFAULT_CONNECTION_MEMORY, DEFAULT_SERVER_MEMORY, ServerBudget } from './memory-budget.js';
+import type { ServerStats } from './stats.js';
 
 export type TlsMode = 'off' | 'on' | 'require';
 
@@ -53,6 +54,8 @@ export interface ProtocolSettings {
   requestsPerConnection: number;
   debug: (message: string) => void;
   error: (message: string) => void;
+  /** Where connections and requests are counted for --metrics; unset or null: nowhere, at no cost. */
+  stats?: ServerStats | null;
   /** Per connection (set by Connection): whether the server is shutting down (not the client leaving). */
   shuttingDown?: () => boolean;
   /** Per connection (set by Connection): aborted when the client vanishes or the server shuts down. */

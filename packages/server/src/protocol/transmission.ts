@@ -32,6 +32,7 @@ import type { Negotiated } from './handshake.js';
 import type { ReplyWriter } from './reply-writer.js';
 import type { ConnectionBudget } from './memory-budget.js';
 import type { ProtocolSettings } from './settings.js';
+import { ERRNO_COUNT, errnoIndex, opIndex, type ExportStats } from './stats.js';
 import { PAUSE_BUDGET, PAUSE_QUEUE, PAUSE_TURN, type SocketReader } from './socket-reader.js';
 
 /**
@@ -131,6 +132,8 @@ export class Transmission {
     private readonly writer: ReplyWriter,
     /** Request bytes being served and reply bytes not yet sent count here (memory-budget.ts). */
     private readonly budget: ConnectionBudget,
+    /** Where this connection's requests are counted (--metrics); null: nothing is counted. */
+    private readonly stats: ExportStats | null = null,
   ) {
     this.ctx = n.ctx;
     this.extended = n.extended;
@@ -418,6 +421,8 @@ export class Transmission {
 
   /** `pooled`: the payload came from the buffer pool and goes back once the request is done. */
   private start(req: Request, payload: Buffer | null, error: NbdError | null, pooled = false): void {
+    const stats = this.stats;
+    if (stats !== null) stats.requests[opIndex(req.type)]++;
     if (error) {
       this.replyError(req, error, true);
       return;
@@ -429,6 +434,11 @@ export class Transmission {
     this.started++;
     if (req.type === C.CMD_READ || req.type === C.CMD_WRITE) this.startedBytes += req.length;
     this.inFlight++;
+    let t0 = 0;
+    if (stats !== null) {
+      stats.inFlight++;
+      t0 = performance.now();
+    }
     this.budget.take(cost);
     this.pauseIfFull();
     const lock = this.settings.requestLock;
@@ -442,18 +452,18 @@ export class Transmission {
     if (pending === undefined) {
       // Answered already (a synchronous plugin): no promise turn at all.
       if (pooled) bufferPool.put(payload!);
-      this.finish(cost);
+      this.finish(cost, req.type, t0);
       return;
     }
     pending.then(
       () => {
         // Plugins may not keep the buffer after pwrite returns, so it can be reused.
         if (pooled) bufferPool.put(payload!);
-        this.finish(cost);
+        this.finish(cost, req.type, t0);
       },
       (err) => {
         this.settings.error(`internal error: ${(err as Error).stack ?? err}`);
-        this.finish(cost);
+        this.finish(cost, req.type, t0);
       },
     );
   }
@@ -469,7 +479,13 @@ export class Transmission {
     return 0;
   }
 
-  private finish(cost: number): void {
+  /** A request of command `type`, started at `t0` (performance.now(), when counted), is done. */
+  private finish(cost: number, type: number, t0: number): void {
+    const stats = this.stats;
+    if (stats !== null) {
+      stats.inFlight--;
+      stats.observe(opIndex(type), (performance.now() - t0) / 1000);
+    }
     this.inFlight--;
     this.budget.give(cost);
     // An answer that came later (an asynchronous plugin): the connection may be idle now.
@@ -610,6 +626,7 @@ export class Transmission {
   // ---- replies ---------------------------------------------------------------------------------
 
   private replyOk(req: Request): void {
+    if (this.stats !== null) this.stats.bytes[opIndex(req.type)] += req.length;
     const w = this.writer;
     if (this.extended) {
       const at = w.reserve(C.EXTENDED_REPLY_SIZE);
@@ -624,6 +641,7 @@ export class Transmission {
     const errno = toErrno(err);
     const message = err instanceof Error ? err.message : String(err);
     const cmd = C.CMD_NAMES[req.type] ?? `command ${req.type}`;
+    if (this.stats !== null) this.stats.errors[opIndex(req.type) * ERRNO_COUNT + errnoIndex(errno)]++;
     this.logError(cmd, errno, invalid ? null : (layerOf(err) ?? this.settings.backend.plugin.plugin.name), `${cmd} ${req.length} bytes at ${req.offset}: ${message} (${errnoName(errno)})`);
     const w = this.writer;
     if (this.structured) {
@@ -665,6 +683,7 @@ export class Transmission {
   /** `b` is the pooled buffer holding `data` at DATA_ALIGN; it goes back once the socket wrote it. */
   private replyRead(req: Request, b: Buffer, data: Buffer, result: ReadResult): void {
     const len = req.length;
+    if (this.stats !== null) this.stats.bytes[C.CMD_READ] += len;
     if (!this.structured) {
       // One buffer for header and data: the plugin filled the data in place.
       fillHoles(data, result);
@@ -723,6 +742,7 @@ export class Transmission {
     } catch (err) {
       return this.replyError(req, err);
     }
+    if (this.stats !== null) this.stats.bytes[C.CMD_BLOCK_STATUS] += req.length;
     // Compact replies carry 32-bit lengths; extended ones 64-bit. The reply may cover less than
     // asked, never more than the advertised maximum payload.
     const fit = Math.floor((this.n.blockSize.maximum - 8) / (this.extended ? 16 : 8));
