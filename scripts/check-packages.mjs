@@ -31,7 +31,7 @@ const REPOSITORY = 'git+https://example.invalid/nbdx/nbdx.git';
 const ALLOWED_TOP = new Set(['package.json', 'README.md', 'LICENSE', 'LICENSE.md', 'CHANGELOG.md']);
 /** Extra published paths some packages need (sources of a native addon built on install). */
 const EXTRA_ALLOWED = {
-  '@nbdx/plugin-file': [/^native\//, /^binding\.gyp$/, /^scripts\/build-addon\.mjs$/],
+  '@nbdx/plugin-file': [/^native\//, /^binding\.gyp$/, /^scripts\/build-addon\.mjs$/, /^prebuilds\/linux-(x64|arm64)-(glibc|musl)\/file_ops\.node$/],
 };
 
 const problems = [];
@@ -197,6 +197,7 @@ function checkFiles(name, files) {
     if (/\.test\.|\.test-helper\.|\.tsbuildinfo$/.test(f)) problem(name, `publishes a test or build artefact: ${f}`);
   }
   if (!files.some((f) => f.startsWith('dist/') && f.endsWith('.js'))) problem(name, 'has no dist/*.js: build it first (pnpm build)');
+  if (name === '@nbdx/plugin-file' && !files.includes('prebuilds/linux-x64-glibc/file_ops.node')) problem(name, 'has no prebuilds/linux-x64-glibc/file_ops.node (its prepack script, scripts/prebuild.mjs, makes it)');
 }
 
 async function main() {

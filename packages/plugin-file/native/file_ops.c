@@ -30,6 +30,28 @@
 #include <linux/fs.h>
 #endif
 
+/*
+ * musl before 1.2.5 has no preadv2/pwritev2 wrappers (the linux-x64-musl prebuild is compiled
+ * against such a musl), so outside glibc the system calls are made directly, with the offset
+ * split as the kernel's pos_from_hilo() takes it (64-bit kernels use the low word alone).
+ * -DNBDX_FILE_RAW_RWV2 does the same on glibc, so that the tests run this path.
+ */
+#if defined(__linux__) && (!defined(__GLIBC__) || defined(NBDX_FILE_RAW_RWV2))
+#include <sys/syscall.h>
+#if defined(SYS_preadv2) && defined(SYS_pwritev2)
+static ssize_t rw2(long nr, int fd, const struct iovec *iov, int count, off_t offset, int flags) {
+  uint64_t pos = (uint64_t)offset;
+  /* (long)pos keeps the low half on 32-bit targets and the whole offset on 64-bit ones. */
+  return (ssize_t)syscall(nr, fd, iov, count, (long)pos, (long)(pos >> 32), flags);
+}
+#define preadv2(fd, iov, count, offset, flags) rw2(SYS_preadv2, fd, iov, count, offset, flags)
+#define pwritev2(fd, iov, count, offset, flags) rw2(SYS_pwritev2, fd, iov, count, offset, flags)
+#else
+#undef RWF_DSYNC
+#undef RWF_NOWAIT
+#endif
+#endif
+
 #ifndef FALLOC_FL_KEEP_SIZE
 #define FALLOC_FL_KEEP_SIZE 0
 #endif

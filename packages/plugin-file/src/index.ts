@@ -1,8 +1,8 @@
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { Errno, FLAG_REQ_ONE, NbdError, debug, definePlugin, packageVersion } from '@nbdx/server/api';
+import { Errno, FLAG_REQ_ONE, NbdError, debug, definePlugin, logWarning, packageVersion } from '@nbdx/server/api';
 import { exportPath, listDirExports, badExportName } from './export-dir.js';
-import { loadNative, type NativeOps } from './native.js';
+import { WITHOUT_NATIVE_HELPER, loadNative, type NativeOps } from './native.js';
 import { OpenFile, type Fadvise } from './open-file.js';
 
 export interface FilePluginOptions {
@@ -20,17 +20,27 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
   let cacheNone = false;
   let fadvise: Fadvise = 'normal';
   let native: NativeOps | null = null;
-  let nativeNote = '';
 
+  /**
+   * Pick the helper up and say how it went: a debug line when it loaded; when it did not, one
+   * line at the default level (an operator should know sparse files lose their holes) with the
+   * short reason, and the full list of tried paths under -v. A caller that passed
+   * `native: false` asked for the fallbacks, so that is only a debug line.
+   */
   function resolveNative(): void {
     if (options.native === false) {
       native = null;
-      nativeNote = 'disabled by createFilePlugin({ native: false })';
+      debug('file', `native helper not used (createFilePlugin({ native: false })): ${WITHOUT_NATIVE_HELPER}`);
       return;
     }
     const loaded = loadNative();
     native = loaded.ops;
-    nativeNote = loaded.ops ? loaded.path : loaded.reason;
+    if (loaded.ops) {
+      debug('file', `native helper loaded from ${loaded.path}`);
+      return;
+    }
+    logWarning('file', `native helper not available (${loaded.reason}): ${WITHOUT_NATIVE_HELPER}`);
+    if (loaded.tried.length) debug('file', `native helper: tried ${loaded.tried.join('; ')}`);
   }
 
   return definePlugin<OpenFile>({
@@ -99,14 +109,6 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
 
     async getReady() {
       resolveNative();
-      if (native) debug('file', `addon loaded from ${nativeNote}`);
-      else {
-        debug(
-          'file',
-          `addon unavailable (${nativeNote}): no extents, zero is done by writing zeroes, trim does nothing, ` +
-            'cache reads, FUA is write + fdatasync, fadvise= and cache=none have no effect',
-        );
-      }
       if (file !== undefined) {
         const st = await stat(file).catch((err: Error) => {
           throw new NbdError(Errno.EINVAL, `file=${file}: ${err.message}`);
@@ -182,5 +184,5 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
 
 export default createFilePlugin();
 export { OpenFile, MAX_EXTENTS } from './open-file.js';
-export { loadNative, type NativeOps } from './native.js';
+export { loadNative, type NativeOps, type NativeLoad } from './native.js';
 export { badExportName, listDirExports } from './export-dir.js';
