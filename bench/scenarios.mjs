@@ -66,6 +66,14 @@ export const scenarios = {
     reference: () => ({ kind: 'nbdx', args: ['memory', '1G'] }),
   },
 
+  // What counting every request for --metrics costs: the same memory disk with and without it.
+  metrics: {
+    labels: ['nbdx --metrics', 'nbdx memory'],
+    size: '1g',
+    nbdx: () => ({ kind: 'nbdx', args: ['--metrics=127.0.0.1:0', 'memory', '1G'] }),
+    reference: () => ({ kind: 'nbdx', args: ['memory', '1G'] }),
+  },
+
   cow: {
     labels: ['nbdx cow+memory', 'nbdx memory'],
     size: '1g',
