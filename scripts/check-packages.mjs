@@ -31,6 +31,8 @@ const REPOSITORY = 'git+https://example.invalid/nbdx/nbdx.git';
 const ALLOWED_TOP = new Set(['package.json', 'README.md', 'LICENSE', 'LICENSE.md', 'CHANGELOG.md']);
 /** Extra published paths some packages need (sources of a native addon built on install). */
 const EXTRA_ALLOWED = {
+  // The command is plain JavaScript kept in git, so installs link it before anything is built.
+  nbdx: [/^bin\/nbdx\.js$/],
   '@nbdx/plugin-file': [/^native\//, /^binding\.gyp$/, /^scripts\/build-addon\.mjs$/, /^prebuilds\/linux-(x64|arm64)-(glibc|musl)\/file_ops\.node$/],
 };
 

@@ -157,6 +157,18 @@ describe('first-party names: nbdx installs what is missing into its cache, then 
     expect(both.filter((r) => r.stderr.includes('installing')).length).toBe(1);
   });
 
+  it('--metrics: the endpoint package is installed with what the command line names', async () => {
+    const r = await nbdx(['-U', '-', '--metrics=127.0.0.1:0', 'memory', '1M', '--run', 'true'], { FAKE_NPM_STATUS: '3' });
+    expect(r.calls.map((c) => c.args)).toEqual([installArgs('@nbdx/metrics')]);
+    expect(r.code).toBe(1);
+    const blocked = await nbdx(['-U', '-', '--metrics=0', 'memory', '1M', '--no-install']);
+    expect(blocked.calls).toEqual([]);
+    expect(blocked.stderr).toBe(
+      `nbdx: --metrics needs the @nbdx/metrics package, which is not installed. Not installing it (--no-install). ` +
+        `Install it with: npm install @nbdx/metrics@${VERSION}   (or run: npm install --prefix ${cacheDir()} @nbdx/server@${VERSION} @nbdx/metrics@${VERSION})\n`,
+    );
+  });
+
   for (const [how, extra, env, said] of [
     ['--no-install', ['--no-install'], {}, '--no-install'],
     ['NBDX_NO_INSTALL=1', [], { NBDX_NO_INSTALL: '1' }, 'NBDX_NO_INSTALL=1'],

@@ -10,7 +10,7 @@ import { ServerBudget } from './protocol/memory-budget.js';
 import { DEFAULT_SETTINGS, type ProtocolSettings, type TlsSettings } from './protocol/settings.js';
 import { ServerStats } from './protocol/stats.js';
 import { bind, type BoundListener, type ListenTarget } from './listeners/listen.js';
-import type { MetricsEndpoint, MetricsOptions } from './metrics/exporter.js';
+import { loadMetricsExporter, type MetricsEndpoint, type MetricsOptions } from './metrics.js';
 
 export interface ServeOptions {
   plugin: Plugin;
@@ -144,7 +144,7 @@ export class NbdServer {
     const server = new NbdServer(backend, options);
     if (options.metrics) {
       try {
-        const { startMetrics } = await import('./metrics/exporter.js');
+        const { startMetrics } = await loadMetricsExporter();
         server.metricsEndpoint = await startMetrics(server.settings.stats!, options.metrics, server.settings.debug);
       } catch (err) {
         await backend.unload();

@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import {
   LoadError,
   NBDX_VERSION,
+  findPackageDir,
   firstPartyPackage,
   installCacheDir,
   isPackageName,
@@ -16,6 +17,7 @@ import {
   suggestedPackage,
   type Kind,
 } from '../loader/resolve.js';
+import { METRICS_PACKAGE } from '../metrics.js';
 import type { CliOptions } from './args.js';
 
 export { shellQuote };
@@ -64,7 +66,7 @@ export interface InstallPlan {
 
 /** What would be needed to run this command line; null when everything named is installed. */
 export function planInstall(
-  o: Pick<CliOptions, 'plugin' | 'filters'>,
+  o: Pick<CliOptions, 'plugin' | 'filters' | 'metrics'>,
   argv: readonly string[],
   options: { version?: string; dir?: string; isInstalled?: (name: string, kind: Kind) => boolean } = {},
 ): InstallPlan | null {
@@ -92,11 +94,13 @@ export function planInstall(
     const first = firstPartyPackage(name, kind);
     missing.push({ kind, name, pkg: first ?? suggestedPackage(name, kind), firstParty: first !== null });
   }
-  if (missing.length === 0) return null;
+  // --metrics: its endpoint is a package of its own (server/src/metrics.ts).
+  const support = o.metrics && !bases.some((b) => findPackageDir(METRICS_PACKAGE, b)) ? [METRICS_PACKAGE] : [];
+  if (missing.length === 0 && support.length === 0) return null;
   const packages = [`@nbdx/server@${version}`];
-  for (const m of missing) {
-    const spec = `${m.pkg}@${version}`;
-    if (m.firstParty && !packages.includes(spec)) packages.push(spec);
+  for (const pkg of [...missing.filter((m) => m.firstParty).map((m) => m.pkg), ...support]) {
+    const spec = `${pkg}@${version}`;
+    if (!packages.includes(spec)) packages.push(spec);
   }
   const command = ['npm', 'install', '--prefix', dir, ...packages].map(shellQuote).join(' ');
   // Third-party packages beside nbdx at this version; any missing first-party ones that nbdx
@@ -151,7 +155,13 @@ export async function ensureInstalled(o: CliOptions, argv: string[]): Promise<vo
 
   const noInstall = o.noInstall ? '--no-install' : truthy(process.env[NO_INSTALL_ENV]) ? `${NO_INSTALL_ENV}=${process.env[NO_INSTALL_ENV]}` : null;
   if (noInstall) {
-    const m = plan.missing[0]!;
+    const m = plan.missing[0];
+    if (!m) {
+      throw new LoadError(
+        `--metrics needs the ${METRICS_PACKAGE} package, which is not installed. Not installing it (${noInstall}). ` +
+          `Install it with: npm install ${METRICS_PACKAGE}@${NBDX_VERSION}   (or run: ${plan.command})`,
+      );
+    }
     throw new LoadError(
       notFoundMessage(m.name, m.kind, bases, {
         pkg: plan.missing.map((x) => `${x.pkg}@${NBDX_VERSION}`).join(' '),

@@ -139,8 +139,9 @@ async function run(o: CliOptions): Promise<number> {
     traceRequests: verbose,
     tls: tlsSettings(o),
     debug: verbose ? (m) => log(7, `debug: ${m}`) : () => {},
-    // nbdkit's shape: "nbdx: LAYER: error: ..." (messages that name no layer get "error:" here).
-    error: (m) => log(3, /(^|: )error: /.test(m) ? m : `error: ${m}`),
+    // nbdkit's shape: "nbdx: LAYER: error: ..." (messages that name no layer get "error:" here);
+    // warnings (logWarning) keep their own word.
+    error: (m) => (/(^|: )warning: /.test(m) ? log(4, m) : log(3, /(^|: )error: /.test(m) ? m : `error: ${m}`)),
   });
 
   for (const m of loaded) server.settings.debug(`loaded ${m.kind} ${m.name} ${m.version ?? ''} from ${m.file}`);
@@ -229,7 +230,7 @@ function listenError(o: CliOptions, err: NodeJS.ErrnoException): string {
 }
 
 /** Where messages go (--log): a function taking a syslog severity and a message. */
-function openLog(to: 'stderr' | 'syslog' | 'null'): (severity: 3 | 6 | 7, message: string) => void {
+function openLog(to: 'stderr' | 'syslog' | 'null'): (severity: 3 | 4 | 6 | 7, message: string) => void {
   if (to === 'null') return () => {};
   if (to === 'syslog') {
     const sink = openSyslog();

@@ -10,8 +10,8 @@ import * as fs from 'node:fs';
  * NBDX_SYSLOG_SOCKET names another socket than /dev/log (tests, chroots).
  */
 export interface SyslogSink {
-  /** `severity`: 3 error, 6 info, 7 debug. */
-  write(severity: 3 | 6 | 7, message: string): void;
+  /** `severity`: 3 error, 4 warning, 6 info, 7 debug. */
+  write(severity: 3 | 4 | 6 | 7, message: string): void;
   close(): void;
 }
 

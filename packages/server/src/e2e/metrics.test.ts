@@ -91,7 +91,9 @@ describe.skipIf(!have)('nbdx --metrics', () => {
     const during: Scrape[] = [];
     while (!exited) {
       const s = await scrape(url);
-      if (!exited && s.has(series.writeBytes)) during.push(s);
+      // The latency histogram shows an operation once one has finished (the counters show every
+      // operation from the connection on).
+      if (!exited && s.has(series.writeCount)) during.push(s);
       await new Promise((r) => setTimeout(r, 100));
     }
     const result = await copy.done;

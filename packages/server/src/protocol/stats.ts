@@ -1,5 +1,5 @@
 /**
- * What the protocol counts for the metrics endpoint (`--metrics`, metrics/exporter.ts): requests,
+ * What the protocol counts for the metrics endpoint (`--metrics`; the endpoint is the @nbdx/metrics package): requests,
  * bytes, errors, latencies and connections, per export. Recording a request is a few additions
  * into typed arrays and allocates nothing; prom-client reads the totals only when scraped. A
  * server without metrics has no ServerStats at all and the protocol skips all of this on a null

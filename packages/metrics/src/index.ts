@@ -1,9 +1,9 @@
 /**
- * The metrics endpoint (`--metrics=[HOST:]PORT`, embedding option `metrics`): an HTTP server whose
- * `GET /metrics` answers with the protocol's counters (protocol/stats.ts) in the Prometheus text
- * format, or in OpenMetrics when the scraper asks for it. prom-client builds the text and adds
- * the usual process metrics. This module, and prom-client with it, is only loaded when metrics
- * are asked for.
+ * @nbdx/metrics: the metrics endpoint of nbdx (`--metrics=[HOST:]PORT`, serve()'s `metrics`
+ * option): an HTTP server whose `GET /metrics` answers with the protocol's counters in the
+ * Prometheus text format, or in OpenMetrics when the scraper asks for it. prom-client builds the
+ * text and adds the usual process metrics. The server loads this package only when metrics are
+ * asked for, so prom-client is installed and loaded only then.
  */
 import * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -18,24 +18,9 @@ import {
   OP_NAMES,
   type ExportStats,
   type ServerStats,
-} from '../protocol/stats.js';
-
-export interface MetricsOptions {
-  /** TCP port; 0 picks a free one (see NbdServer.metricsAddress). */
-  port: number;
-  /** Address to listen on; default 127.0.0.1, so metrics are not exposed unless asked for. */
-  host?: string;
-  /** Add prom-client's process and Node.js metrics (CPU, memory, event loop, GC); default true. */
-  processMetrics?: boolean;
-}
-
-export interface MetricsEndpoint {
-  readonly host: string;
-  readonly port: number;
-  /** http://HOST:PORT/metrics */
-  readonly url: string;
-  close(): Promise<void>;
-}
+  type MetricsEndpoint,
+  type MetricsOptions,
+} from '@nbdx/server';
 
 export const DEFAULT_METRICS_HOST = '127.0.0.1';
 

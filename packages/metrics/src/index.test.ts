@@ -3,9 +3,9 @@ import { promisify } from 'node:util';
 import { describe, expect, it } from 'vitest';
 import { NbdClient } from '@nbdx/client';
 import { createMemoryPlugin } from '@nbdx/plugin-memory';
-import { serve } from '../server.js';
-import { MAX_EXPORT_LABELS, OTHER_EXPORT } from '../protocol/stats.js';
-import { wantsOpenMetrics } from './exporter.js';
+import { serve } from '@nbdx/server';
+import { MAX_EXPORT_LABELS, OTHER_EXPORT } from '@nbdx/server';
+import { wantsOpenMetrics } from './index.js';
 
 describe('content negotiation', () => {
   it.each([
