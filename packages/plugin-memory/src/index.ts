@@ -62,7 +62,7 @@ export function createMemoryPlugin() {
     magicConfigKey: 'size',
     configHelp: [
       'size=SIZE            (required) size of the disk: 1G, 512M, 1T, or bytes',
-      'allocator=sparse     pages allocated on first write, freed by trim/zero (default)',
+      'allocator=sparse     memory taken on first write, 4 KiB at a time, freed by trim/zero (default)',
       'allocator=malloc     one buffer of the whole size, allocated at start',
     ].join('\n'),
     threadModel: 'parallel',

@@ -1,15 +1,23 @@
 import { EXTENT_HOLE, EXTENT_ZERO, type Extent, type ZeroSpan } from '@nbdx/server/api';
 
-/** Bytes per page: the unit of allocation. */
+/** Bytes per page: the unit of the directories' maps and bitmaps, and of dense storage. */
 export const PAGE_SIZE = 32 * 1024;
+/** Bytes per sub-block: the unit in which writes are tracked and sparse pages are stored. */
+export const SUB_SIZE = 4 * 1024;
+const SUB_SHIFT = 12;
+/** Sub-blocks per page, and the mask of a page whose sub-blocks all hold data. */
+const SUBS = PAGE_SIZE / SUB_SIZE;
+const FULL = (1 << SUBS) - 1;
+/** A dense page left holding this many sub-blocks or fewer by zero/trim goes back to sparse. */
+const DEMOTE_AT = SUBS / 2;
 /** Pages per directory: whole directories that were never written are skipped in one step. */
 const DIR_PAGES = 32 * 1024; // 1 GiB of address space per directory
 const DIR_BYTES = PAGE_SIZE * DIR_PAGES;
-const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
+const ZERO_SUB = Buffer.alloc(SUB_SIZE);
 
-/** Pages per slab: pages are carved out of 2 MiB slabs, so the garbage collector tracks one
- * ArrayBuffer per 64 pages instead of one per page (many live ArrayBuffers make every GC slower). */
-const SLAB_PAGES = 64;
+/** Slabs are 2 MiB: the garbage collector tracks one ArrayBuffer per 64 pages or 512 sub-blocks
+ * instead of one per chunk (many live ArrayBuffers make every GC slower). */
+const SLAB_BYTES = 2 * 1024 * 1024;
 
 interface Slab {
   memory: ArrayBuffer;
@@ -17,30 +25,38 @@ interface Slab {
   used: number;
 }
 
-/** Hands out page-sized views of slabs; a slab whose pages are all free again is released. */
-class PageAllocator {
+/**
+ * Hands out fixed-size chunks carved out of slabs; a slab whose chunks are all free again is
+ * released. Chunks are never cleared: slabs come from Buffer.allocUnsafeSlow, and whoever takes a
+ * chunk writes (or zero-fills) every byte of it that can later be read.
+ */
+class ChunkAllocator {
   private slabs = new Map<ArrayBuffer, Slab>();
   private withRoom = new Set<Slab>();
+  private readonly perSlab: number;
 
-  alloc(zeroed: boolean): Buffer {
+  constructor(readonly chunk: number) {
+    this.perSlab = SLAB_BYTES / chunk;
+  }
+
+  alloc(): Buffer {
     let slab: Slab | undefined = this.withRoom.values().next().value;
     if (!slab) {
-      const memory = Buffer.allocUnsafeSlow(SLAB_PAGES * PAGE_SIZE).buffer as ArrayBuffer;
-      slab = { memory, free: Array.from({ length: SLAB_PAGES }, (_, i) => SLAB_PAGES - 1 - i), used: 0 };
+      const memory = Buffer.allocUnsafeSlow(SLAB_BYTES).buffer as ArrayBuffer;
+      const n = this.perSlab;
+      slab = { memory, free: Array.from({ length: n }, (_, i) => n - 1 - i), used: 0 };
       this.slabs.set(memory, slab);
       this.withRoom.add(slab);
     }
     const i = slab.free.pop()!;
     slab.used++;
     if (slab.free.length === 0) this.withRoom.delete(slab);
-    const page = Buffer.from(slab.memory, i * PAGE_SIZE, PAGE_SIZE);
-    if (zeroed) page.fill(0);
-    return page;
+    return Buffer.from(slab.memory, i * this.chunk, this.chunk);
   }
 
-  release(page: Buffer): void {
-    const slab = this.slabs.get(page.buffer as ArrayBuffer)!;
-    slab.free.push(page.byteOffset / PAGE_SIZE);
+  release(chunk: Buffer): void {
+    const slab = this.slabs.get(chunk.buffer as ArrayBuffer)!;
+    slab.free.push(chunk.byteOffset / this.chunk);
     slab.used--;
     this.withRoom.add(slab);
     // Give memory back once a slab is empty, keeping one spare so alternating write/trim doesn't churn.
@@ -49,6 +65,46 @@ class PageAllocator {
       this.slabs.delete(slab.memory);
     }
   }
+}
+
+/**
+ * One page: which of its sub-blocks hold data, and where. A sub-block holds data once any byte of
+ * it is written (the rest of it is then zero-filled); the others read as zero, whatever the memory
+ * under them holds, and cost nothing in a sparse page.
+ *
+ * Sparse (`subs`): one SUB_SIZE chunk per written sub-block, so scattered small writes cost what
+ * they write. Dense (`whole`): one PAGE_SIZE chunk, sub-block k at k * SUB_SIZE, so big requests
+ * are one copy per page. A page is dense when written whole or once its last sub-block is
+ * written; zero/trim turns it back to sparse when it holds DEMOTE_AT sub-blocks or fewer. So a
+ * dense page always holds more than half its size in data.
+ */
+class Page {
+  /** Bit k: sub-block k holds data. Never 0 for a page in a directory (such a page is freed). */
+  mask = 0;
+  whole: Buffer | null = null;
+  subs: (Buffer | null)[] | null = null;
+}
+
+/** Bits first..last (sub-block indices, inclusive). */
+const bitsOf = (first: number, last: number): number => ((2 << last) - 1) & ~((1 << first) - 1);
+
+/** Set bits of a page mask. */
+function popcount(m: number): number {
+  let n = 0;
+  for (; m; m &= m - 1) n++;
+  return n;
+}
+
+/** Whether `len` bytes of `b` from `at` are all zero (no allocation). */
+const isZero = (b: Buffer, at: number, len: number): boolean => b.compare(ZERO_SUB, 0, len, at, at + len) === 0;
+
+/** Append a zero span to a read's list, merged with the last one when they touch. */
+function addHole(holes: ZeroSpan[] | undefined, start: number, length: number): ZeroSpan[] {
+  if (!holes) return [{ start, length }];
+  const last = holes[holes.length - 1]!;
+  if (last.start + last.length === start) last.length += length;
+  else holes.push({ start, length });
+  return holes;
 }
 
 /** Words of a directory's page bitmap (one bit per page), then words of its summary (one bit per
@@ -67,10 +123,10 @@ const lowestBit = (w: number): number => 31 - Math.clz32(w & -w);
  * allocated or freed, never anything per read or write of a page that exists.
  */
 class Directory {
-  readonly pages = new Map<number, Buffer>();
+  readonly pages = new Map<number, Page>();
   private readonly bits = new Uint32Array(MAP_WORDS + SUMMARY_WORDS);
 
-  add(i: number, p: Buffer): void {
+  add(i: number, p: Page): void {
     this.pages.set(i, p);
     const w = i >>> 5;
     this.bits[w] |= 1 << (i & 31);
@@ -107,15 +163,20 @@ class Directory {
 }
 
 /**
- * A sparse byte array: pages are allocated on first write and freed again by trim/zero, so a
- * 1 TiB disk costs nothing until written. Two levels (directory → page) keep extent queries over
- * huge unwritten ranges cheap, and each directory's bitmap keeps extents and zero proportional to
- * the pages actually allocated in the range, never to its length.
+ * A sparse byte array: storage is allocated on first write and freed again by trim/zero, so a
+ * 1 TiB disk costs nothing until written, and then about what was written (see Page). Two levels
+ * (directory → page) keep extent queries over huge unwritten ranges cheap, and each directory's
+ * bitmap keeps extents and zero proportional to the pages actually allocated in the range, never
+ * to its length.
  */
 export class SparseArray {
   private dirs = new Map<number, Directory>();
-  private pages = new PageAllocator();
+  private big = new ChunkAllocator(PAGE_SIZE);
+  private small = new ChunkAllocator(SUB_SIZE);
+  /** Pages holding at least one sub-block. */
   allocatedPages = 0;
+  /** Bytes of chunks in use: PAGE_SIZE per dense page, SUB_SIZE per sub-block of a sparse one. */
+  storedBytes = 0;
   /**
    * Loop steps taken by zero() and extents() (each step is O(1): at most one page looked at or
    * freed, or one bounded bitmap search). Tests use it to check their cost without timing; read
@@ -125,18 +186,17 @@ export class SparseArray {
 
   constructor(readonly size: number) {}
 
-  private page(index: number): Buffer | undefined {
+  private page(index: number): Page | undefined {
     return this.dirs.get(Math.floor(index / DIR_PAGES))?.pages.get(index % DIR_PAGES);
   }
 
-  /** `whole`: the caller is about to overwrite the whole page, so a new page need not be zeroed. */
-  private pageForWrite(index: number, whole: boolean): Buffer {
+  private pageForWrite(index: number): Page {
     const d = Math.floor(index / DIR_PAGES);
     let dir = this.dirs.get(d);
     if (!dir) this.dirs.set(d, (dir = new Directory()));
     let p = dir.pages.get(index % DIR_PAGES);
     if (!p) {
-      p = this.pages.alloc(!whole);
+      p = new Page();
       dir.add(index % DIR_PAGES, p);
       this.allocatedPages++;
     }
@@ -144,14 +204,30 @@ export class SparseArray {
   }
 
   /** Free page `i` of directory `d` (which holds it); an emptied directory goes too. */
-  private freePage(d: number, dir: Directory, i: number, p: Buffer): void {
+  private freePage(d: number, dir: Directory, i: number, p: Page): void {
     dir.remove(i);
-    this.pages.release(p);
+    this.releaseStorage(p);
     this.allocatedPages--;
     if (dir.pages.size === 0) this.dirs.delete(d);
   }
 
-  /** Fill `buf`; unallocated parts are reported as zero spans instead of being written. */
+  private releaseStorage(p: Page): void {
+    if (p.whole) {
+      this.big.release(p.whole);
+      this.storedBytes -= PAGE_SIZE;
+      p.whole = null;
+    } else if (p.subs) {
+      for (const c of p.subs) {
+        if (!c) continue;
+        this.small.release(c);
+        this.storedBytes -= SUB_SIZE;
+      }
+      p.subs = null;
+    }
+    p.mask = 0;
+  }
+
+  /** Fill `buf`; parts that hold no data are reported as zero spans instead of being written. */
   read(buf: Uint8Array, offset: number): ZeroSpan[] | undefined {
     let holes: ZeroSpan[] | undefined;
     let done = 0;
@@ -161,14 +237,25 @@ export class SparseArray {
       const inPage = pos - index * PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, buf.length - done);
       const p = this.page(index);
-      if (p) {
-        p.copy(buf, done, inPage, inPage + n);
-      } else {
-        const last = holes?.[holes.length - 1];
-        if (last && last.start + last.length === done) last.length += n;
-        else (holes ??= []).push({ start: done, length: n });
-      }
+      // A full page is always dense: one copy.
+      if (p?.mask === FULL) p.whole!.copy(buf, done, inPage, inPage + n);
+      else if (p) holes = this.readPart(p, buf, done, inPage, n, holes);
+      else holes = addHole(holes, done, n);
       done += n;
+    }
+    return holes;
+  }
+
+  /** Read `n` bytes of a page that is not full, from `inPage`, into `buf` at `at`. */
+  private readPart(p: Page, buf: Uint8Array, at: number, inPage: number, n: number, holes: ZeroSpan[] | undefined) {
+    const end = inPage + n;
+    for (let k = inPage >>> SUB_SHIFT; k << SUB_SHIFT < end; k++) {
+      const s = Math.max(inPage, k << SUB_SHIFT);
+      const e = Math.min(end, (k + 1) << SUB_SHIFT);
+      const to = at + s - inPage;
+      if (!(p.mask & (1 << k))) holes = addHole(holes, to, e - s);
+      else if (p.whole) p.whole.copy(buf, to, s, e);
+      else p.subs![k]!.copy(buf, to, s - (k << SUB_SHIFT), e - (k << SUB_SHIFT));
     }
     return holes;
   }
@@ -180,12 +267,83 @@ export class SparseArray {
       const index = Math.floor(pos / PAGE_SIZE);
       const inPage = pos - index * PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, buf.length - done);
-      this.pageForWrite(index, n === PAGE_SIZE).set(buf.subarray(done, done + n), inPage);
+      const p = this.pageForWrite(index);
+      const first = inPage >>> SUB_SHIFT;
+      const last = (inPage + n - 1) >>> SUB_SHIFT;
+      if (!p.whole && (p.mask | bitsOf(first, last)) === FULL) this.makeDense(p, n === PAGE_SIZE);
+      if (p.whole) this.writeDense(p, buf, done, inPage, n, first, last);
+      else this.writeSparse(p, buf, done, inPage, n, first, last);
       done += n;
     }
   }
 
-  /** Zero a range: whole pages are freed, partial pages cleared (and freed if now all zero). */
+  /** Copy into a dense page; the parts of newly written sub-blocks outside the write become zero. */
+  private writeDense(p: Page, src: Uint8Array, from: number, inPage: number, n: number, first: number, last: number) {
+    const whole = p.whole!;
+    const end = inPage + n;
+    if (!(p.mask & (1 << first))) whole.fill(0, first << SUB_SHIFT, inPage);
+    if (!(p.mask & (1 << last))) whole.fill(0, end, (last + 1) << SUB_SHIFT);
+    whole.set(src.subarray(from, from + n), inPage);
+    p.mask |= bitsOf(first, last);
+  }
+
+  /** Copy into a sparse page, one chunk per sub-block, taking (and zero-filling) chunks as needed. */
+  private writeSparse(p: Page, src: Uint8Array, from: number, inPage: number, n: number, first: number, last: number) {
+    const subs = (p.subs ??= new Array<Buffer | null>(SUBS).fill(null));
+    const end = inPage + n;
+    for (let k = first; k <= last; k++) {
+      const base = k << SUB_SHIFT;
+      const s = Math.max(inPage, base) - base;
+      const e = Math.min(end, base + SUB_SIZE) - base;
+      let c = subs[k];
+      if (!c) {
+        subs[k] = c = this.small.alloc();
+        this.storedBytes += SUB_SIZE;
+        if (s > 0) c.fill(0, 0, s);
+        if (e < SUB_SIZE) c.fill(0, e, SUB_SIZE);
+      }
+      c.set(src.subarray(from + base + s - inPage, from + base + e - inPage), s);
+    }
+    p.mask |= bitsOf(first, last);
+  }
+
+  /** Sparse → dense: one PAGE_SIZE chunk, with the sub-blocks held so far copied in (unless the
+   * caller is about to overwrite the whole page). */
+  private makeDense(p: Page, overwritten: boolean): void {
+    const whole = this.big.alloc();
+    if (p.subs) {
+      for (let k = 0; k < SUBS; k++) {
+        const c = p.subs[k];
+        if (!c) continue;
+        if (!overwritten) c.copy(whole, k << SUB_SHIFT);
+        this.small.release(c);
+        this.storedBytes -= SUB_SIZE;
+      }
+      p.subs = null;
+    }
+    p.whole = whole;
+    this.storedBytes += PAGE_SIZE;
+  }
+
+  /** Dense → sparse: the sub-blocks that hold data move to chunks of their own. */
+  private makeSparse(p: Page): void {
+    const whole = p.whole!;
+    const subs = new Array<Buffer | null>(SUBS).fill(null);
+    for (let k = 0; k < SUBS; k++) {
+      if (!(p.mask & (1 << k))) continue;
+      const c = (subs[k] = this.small.alloc());
+      whole.copy(c, 0, k << SUB_SHIFT, (k + 1) << SUB_SHIFT);
+      this.storedBytes += SUB_SIZE;
+    }
+    this.big.release(whole);
+    this.storedBytes -= PAGE_SIZE;
+    p.whole = null;
+    p.subs = subs;
+  }
+
+  /** Zero a range: whole pages are freed; in a page the range covers in part, sub-blocks covered
+   * whole are freed, partly covered ones cleared (and freed if now all zero), and the page goes if
+   * it now reads all zero. */
   zero(count: number, offset: number): void {
     const end = offset + count;
     let pos = offset;
@@ -204,7 +362,8 @@ export class SparseArray {
     if (pos < end) this.clearPart(pos / PAGE_SIZE, 0, end - pos);
   }
 
-  /** Clear `n` bytes of page `index` from `inPage`; a page left all zero is freed. */
+  /** Clear `n` bytes of page `index` from `inPage`: sub-blocks covered whole are dropped, partly
+   * covered ones cleared (and dropped if now all zero); a page left reading all zero is freed. */
   private clearPart(index: number, inPage: number, n: number): void {
     this.walkSteps++;
     const d = Math.floor(index / DIR_PAGES);
@@ -212,8 +371,30 @@ export class SparseArray {
     const i = index % DIR_PAGES;
     const p = dir?.pages.get(i);
     if (!p) return;
-    p.fill(0, inPage, inPage + n);
-    if (p.equals(ZERO_PAGE)) this.freePage(d, dir!, i, p);
+    const end = inPage + n;
+    for (let k = inPage >>> SUB_SHIFT; k << SUB_SHIFT < end; k++) {
+      const bit = 1 << k;
+      if (!(p.mask & bit)) continue;
+      const base = k << SUB_SHIFT;
+      const s = Math.max(inPage, base) - base;
+      const e = Math.min(end, base + SUB_SIZE) - base;
+      if (s > 0 || e < SUB_SIZE) {
+        const c = p.whole ?? p.subs![k]!;
+        const at = p.whole ? base : 0;
+        c.fill(0, at + s, at + e);
+        if (!isZero(c, at, SUB_SIZE)) continue;
+      }
+      p.mask &= ~bit;
+      if (p.subs) {
+        this.small.release(p.subs[k]!);
+        this.storedBytes -= SUB_SIZE;
+        p.subs[k] = null;
+      }
+    }
+    // As before sub-blocks, a page that now reads all zero goes (even if some of its sub-blocks
+    // were written with zeroes), so extents are what they were: see extents().
+    if (this.pageType(p) === EXTENT_ZERO) this.freePage(d, dir!, i, p);
+    else if (p.whole && popcount(p.mask) <= DEMOTE_AT) this.makeSparse(p);
   }
 
   /** Free the allocated pages among [first, end): each existing directory is visited once and only
@@ -229,7 +410,7 @@ export class SparseArray {
       if (from === 0 && to === DIR_PAGES) {
         // The whole directory goes: no need to search its bitmap.
         this.walkSteps += dir.pages.size;
-        for (const p of dir.pages.values()) this.pages.release(p);
+        for (const p of dir.pages.values()) this.releaseStorage(p);
         this.allocatedPages -= dir.pages.size;
         this.dirs.delete(d);
         continue;
@@ -242,10 +423,26 @@ export class SparseArray {
     }
   }
 
+  /** Extent type of a page in a directory: ZERO if every sub-block it holds is all zero (the others
+   * read as zero anyway), else data. O(1): at most one page's bytes compared with zeroes. */
+  private pageType(p: Page): number {
+    for (let m = p.mask; m; m &= m - 1) {
+      const k = lowestBit(m);
+      if (p.whole ? !isZero(p.whole, k << SUB_SHIFT, SUB_SIZE) : !isZero(p.subs![k]!, 0, SUB_SIZE)) return 0;
+    }
+    return EXTENT_ZERO;
+  }
+
   /**
-   * Extents: never written = HOLE|ZERO, written pages of zeroes = ZERO, the rest data. Runs of the
-   * same type are merged. With `maxExtents`, stops once that many are out: the last one is whole
-   * (it ends where the type changes), but together they may cover less than the range.
+   * Extents, page by page: never written (or trimmed) = HOLE|ZERO, pages reading all zero = ZERO,
+   * the rest data. Runs of the same type are merged. With `maxExtents`, stops once that many are
+   * out: the last one is whole (it ends where the type changes), but together they may cover less
+   * than the range.
+   *
+   * A page with some sub-blocks written is one extent, as it was when pages were the unit of
+   * storage (and as nbdkit's memory plugin reports): the unwritten sub-blocks read as zero, so
+   * ZERO and data stay true for the whole page, and the answers are the same as before, extent for
+   * extent. Reads still answer unwritten sub-blocks as holes.
    */
   *extents(count: number, offset: number, maxExtents = Infinity): Generator<Extent> {
     const end = offset + count;
@@ -256,9 +453,9 @@ export class SparseArray {
     let runType = 0;
     let pos = offset;
     while (pos < end) {
-      this.walkSteps++;
       // One segment per step: an absent directory, an allocated page, or the hole up to the next
       // allocated page of the directory; so the steps are O(directories + allocated pages).
+      this.walkSteps++;
       const d = Math.floor(pos / DIR_BYTES);
       const dir = this.dirs.get(d);
       let to: number;
@@ -271,7 +468,7 @@ export class SparseArray {
         const p = dir.pages.get(i);
         if (p) {
           to = Math.min(end, (index + 1) * PAGE_SIZE);
-          type = p.equals(ZERO_PAGE) ? EXTENT_ZERO : 0;
+          type = this.pageType(p);
         } else {
           // Search no further than the page holding the end of the range.
           const limit = Math.min(DIR_PAGES, Math.ceil(end / PAGE_SIZE) - d * DIR_PAGES);
