@@ -33,7 +33,7 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { probeCheck, realClientCheck } from './health.mjs';
 import { buildInput, describeInput } from './input.mjs';
 import { runSession } from './session.mjs';
-import { DEFAULT_STACKS, STACKS, Stack, hasTool } from './stacks.mjs';
+import { DEFAULT_STACKS, STACKS, Stack, hasTool, missingTools } from './stacks.mjs';
 
 /** The usage text is the comment at the top of this file. */
 const HELP = /\/\*\*\n([\s\S]*?)\n \*\//.exec(fs.readFileSync(new URL(import.meta.url), 'utf8'))[1].split('\n').map((l) => l.replace(/^ \*\s?/, '')).join('\n');
@@ -366,7 +366,7 @@ export async function main(argv) {
   }
   const strict = process.env.CI === 'true';
   const missing = new Set();
-  for (const s of o.stacks) for (const t of new Stack(s, os.tmpdir(), 0).missingTools()) missing.add(`${t} (stack ${s})`);
+  for (const s of o.stacks) for (const t of missingTools(s)) missing.add(`${t} (stack ${s})`);
   if (!hasTool('nbdsh')) missing.add('nbdsh (real-client health checks)');
   if (missing.size) {
     if (strict) {
@@ -374,7 +374,7 @@ export async function main(argv) {
       return 2;
     }
     console.error(`fuzz: warning: missing ${[...missing].join(', ')}; skipping what needs them`);
-    o.stacks = o.stacks.filter((s) => new Stack(s, os.tmpdir(), 0).missingTools().length === 0);
+    o.stacks = o.stacks.filter((s) => missingTools(s).length === 0);
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-fuzz-'));
   const cleanup = () => fs.rmSync(dir, { recursive: true, force: true });

@@ -137,6 +137,11 @@ async function waitReady(socket, proc) {
   }
 }
 
+/** The tools a stack needs that this machine lacks (without creating the stack's directory). */
+export function missingTools(name) {
+  return (STACKS[name].tools ?? []).filter((t) => !hasTool(t));
+}
+
 export class Stack {
   /**
    * @param {string} name key of STACKS
@@ -183,7 +188,7 @@ export class Stack {
   }
 
   missingTools() {
-    return (this.def.tools ?? []).filter((t) => !hasTool(t));
+    return missingTools(this.name);
   }
 
   async start() {

@@ -114,7 +114,10 @@ describe.skipIf(!have)('serving', () => {
       `import * as fs from 'node:fs';
 export default {
   kind: 'filter', name: 'slow-read', apiVersion: 2,
-  pread: (next, h, buf, off, flags) => new Promise((r) => setTimeout(r, 1000)).then(() => next.pread(buf, off, flags)),
+  pread: (next, h, buf, off, flags) => {
+    fs.appendFileSync(${JSON.stringify(log)}, 'pread\\n');
+    return new Promise((r) => setTimeout(r, 1000)).then(() => next.pread(buf, off, flags));
+  },
   close: () => fs.appendFileSync(${JSON.stringify(log)}, 'close\\n'),
   unload: () => fs.appendFileSync(${JSON.stringify(log)}, 'unload\\n'),
 };
@@ -122,11 +125,14 @@ export default {
     );
     const srv = await startCli(['-U', path.join(dir, 'term.sock'), `--filter=${filter}`, 'memory', '1M']);
     const read = run('nbdsh', ['-u', srv.uri, '-c', 'print(len(h.pread(512, 0)))']);
-    await new Promise((r) => setTimeout(r, 300));
+    // SIGTERM once the read is in flight (nbdsh takes a while to start on a busy machine).
+    for (let i = 0; i < 400 && !(fs.existsSync(log) && fs.readFileSync(log, 'utf8').includes('pread')); i++) {
+      await new Promise((r) => setTimeout(r, 25));
+    }
     const code = srv.stop('SIGTERM');
     expect((await read).stdout).toBe('512\n');
     expect(await code).toBe(0);
-    expect(fs.readFileSync(log, 'utf8')).toBe('close\nunload\n');
+    expect(fs.readFileSync(log, 'utf8')).toBe('pread\nclose\nunload\n');
   });
 
   it('-s serves one connection on stdin/stdout', async () => {
