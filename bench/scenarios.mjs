@@ -1,8 +1,15 @@
 /**
  * Benchmark scenarios: each names what nbdx runs and what it is compared with, in the same run.
- * `nbdx(ctx)` / `reference(ctx)` return { kind: 'nbdx' | 'nbdkit', args, env? }.
- * `setup(dir, env)` may start helpers (an upstream server) or make files; `teardown(ctx)` undoes it.
- * `prepare(uri, env)` runs against each side before its fio jobs.
+ * Every scenario runs every job of jobs.mjs.
+ *
+ * `nbdx(ctx)` / `reference(ctx)` return { kind: 'nbdx' | 'nbdkit', args, env? }, where ctx has
+ * `size` (the disk size in bytes), `dir` (a private temporary directory), `env`, and whatever
+ * `setup` returned.
+ * `setup(ctx)` may start helpers or make files and returns extra context; it lists what it made
+ * in `tempPaths` (removed at the end, even after an error or Ctrl-C) and `helpers` (child
+ * processes, killed likewise). `teardown(ctx)` may undo more.
+ * `reset(ctx, side)` runs while a side's server is stopped for the "fresh server" job (side 0 is
+ * nbdx, 1 the reference) and makes its backing store empty again; memory needs nothing.
  */
 import { spawn, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -16,70 +23,66 @@ function waitForSocket(p) {
   }
 }
 
-/** Write the whole disk once, so reads see data and later writes overwrite. */
-function fill(uri, env) {
-  execFileSync('fio', ['--name=fill', '--ioengine=nbd', `--uri=${uri}`, '--rw=write', '--bs=1m', '--iodepth=8', '--size=1g'], {
-    env,
-    stdio: 'ignore',
-  });
+/** An empty (sparse) file of the disk's size. */
+function emptyFile(file, size) {
+  fs.writeFileSync(file, '');
+  fs.truncateSync(file, size);
 }
 
 export const scenarios = {
   memory: {
     labels: ['nbdx memory', 'nbdkit memory'],
-    size: '1g',
-    nbdx: () => ({ kind: 'nbdx', args: ['memory', '1G'] }),
-    reference: () => ({ kind: 'nbdkit', args: ['memory', '1G'] }),
+    nbdx: ({ size }) => ({ kind: 'nbdx', args: ['memory', String(size)] }),
+    reference: ({ size }) => ({ kind: 'nbdkit', args: ['memory', String(size)] }),
   },
 
+  // One file per side on tmpfs, so neither server sees the other's writes or page cache state.
   file: {
     labels: ['nbdx file', 'nbdkit file'],
-    size: '1g',
-    setup: (dir) => {
-      const img = path.join('/dev/shm', `nbdx-bench-file-${process.pid}.img`);
-      execFileSync('truncate', ['-s', '1G', img]);
-      return { img };
+    setup: ({ size }) => {
+      const imgs = [0, 1].map((i) => path.join('/dev/shm', `nbdx-bench-${process.pid}-file-${i}.img`));
+      for (const img of imgs) emptyFile(img, size);
+      return { imgs, tempPaths: imgs };
     },
-    teardown: ({ img }) => fs.rmSync(img, { force: true }),
-    nbdx: ({ img }) => ({ kind: 'nbdx', args: ['file', img] }),
-    reference: ({ img }) => ({ kind: 'nbdkit', args: ['file', img] }),
+    reset: ({ imgs, size }, side) => emptyFile(imgs[side], size),
+    nbdx: ({ imgs }) => ({ kind: 'nbdx', args: ['file', imgs[0]] }),
+    reference: ({ imgs }) => ({ kind: 'nbdkit', args: ['file', imgs[1]] }),
   },
 
+  // Both sides forward to one nbdkit memory server. A "fresh" server here is a restarted nbd
+  // server in front of the same upstream, which keeps its data.
   nbd: {
     labels: ['nbdx nbd', 'nbdkit nbd'],
-    size: '1g',
-    setup: (dir, env) => {
+    setup: ({ dir, env, size }) => {
       const up = path.join(dir, 'upstream.sock');
-      const child = spawn('nbdkit', ['-f', '-U', up, 'memory', '1G'], { env, stdio: 'ignore' });
+      const child = spawn('nbdkit', ['-f', '-U', up, 'memory', String(size)], { env, stdio: 'ignore' });
       waitForSocket(up);
-      return { up, child };
+      return { up, helpers: [child] };
     },
-    teardown: ({ child }) => child.kill(),
     nbdx: ({ up }) => ({ kind: 'nbdx', args: ['nbd', `nbd+unix:///?socket=${up}`] }),
     reference: ({ up }) => ({ kind: 'nbdkit', args: ['nbd', `socket=${up}`] }),
   },
 
   filters: {
     labels: ['nbdx offset+delay', 'nbdx memory'],
-    size: '1g',
-    nbdx: () => ({ kind: 'nbdx', args: ['--filter=offset', '--filter=delay', 'memory', '1025M', 'offset=1M', 'rdelay=0', 'wdelay=0'] }),
-    reference: () => ({ kind: 'nbdx', args: ['memory', '1G'] }),
+    nbdx: ({ size }) => ({
+      kind: 'nbdx',
+      args: ['--filter=offset', '--filter=delay', 'memory', String(size + 1048576), 'offset=1M', 'rdelay=0', 'wdelay=0'],
+    }),
+    reference: ({ size }) => ({ kind: 'nbdx', args: ['memory', String(size)] }),
   },
 
   // What counting every request for --metrics costs: the same memory disk with and without it.
   metrics: {
     labels: ['nbdx --metrics', 'nbdx memory'],
-    size: '1g',
-    nbdx: () => ({ kind: 'nbdx', args: ['--metrics=127.0.0.1:0', 'memory', '1G'] }),
-    reference: () => ({ kind: 'nbdx', args: ['memory', '1G'] }),
+    nbdx: ({ size }) => ({ kind: 'nbdx', args: ['--metrics=127.0.0.1:0', 'memory', String(size)] }),
+    reference: ({ size }) => ({ kind: 'nbdx', args: ['memory', String(size)] }),
   },
 
   cow: {
     labels: ['nbdx cow+memory', 'nbdx memory'],
-    size: '1g',
-    // The overlay on tmpfs, as a RAM-backed plugin deserves; written once before measuring.
-    nbdx: () => ({ kind: 'nbdx', args: ['--filter=cow', 'memory', '1G'], env: { TMPDIR: '/dev/shm' } }),
-    reference: () => ({ kind: 'nbdx', args: ['memory', '1G'] }),
-    prepare: fill,
+    // The overlay on tmpfs, as a RAM-backed plugin deserves. A restart starts a new overlay.
+    nbdx: ({ size }) => ({ kind: 'nbdx', args: ['--filter=cow', 'memory', String(size)], env: { TMPDIR: '/dev/shm' } }),
+    reference: ({ size }) => ({ kind: 'nbdx', args: ['memory', String(size)] }),
   },
 };
