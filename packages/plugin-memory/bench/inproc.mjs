@@ -43,4 +43,5 @@ for (let i = 0; i < count; i++) a.write(buf, (((r() & 0x1fffff) * 2 ** 32 + r())
 const after = usage();
 const row = {};
 for (const k of ['rss', 'heapUsed', 'external', 'arrayBuffers']) row[k] = +((after[k] - before[k]) / MiB).toFixed(1);
-console.log(JSON.stringify({ module: path.relative(process.cwd(), mod), piece, count, growthMiB: row, storedMiB: a.storedBytes === undefined ? null : a.storedBytes / MiB }));
+const storedMiB = a.storedBytes === undefined ? null : a.storedBytes / MiB; // older builds did not count
+console.log(JSON.stringify({ module: path.relative(process.cwd(), mod), piece, count, growthMiB: row, storedMiB }));

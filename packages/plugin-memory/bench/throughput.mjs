@@ -1,14 +1,19 @@
 #!/usr/bin/env node
 /**
- * Speed of two builds of the memory plugin, in alternating rounds (the order flips every round),
- * with fio's nbd engine and nbdcopy; prints each job's median and range per build.
+ * Speed of two builds of the memory plugin with fio's nbd engine and nbdcopy, job by job in
+ * pairs: each job runs against one build and then at once against the other, the order flipping
+ * from job to job and round to round, so that load which comes and goes on a shared machine hits
+ * both sides alike. Prints each job's median and range per build, and the median of the per-pair
+ * ratios (B over A; for nbdcopy, A's time over B's), which is the figure to trust.
  *
  *   node packages/plugin-memory/bench/throughput.mjs A.js B.js [--rounds 5] [--seconds 5]
  *
  * A and B are plugin names or paths (`memory` is the built dist). Each round starts a fresh
  * `nbdx memory 1G` per build: a 1 GiB sequential write into the empty disk (every page allocated
  * by it), a sequential read of it, 4 KiB random reads and overwrites at QD1 and QD32, nbdcopy out
- * and back in; then a fresh 1T disk for 4 KiB random writes into empty space (the sparse path).
+ * and back in; then, per build and job, a fresh `memory 1T` for 4 KiB random writes into empty
+ * space: over its first GiB (pages filled a sub-block at a time) and over all of it (nearly every
+ * write takes a new page).
  */
 import { spawn, execFileSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -30,9 +35,11 @@ function option(name, dflt) {
 }
 const ROUNDS = Number(option('rounds', '5'));
 const SECONDS = Number(option('seconds', '5'));
-const builds = args.length ? args : ['memory'];
+if (args.length !== 2) throw new Error('usage: throughput.mjs A B [--rounds N] [--seconds S]');
+const builds = args;
 
 async function start(plugin, size, sock) {
+  fs.rmSync(sock, { force: true });
   const child = spawn(process.execPath, [NBDX, '-f', '-U', sock, plugin, size], { env: ENV, stdio: ['ignore', 'ignore', 'inherit'] });
   for (let t = 0; !fs.existsSync(sock); t++) {
     if (t > 200 || child.exitCode !== null) throw new Error(`${plugin} did not start`);
@@ -47,11 +54,11 @@ async function stop(child) {
   await done;
 }
 
-function fio(uri, rw, bs, qd, timed) {
+function fio(uri, rw, bs, qd, timed, size = '1g') {
   const out = execFileSync(
     'fio',
     [
-      '--name=job', '--ioengine=nbd', `--uri=${uri}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${qd}`, '--size=1g',
+      '--name=job', '--ioengine=nbd', `--uri=${uri}`, `--rw=${rw}`, `--bs=${bs}`, `--iodepth=${qd}`, `--size=${size}`,
       ...(timed ? ['--time_based', `--runtime=${SECONDS}`, '--ramp_time=1', '--randrepeat=0', '--norandommap'] : []),
       '--output-format=json',
     ],
@@ -68,6 +75,9 @@ function seconds(fn) {
   return Number(process.hrtime.bigint() - t0) / 1e9;
 }
 
+const IMG = path.join('/dev/shm', `nbdx-mem-bench-${process.pid}.img`);
+
+/** Jobs on the 1G disks, in order (the first writes them whole). */
 const JOBS = [
   ['seq write 1 GiB 256K QD16 (MiB/s)', (u) => fio(u, 'write', '256k', 16, false)],
   ['seq read 1 GiB 256K QD16 (MiB/s)', (u) => fio(u, 'read', '256k', 16, false)],
@@ -75,31 +85,52 @@ const JOBS = [
   ['rand write 4K QD1 (IOPS)', (u) => fio(u, 'randwrite', '4k', 1, true)],
   ['rand read 4K QD32 (IOPS)', (u) => fio(u, 'randread', '4k', 32, true)],
   ['rand write 4K QD32 (IOPS)', (u) => fio(u, 'randwrite', '4k', 32, true)],
+  // Out first, so the copy back in has a source of the right size.
+  ['nbdcopy out 1 GiB (s)', (u) => seconds(() => execFileSync('nbdcopy', [u, IMG], { env: ENV }))],
+  ['nbdcopy in 1 GiB (s)', (u) => seconds(() => execFileSync('nbdcopy', [IMG, u], { env: ENV }))],
 ];
+/** Jobs that each want a fresh empty disk. */
+const FRESH = ['1g', '1t'].map((size) => [
+  `rand write 4K QD32, empty 1T disk, over ${size} (IOPS)`,
+  (u) => fio(u, 'randwrite', '4k', 32, true, size),
+]);
 
-async function round(plugin, dir, results) {
-  const sock = path.join(dir, 'mem.sock');
-  const uri = `nbd+unix:///?socket=${sock}`;
-  let child = await start(plugin, '1G', sock);
-  try {
-    for (const [name, job] of JOBS) (results[name] ??= []).push(job(uri));
-    const img = path.join('/dev/shm', `nbdx-mem-bench-${process.pid}.img`);
-    execFileSync('truncate', ['-s', '0', img]);
+const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-mem-tp-'));
+const socks = builds.map((_, i) => path.join(dir, `mem${i}.sock`));
+const uris = socks.map((s) => `nbd+unix:///?socket=${s}`);
+const results = builds.map(() => ({}));
+let flip = 0;
+const pairOrder = () => (flip++ % 2 ? [1, 0] : [0, 1]);
+
+try {
+  for (let r = 0; r < ROUNDS; r++) {
+    flip = r;
+    const children = [];
     try {
-      (results['nbdcopy out 1 GiB (s)'] ??= []).push(seconds(() => execFileSync('nbdcopy', [uri, img], { env: ENV })));
-      (results['nbdcopy in 1 GiB (s)'] ??= []).push(seconds(() => execFileSync('nbdcopy', [img, uri], { env: ENV })));
+      for (let i = 0; i < 2; i++) children.push(await start(builds[i], '1G', socks[i]));
+      execFileSync('truncate', ['-s', '0', IMG]); // nbdcopy's destination must exist
+      for (const [name, job] of JOBS) {
+        for (const i of pairOrder()) (results[i][name] ??= []).push(job(uris[i]));
+      }
     } finally {
-      fs.rmSync(img, { force: true });
+      for (const c of children) await stop(c);
+      fs.rmSync(IMG, { force: true });
     }
-  } finally {
-    await stop(child);
+    for (const [name, job] of FRESH) {
+      for (const i of pairOrder()) {
+        const child = await start(builds[i], '1T', socks[i]);
+        try {
+          (results[i][name] ??= []).push(job(uris[i]));
+        } finally {
+          await stop(child);
+        }
+      }
+    }
+    process.stderr.write(`round ${r + 1}/${ROUNDS} done\n`);
   }
-  child = await start(plugin, '1T', sock);
-  try {
-    (results['rand write 4K QD32 into an empty 1T disk (IOPS)'] ??= []).push(fio(uri, 'randwrite', '4k', 32, true));
-  } finally {
-    await stop(child);
-  }
+} finally {
+  fs.rmSync(dir, { recursive: true, force: true });
+  fs.rmSync(IMG, { force: true });
 }
 
 const median = (xs) => {
@@ -107,26 +138,17 @@ const median = (xs) => {
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 };
 const fmt = (x) => (x >= 100 ? x.toFixed(0) : x.toFixed(2));
+const label = (b) => (path.isAbsolute(b) ? path.relative(process.cwd(), b) : b);
 
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-mem-tp-'));
-const results = builds.map(() => ({}));
-try {
-  for (let r = 0; r < ROUNDS; r++) {
-    const order = r % 2 ? [...builds.keys()].reverse() : [...builds.keys()];
-    for (const i of order) await round(builds[i], dir, results[i]);
-    process.stderr.write(`round ${r + 1}/${ROUNDS} done\n`);
-  }
-} finally {
-  fs.rmSync(dir, { recursive: true, force: true });
-}
-console.log(`${ROUNDS} alternating rounds, ${os.cpus().length} CPUs, node ${process.version}, load ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}`);
-console.log(`| job | ${builds.map((b) => `${path.isAbsolute(b) ? path.relative(process.cwd(), b) : b}: median (min–max)`).join(' | ')} |`);
-console.log(`|---|${builds.map(() => '---').join('|')}|`);
+console.log(`${ROUNDS} rounds, jobs in alternating pairs, ${os.cpus().length} CPUs, node ${process.version}, load now ${os.loadavg().map((x) => x.toFixed(1)).join(' ')}`);
+console.log(`A = ${label(builds[0])}, B = ${label(builds[1])}`);
+console.log('| job | A: median (min–max) | B: median (min–max) | B vs A, per pair: median (min–max) |');
+console.log('|---|---|---|---|');
 for (const name of Object.keys(results[0])) {
-  const cells = results.map((res) => {
-    const xs = res[name];
-    return `${fmt(median(xs))} (${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))})`;
-  });
-  console.log(`| ${name} | ${cells.join(' | ')} |`);
+  const [a, b] = [results[0][name], results[1][name]];
+  const cell = (xs) => `${fmt(median(xs))} (${fmt(Math.min(...xs))}–${fmt(Math.max(...xs))})`;
+  // Higher is better for rates; for times, A's over B's.
+  const ratios = a.map((x, i) => (name.endsWith('(s)') ? x / b[i] : b[i] / x));
+  console.log(`| ${name} | ${cell(a)} | ${cell(b)} | ${median(ratios).toFixed(2)} (${Math.min(...ratios).toFixed(2)}–${Math.max(...ratios).toFixed(2)}) |`);
 }
 console.log('\nraw:', JSON.stringify(results.map((res, i) => ({ build: builds[i], ...res }))));

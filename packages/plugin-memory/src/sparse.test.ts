@@ -87,10 +87,10 @@ function readAll(a: SparseArray, count: number, offset: number): { data: Buffer;
   return { data, holes };
 }
 
-/** Storage is what is held: SUB_SIZE per sub-block at least, and dense pages are more than half full. */
+/** Storage is what is held: SUB_SIZE per sub-block at least, and dense pages at least half full. */
 function expectCost(a: SparseArray, subBlocks: number): void {
   expect(a.storedBytes).toBeGreaterThanOrEqual(subBlocks * SUB_SIZE);
-  expect(a.storedBytes).toBeLessThanOrEqual((subBlocks * SUB_SIZE * SUBS) / (SUBS / 2 + 1));
+  expect(a.storedBytes).toBeLessThanOrEqual(2 * subBlocks * SUB_SIZE);
 }
 
 describe('SparseArray', () => {
@@ -115,13 +115,15 @@ describe('SparseArray', () => {
     expect(a.storedBytes).toBe(4 * PAGE_SIZE);
     a.zero(2 * PAGE_SIZE, PAGE_SIZE / 2);
     expect(a.allocatedPages).toBe(3);
-    // Pages 0 and 2 keep half their sub-blocks each, in chunks of their own; page 3 is untouched.
-    expect(a.storedBytes).toBe(PAGE_SIZE + 2 * (PAGE_SIZE / 2));
-    const b = Buffer.alloc(4 * PAGE_SIZE);
-    a.read(b, 0);
+    // Pages 0 and 2 keep half their sub-blocks each: still one chunk each, like page 3.
+    expect(a.storedBytes).toBe(3 * PAGE_SIZE);
+    // A quarter: page 2 goes back to a chunk per sub-block.
+    a.zero(SUB_SIZE * 2, 2 * PAGE_SIZE + PAGE_SIZE / 2);
+    expect(a.storedBytes).toBe(2 * PAGE_SIZE + 2 * SUB_SIZE);
+    const b = readAll(a, 4 * PAGE_SIZE, 0).data;
     expect(b.subarray(0, PAGE_SIZE / 2).every((x) => x === 1)).toBe(true);
-    expect(b.subarray(PAGE_SIZE / 2, PAGE_SIZE * 2.5).every((x) => x === 0)).toBe(true);
-    expect(b.subarray(PAGE_SIZE * 2.5).every((x) => x === 1)).toBe(true);
+    expect(b.subarray(PAGE_SIZE / 2, PAGE_SIZE * 2.5 + 2 * SUB_SIZE).every((x) => x === 0)).toBe(true);
+    expect(b.subarray(PAGE_SIZE * 2.5 + 2 * SUB_SIZE).every((x) => x === 1)).toBe(true);
   });
 
   it('reports exact extents: holes, written zeroes, data; and skips empty gigabytes quickly', () => {
@@ -372,32 +374,35 @@ describe('SparseArray sub-blocks', () => {
     expect(data.equals(want)).toBe(true);
   });
 
-  it('a page becomes one chunk when full, and goes back to sub-blocks when mostly trimmed', () => {
+  it('a page becomes one chunk when more than half written, and goes back when less than half is left', () => {
     const a = new SparseArray(2 * PAGE_SIZE);
     const order = [5, 0, 7, 2, 6, 1, 3, 4];
     for (let i = 0; i < SUBS; i++) {
       const k = order[i]!;
       a.write(pattern(SUB_SIZE, k * SUB_SIZE), k * SUB_SIZE);
-      expect(a.storedBytes).toBe(i + 1 < SUBS ? (i + 1) * SUB_SIZE : PAGE_SIZE);
+      expect(a.storedBytes).toBe(i + 1 <= SUBS / 2 ? (i + 1) * SUB_SIZE : PAGE_SIZE);
     }
     const full = pattern(PAGE_SIZE, 0);
-    // A full page reads in one piece, with no holes.
+    // A full page is held as its chunk's view alone, and reads in one piece, with no holes.
+    expect(a.partialPages).toBe(0);
     const buf = Buffer.alloc(PAGE_SIZE);
     expect(a.read(buf, 0)).toBeUndefined();
     expect(buf.equals(full)).toBe(true);
-    // Trimming part of a sub-block keeps it (and the page dense); trimming three whole ones
-    // leaves five: still dense.
+    // Trimming part of a sub-block keeps it (and the page dense); trimming four whole ones leaves
+    // half the page: still dense.
     a.zero(100, 10);
     full.fill(0, 10, 110);
-    a.zero(3 * SUB_SIZE, 5 * SUB_SIZE);
+    expect(a.partialPages).toBe(0);
+    a.zero(4 * SUB_SIZE, 4 * SUB_SIZE);
+    expect(a.partialPages).toBe(1);
     expect(a.storedBytes).toBe(PAGE_SIZE);
-    // One more and it holds half a page: back to one chunk per sub-block.
-    a.zero(SUB_SIZE + 1, 4 * SUB_SIZE - 1);
-    full.fill(0, 4 * SUB_SIZE - 1, PAGE_SIZE);
-    expect(a.storedBytes).toBe(4 * SUB_SIZE);
+    // One more, and a bit of the one before it: back to one chunk per sub-block.
+    a.zero(SUB_SIZE + 1, 3 * SUB_SIZE - 1);
+    full.fill(0, 3 * SUB_SIZE - 1, PAGE_SIZE);
+    expect(a.storedBytes).toBe(3 * SUB_SIZE);
     const { data, holes } = readAll(a, PAGE_SIZE, 0);
     expect(data.equals(full)).toBe(true);
-    expect(holes).toEqual([{ start: 4 * SUB_SIZE, length: 4 * SUB_SIZE }]);
+    expect(holes).toEqual([{ start: 3 * SUB_SIZE, length: 5 * SUB_SIZE }]);
     // A write of the whole page makes it one chunk again, without copying the old sub-blocks.
     a.write(pattern(PAGE_SIZE, 0, 1), 0);
     expect(a.storedBytes).toBe(PAGE_SIZE);
@@ -536,6 +541,12 @@ describe('SparseArray sub-blocks', () => {
         expectCost(a, heldCount());
         if (op % 10 === 0) {
           expect(a.allocatedPages).toBe(exists.reduce((n, x) => n + x, 0));
+          // Exactly the pages with every sub-block held are held as a plain view.
+          let full = 0;
+          for (let i = 0; (i + 1) * SUBS <= subCount; i++) {
+            if (held.subarray(i * SUBS, (i + 1) * SUBS).every((x) => x === 1)) full++;
+          }
+          expect(a.allocatedPages - a.partialPages).toBe(full);
           const [from, count] = place();
           const ext = [...a.extents(count, from)];
           // Contiguous, covering the range, each type what the reference says.
@@ -554,6 +565,63 @@ describe('SparseArray sub-blocks', () => {
       expect(a.storedBytes).toBe(0);
       expect(a.allocatedPages).toBe(0);
     }
+  });
+
+  it('slabs emptied and released, then numbered again, keep every chunk where it belongs', () => {
+    // Chunks are taken in order of writing, so writing runs of pages and zeroing runs of them
+    // empties whole slabs (2 MiB: 512 sub-blocks or 64 pages): they are released and their
+    // numbers given to the next slabs, while other slabs still hold data.
+    const size = 2 ** 34;
+    const a = new SparseArray(size);
+    const m = new Model();
+    const r = rng(21);
+    const run = (first: number, count: number, whole: boolean, round: number) => {
+      for (let index = first; index < first + count; index++) {
+        const at = index * PAGE_SIZE + (whole ? 0 : r(SUBS) * SUB_SIZE + r(100));
+        const buf = pattern(whole ? PAGE_SIZE : 1 + r(SUB_SIZE - 100), at, round);
+        a.write(buf, at);
+        m.write(buf, at);
+      }
+    };
+    const zero = (count: number, at: number) => {
+      a.zero(count, at);
+      m.zero(count, at);
+    };
+    const check = () => {
+      expect(a.allocatedPages).toBe(m.pages.size);
+      expectCost(a, m.held.size);
+      for (const [index, p] of m.pages) expect(readAll(a, PAGE_SIZE, index * PAGE_SIZE).data.equals(p)).toBe(true);
+    };
+    for (let round = 0; round < 3; round++) {
+      const base = round * 100_000;
+      run(base, 3000, false, round); // six slabs of sub-blocks
+      run(base + 50_000, 400, true, round); // seven slabs of pages
+      check();
+      // The first 2000 sparse pages and the first 300 dense ones: four and four slabs emptied.
+      zero(2000 * PAGE_SIZE, base * PAGE_SIZE);
+      zero(300 * PAGE_SIZE, (base + 50_000) * PAGE_SIZE);
+      // And some chunks here and there.
+      for (let i = 0; i < 200; i++) zero(SUB_SIZE, (base + 2000 + r(1000)) * PAGE_SIZE + r(SUBS) * SUB_SIZE);
+      check();
+      // New chunks: from the slabs with room, then slabs with the released numbers.
+      run(base + 10_000, 2500, false, round);
+      run(base + 60_000, 300, true, round);
+      check();
+    }
+    a.zero(size, 0);
+    expect(a.storedBytes).toBe(0);
+  });
+
+  it('a page written in order becomes dense correctly when its chunks straddle two slabs', () => {
+    // 510 pages of one sub-block take the first 510 chunks of the first 2 MiB slab (512 of
+    // 4 KiB); then a page written a sub-block at a time gets chunks 510 and 511 of that slab and
+    // the first ones of the next: consecutive numbers, not consecutive memory.
+    const a = new SparseArray(2 ** 30);
+    for (let i = 0; i < 510; i++) a.write(pattern(SUB_SIZE, i * PAGE_SIZE), i * PAGE_SIZE);
+    const at = 1000 * PAGE_SIZE;
+    for (let k = 0; k < SUBS; k++) a.write(pattern(SUB_SIZE, at + k * SUB_SIZE), at + k * SUB_SIZE);
+    expect(readAll(a, PAGE_SIZE, at).data.equals(pattern(PAGE_SIZE, at))).toBe(true);
+    for (const i of [0, 1, 508, 509]) expect(readAll(a, SUB_SIZE, i * PAGE_SIZE).data.equals(pattern(SUB_SIZE, i * PAGE_SIZE))).toBe(true);
   });
 
   it('scattered 4 KiB writes cost 4 KiB each (the old pages cost 32 KiB)', () => {

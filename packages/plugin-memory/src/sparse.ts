@@ -8,62 +8,109 @@ const SUB_SHIFT = 12;
 /** Sub-blocks per page, and the mask of a page whose sub-blocks all hold data. */
 const SUBS = PAGE_SIZE / SUB_SIZE;
 const FULL = (1 << SUBS) - 1;
-/** A dense page left holding this many sub-blocks or fewer by zero/trim goes back to sparse. */
-const DEMOTE_AT = SUBS / 2;
+/** A sparse page that comes to hold this many sub-blocks (more than half) becomes dense. */
+const PROMOTE_AT = SUBS / 2 + 1;
+/** A dense page left holding this many sub-blocks or fewer (less than half) by zero/trim goes back
+ * to sparse. Between the two, a page stays as it is, so a write and a trim of the same sub-block,
+ * again and again, do not move its page back and forth. */
+const DEMOTE_AT = SUBS / 2 - 1;
 /** Pages per directory: whole directories that were never written are skipped in one step. */
 const DIR_PAGES = 32 * 1024; // 1 GiB of address space per directory
 const DIR_BYTES = PAGE_SIZE * DIR_PAGES;
-const ZERO_SUB = Buffer.alloc(SUB_SIZE);
+const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 
 /** Slabs are 2 MiB: the garbage collector tracks one ArrayBuffer per 64 pages or 512 sub-blocks
  * instead of one per chunk (many live ArrayBuffers make every GC slower). */
 const SLAB_BYTES = 2 * 1024 * 1024;
 
 interface Slab {
-  memory: ArrayBuffer;
+  number: number;
   free: number[];
   used: number;
 }
 
 /**
- * Hands out fixed-size chunks carved out of slabs; a slab whose chunks are all free again is
- * released. Chunks are never cleared: slabs come from Buffer.allocUnsafeSlow, and whoever takes a
- * chunk writes (or zero-fills) every byte of it that can later be read.
+ * Hands out fixed-size chunks carved out of slabs, by number: chunk `h` is at offset(h) of
+ * memory(h). Numbers rather than a Buffer view per chunk: taking a chunk allocates nothing (a view
+ * costs more than the copy of a 4 KiB write, and ~100 bytes of heap while it lives), and the few
+ * slab Buffers stay in cache where a view per chunk would be one more object to fetch per request.
+ * A slab whose chunks are all free again is released. Chunks are never cleared: slabs come from
+ * Buffer.allocUnsafeSlow, and whoever takes a chunk writes (or zero-fills) every byte of it that
+ * can later be read.
  */
 class ChunkAllocator {
-  private slabs = new Map<ArrayBuffer, Slab>();
-  private withRoom = new Set<Slab>();
+  /** Slab memory by slab number; null once released (the number is then reused). */
+  private readonly slabMemory: (Buffer | null)[] = [];
+  private readonly slabs: (Slab | null)[] = [];
+  private readonly numberOf = new Map<ArrayBuffer, number>();
+  private readonly spareNumbers: number[] = [];
+  private readonly withRoom = new Set<Slab>();
+  /** Where chunks are taken from while it has room. */
+  private current: Slab | undefined;
   private readonly perSlab: number;
+  private readonly shift: number;
 
   constructor(readonly chunk: number) {
     this.perSlab = SLAB_BYTES / chunk;
+    this.shift = 31 - Math.clz32(this.perSlab);
   }
 
-  alloc(): Buffer {
-    let slab: Slab | undefined = this.withRoom.values().next().value;
-    if (!slab) {
-      const memory = Buffer.allocUnsafeSlow(SLAB_BYTES).buffer as ArrayBuffer;
-      const n = this.perSlab;
-      slab = { memory, free: Array.from({ length: n }, (_, i) => n - 1 - i), used: 0 };
-      this.slabs.set(memory, slab);
-      this.withRoom.add(slab);
-    }
+  alloc(): number {
+    let slab = this.current;
+    if (!slab || slab.free.length === 0) slab = this.current = this.withRoom.values().next().value ?? this.newSlab();
     const i = slab.free.pop()!;
     slab.used++;
     if (slab.free.length === 0) this.withRoom.delete(slab);
-    return Buffer.from(slab.memory, i * this.chunk, this.chunk);
+    return slab.number * this.perSlab + i;
   }
 
-  release(chunk: Buffer): void {
-    const slab = this.slabs.get(chunk.buffer as ArrayBuffer)!;
-    slab.free.push(chunk.byteOffset / this.chunk);
+  private newSlab(): Slab {
+    const n = this.perSlab;
+    const number = this.spareNumbers.pop() ?? this.slabs.length;
+    const slab: Slab = { number, free: Array.from({ length: n }, (_, i) => n - 1 - i), used: 0 };
+    const memory = Buffer.allocUnsafeSlow(SLAB_BYTES);
+    this.slabs[number] = slab;
+    this.slabMemory[number] = memory;
+    this.numberOf.set(memory.buffer as ArrayBuffer, number);
+    this.withRoom.add(slab);
+    return slab;
+  }
+
+  release(h: number): void {
+    const slab = this.slabs[h >>> this.shift]!;
+    slab.free.push(h & (this.perSlab - 1));
     slab.used--;
     this.withRoom.add(slab);
     // Give memory back once a slab is empty, keeping one spare so alternating write/trim doesn't churn.
     if (slab.used === 0 && this.withRoom.size > 1) {
       this.withRoom.delete(slab);
-      this.slabs.delete(slab.memory);
+      this.numberOf.delete(this.slabMemory[slab.number]!.buffer as ArrayBuffer);
+      this.slabs[slab.number] = null;
+      this.slabMemory[slab.number] = null;
+      this.spareNumbers.push(slab.number);
+      if (this.current === slab) this.current = undefined;
     }
+  }
+
+  /** The slab memory holding chunk `h`. */
+  memory(h: number): Buffer {
+    return this.slabMemory[h >>> this.shift]!;
+  }
+
+  /** Where chunk `h` starts in memory(h). */
+  offset(h: number): number {
+    return (h & (this.perSlab - 1)) * this.chunk;
+  }
+
+  /** A view of chunk `h` alone. */
+  view(h: number): Buffer {
+    const m = this.memory(h);
+    return Buffer.from(m.buffer, m.byteOffset + this.offset(h), this.chunk);
+  }
+
+  /** The number of the chunk a view() is of. */
+  numberOfView(v: Buffer): number {
+    return this.numberOf.get(v.buffer as ArrayBuffer)! * this.perSlab + v.byteOffset / this.chunk;
   }
 }
 
@@ -74,16 +121,41 @@ class ChunkAllocator {
  *
  * Sparse (`subs`): one SUB_SIZE chunk per written sub-block, so scattered small writes cost what
  * they write. Dense (`whole`): one PAGE_SIZE chunk, sub-block k at k * SUB_SIZE, so big requests
- * are one copy per page. A page is dense when written whole or once its last sub-block is
- * written; zero/trim turns it back to sparse when it holds DEMOTE_AT sub-blocks or fewer. So a
- * dense page always holds more than half its size in data.
+ * are one copy per page. A page becomes dense once more than half of it is written (PROMOTE_AT),
+ * at the latest when written whole; zero/trim turns it back to sparse when less than half of it
+ * holds data (DEMOTE_AT). So at least half the sub-blocks of a dense page hold data: a page never
+ * costs more than twice what it holds, and a page at most half written costs exactly that.
+ *
+ * Why not dense at once, or only when full: dense at once is the zero-filled page this replaced
+ * (a 4 KiB write costing 32 KiB); and the data a sparse page holds is copied once more when it
+ * becomes dense, through memory touched twice. Filling an empty GiB with random 4 KiB writes took
+ * about 60 % more CPU in this class than zero-filled pages did when pages waited to be full, 40 to
+ * 50 % at more than half; sequential 4 KiB writes into empty space about 20 % and 15 %
+ * (bench/ops.mjs). Reads, overwrites and whole-page writes cost what they did.
  */
 class Page {
-  /** Bit k: sub-block k holds data. Never 0 for a page in a directory (such a page is freed). */
+  /** Bit k: sub-block k holds data. Never 0 for a page in a directory (such a page is freed), and
+   * never FULL either: see Entry. */
   mask = 0;
-  whole: Buffer | null = null;
-  subs: (Buffer | null)[] | null = null;
+  /** Dense: the number of the page's PAGE_SIZE chunk (-1 when sparse), and a view of that chunk,
+   * which is what the directory holds instead of the Page once the page is full. */
+  whole = -1;
+  view: Buffer | null = null;
+  /** Sparse: the chunk number of each sub-block, -1 where none. */
+  subs: number[] | null = null;
 }
+
+/**
+ * What a directory holds for a page: a full page (all its sub-blocks hold data, so it is dense) is
+ * just the view of its chunk, as every page was before sub-blocks; any other page is a Page. So the
+ * pages of data written in big pieces cost one object each, and reads and writes of them go
+ * straight to the view; a page is a Page only while it is partly written.
+ */
+type Entry = Buffer | Page;
+
+/** A sparse page's chunk numbers before any is taken: SUBS of them, a literal so it is one small
+ * array of integers. */
+const NO_SUBS = (): number[] => [-1, -1, -1, -1, -1, -1, -1, -1];
 
 /** Bits first..last (sub-block indices, inclusive). */
 const bitsOf = (first: number, last: number): number => ((2 << last) - 1) & ~((1 << first) - 1);
@@ -95,8 +167,8 @@ function popcount(m: number): number {
   return n;
 }
 
-/** Whether `len` bytes of `b` from `at` are all zero (no allocation). */
-const isZero = (b: Buffer, at: number, len: number): boolean => b.compare(ZERO_SUB, 0, len, at, at + len) === 0;
+/** Whether `len` bytes (PAGE_SIZE at most) of `b` from `at` are all zero (no allocation). */
+const isZero = (b: Buffer, at: number, len: number): boolean => b.compare(ZERO_PAGE, 0, len, at, at + len) === 0;
 
 /** Append a zero span to a read's list, merged with the last one when they touch. */
 function addHole(holes: ZeroSpan[] | undefined, start: number, length: number): ZeroSpan[] {
@@ -123,10 +195,10 @@ const lowestBit = (w: number): number => 31 - Math.clz32(w & -w);
  * allocated or freed, never anything per read or write of a page that exists.
  */
 class Directory {
-  readonly pages = new Map<number, Page>();
+  readonly pages = new Map<number, Entry>();
   private readonly bits = new Uint32Array(MAP_WORDS + SUMMARY_WORDS);
 
-  add(i: number, p: Page): void {
+  add(i: number, p: Entry): void {
     this.pages.set(i, p);
     const w = i >>> 5;
     this.bits[w] |= 1 << (i & 31);
@@ -186,45 +258,44 @@ export class SparseArray {
 
   constructor(readonly size: number) {}
 
-  private page(index: number): Page | undefined {
+  /** Pages held as a Page, that is partly written (the others are full, held as a view): for tests,
+   * O(pages). */
+  get partialPages(): number {
+    let n = 0;
+    for (const dir of this.dirs.values()) for (const e of dir.pages.values()) if (e instanceof Page) n++;
+    return n;
+  }
+
+  private page(index: number): Entry | undefined {
     return this.dirs.get(Math.floor(index / DIR_PAGES))?.pages.get(index % DIR_PAGES);
   }
 
-  private pageForWrite(index: number): Page {
-    const d = Math.floor(index / DIR_PAGES);
-    let dir = this.dirs.get(d);
-    if (!dir) this.dirs.set(d, (dir = new Directory()));
-    let p = dir.pages.get(index % DIR_PAGES);
-    if (!p) {
-      p = new Page();
-      dir.add(index % DIR_PAGES, p);
-      this.allocatedPages++;
-    }
-    return p;
-  }
-
   /** Free page `i` of directory `d` (which holds it); an emptied directory goes too. */
-  private freePage(d: number, dir: Directory, i: number, p: Page): void {
+  private freePage(d: number, dir: Directory, i: number, p: Entry): void {
     dir.remove(i);
     this.releaseStorage(p);
     this.allocatedPages--;
     if (dir.pages.size === 0) this.dirs.delete(d);
   }
 
-  private releaseStorage(p: Page): void {
-    if (p.whole) {
+  private releaseStorage(p: Entry): void {
+    if (!(p instanceof Page)) {
+      this.big.release(this.big.numberOfView(p));
+      this.storedBytes -= PAGE_SIZE;
+    } else if (p.whole >= 0) {
       this.big.release(p.whole);
       this.storedBytes -= PAGE_SIZE;
-      p.whole = null;
+      p.whole = -1;
+      p.view = null;
     } else if (p.subs) {
       for (const c of p.subs) {
-        if (!c) continue;
+        if (c < 0) continue;
         this.small.release(c);
         this.storedBytes -= SUB_SIZE;
       }
       p.subs = null;
     }
-    p.mask = 0;
+    if (p instanceof Page) p.mask = 0;
   }
 
   /** Fill `buf`; parts that hold no data are reported as zero spans instead of being written. */
@@ -237,10 +308,9 @@ export class SparseArray {
       const inPage = pos - index * PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, buf.length - done);
       const p = this.page(index);
-      // A full page is always dense: one copy.
-      if (p?.mask === FULL) p.whole!.copy(buf, done, inPage, inPage + n);
-      else if (p) holes = this.readPart(p, buf, done, inPage, n, holes);
-      else holes = addHole(holes, done, n);
+      if (p === undefined) holes = addHole(holes, done, n);
+      else if (p instanceof Page) holes = this.readPart(p, buf, done, inPage, n, holes);
+      else p.copy(buf, done, inPage, inPage + n);
       done += n;
     }
     return holes;
@@ -254,8 +324,14 @@ export class SparseArray {
       const e = Math.min(end, (k + 1) << SUB_SHIFT);
       const to = at + s - inPage;
       if (!(p.mask & (1 << k))) holes = addHole(holes, to, e - s);
-      else if (p.whole) p.whole.copy(buf, to, s, e);
-      else p.subs![k]!.copy(buf, to, s - (k << SUB_SHIFT), e - (k << SUB_SHIFT));
+      else if (p.whole >= 0) {
+        const from = this.big.offset(p.whole);
+        this.big.memory(p.whole).copy(buf, to, from + s, from + e);
+      } else {
+        const c = p.subs![k]!;
+        const from = this.small.offset(c) - (k << SUB_SHIFT);
+        this.small.memory(c).copy(buf, to, from + s, from + e);
+      }
     }
     return holes;
   }
@@ -267,42 +343,68 @@ export class SparseArray {
       const index = Math.floor(pos / PAGE_SIZE);
       const inPage = pos - index * PAGE_SIZE;
       const n = Math.min(PAGE_SIZE - inPage, buf.length - done);
-      const p = this.pageForWrite(index);
-      const first = inPage >>> SUB_SHIFT;
-      const last = (inPage + n - 1) >>> SUB_SHIFT;
-      if (!p.whole && (p.mask | bitsOf(first, last)) === FULL) this.makeDense(p, n === PAGE_SIZE);
-      if (p.whole) this.writeDense(p, buf, done, inPage, n, first, last);
-      else this.writeSparse(p, buf, done, inPage, n, first, last);
+      const d = Math.floor(index / DIR_PAGES);
+      const i = index % DIR_PAGES;
+      let dir = this.dirs.get(d);
+      if (!dir) this.dirs.set(d, (dir = new Directory()));
+      const e = dir.pages.get(i);
+      if (e !== undefined && !(e instanceof Page)) {
+        // A full page: just the copy.
+        e.set(buf.subarray(done, done + n), inPage);
+      } else if (e === undefined && n === PAGE_SIZE) {
+        // A new page written whole.
+        const v = this.big.view(this.big.alloc());
+        v.set(buf.subarray(done, done + n));
+        dir.add(i, v);
+        this.allocatedPages++;
+        this.storedBytes += PAGE_SIZE;
+      } else {
+        let p = e;
+        if (p === undefined) {
+          dir.add(i, (p = new Page()));
+          this.allocatedPages++;
+        }
+        const first = inPage >>> SUB_SHIFT;
+        const last = (inPage + n - 1) >>> SUB_SHIFT;
+        if (p.whole < 0 && popcount(p.mask | bitsOf(first, last)) >= PROMOTE_AT) this.makeDense(p, n === PAGE_SIZE);
+        if (p.whole >= 0) this.writeDense(p, buf, done, inPage, n, first, last);
+        else this.writeSparse(p, buf, done, inPage, n, first, last);
+        if (p.mask === FULL) dir.pages.set(i, p.view!);
+      }
       done += n;
     }
   }
 
   /** Copy into a dense page; the parts of newly written sub-blocks outside the write become zero. */
   private writeDense(p: Page, src: Uint8Array, from: number, inPage: number, n: number, first: number, last: number) {
-    const whole = p.whole!;
+    const mem = this.big.memory(p.whole);
+    const at = this.big.offset(p.whole);
     const end = inPage + n;
-    if (!(p.mask & (1 << first))) whole.fill(0, first << SUB_SHIFT, inPage);
-    if (!(p.mask & (1 << last))) whole.fill(0, end, (last + 1) << SUB_SHIFT);
-    whole.set(src.subarray(from, from + n), inPage);
+    if (inPage & (SUB_SIZE - 1) && !(p.mask & (1 << first))) mem.fill(0, at + (first << SUB_SHIFT), at + inPage);
+    if (end & (SUB_SIZE - 1) && !(p.mask & (1 << last))) mem.fill(0, at + end, at + ((last + 1) << SUB_SHIFT));
+    mem.set(src.subarray(from, from + n), at + inPage);
     p.mask |= bitsOf(first, last);
   }
 
   /** Copy into a sparse page, one chunk per sub-block, taking (and zero-filling) chunks as needed. */
   private writeSparse(p: Page, src: Uint8Array, from: number, inPage: number, n: number, first: number, last: number) {
-    const subs = (p.subs ??= new Array<Buffer | null>(SUBS).fill(null));
+    const subs = (p.subs ??= NO_SUBS());
     const end = inPage + n;
     for (let k = first; k <= last; k++) {
       const base = k << SUB_SHIFT;
       const s = Math.max(inPage, base) - base;
       const e = Math.min(end, base + SUB_SIZE) - base;
-      let c = subs[k];
-      if (!c) {
+      let c = subs[k]!;
+      const fresh = c < 0;
+      if (fresh) {
         subs[k] = c = this.small.alloc();
         this.storedBytes += SUB_SIZE;
-        if (s > 0) c.fill(0, 0, s);
-        if (e < SUB_SIZE) c.fill(0, e, SUB_SIZE);
       }
-      c.set(src.subarray(from + base + s - inPage, from + base + e - inPage), s);
+      const mem = this.small.memory(c);
+      const at = this.small.offset(c);
+      if (fresh && s > 0) mem.fill(0, at, at + s);
+      if (fresh && e < SUB_SIZE) mem.fill(0, at + e, at + SUB_SIZE);
+      mem.set(src.subarray(from + base + s - inPage, from + base + e - inPage), at + s);
     }
     p.mask |= bitsOf(first, last);
   }
@@ -310,34 +412,57 @@ export class SparseArray {
   /** Sparse → dense: one PAGE_SIZE chunk, with the sub-blocks held so far copied in (unless the
    * caller is about to overwrite the whole page). */
   private makeDense(p: Page, overwritten: boolean): void {
-    const whole = this.big.alloc();
-    if (p.subs) {
-      for (let k = 0; k < SUBS; k++) {
-        const c = p.subs[k];
-        if (!c) continue;
-        if (!overwritten) c.copy(whole, k << SUB_SHIFT);
+    const chunk = this.big.alloc();
+    const mem = this.big.memory(chunk);
+    const at = this.big.offset(chunk);
+    const subs = p.subs;
+    if (subs) {
+      if (!overwritten) {
+        // Sub-blocks in consecutive chunks of one slab (as a page written in order gets them)
+        // are copied in one piece.
+        for (let k = 0; k < SUBS; ) {
+          const c = subs[k]!;
+          if (c < 0) {
+            k++;
+            continue;
+          }
+          const from = this.small.offset(c);
+          let n = 1;
+          while (k + n < SUBS && subs[k + n] === c + n && this.small.offset(c + n) === from + n * SUB_SIZE) n++;
+          this.small.memory(c).copy(mem, at + (k << SUB_SHIFT), from, from + n * SUB_SIZE);
+          k += n;
+        }
+      }
+      // Released last first, so that the next chunks taken come out in ascending order.
+      for (let k = SUBS - 1; k >= 0; k--) {
+        const c = subs[k]!;
+        if (c < 0) continue;
         this.small.release(c);
         this.storedBytes -= SUB_SIZE;
       }
       p.subs = null;
     }
-    p.whole = whole;
+    p.whole = chunk;
+    p.view = this.big.view(chunk);
     this.storedBytes += PAGE_SIZE;
   }
 
+
   /** Dense → sparse: the sub-blocks that hold data move to chunks of their own. */
   private makeSparse(p: Page): void {
-    const whole = p.whole!;
-    const subs = new Array<Buffer | null>(SUBS).fill(null);
+    const mem = this.big.memory(p.whole);
+    const at = this.big.offset(p.whole);
+    const subs = NO_SUBS();
     for (let k = 0; k < SUBS; k++) {
       if (!(p.mask & (1 << k))) continue;
       const c = (subs[k] = this.small.alloc());
-      whole.copy(c, 0, k << SUB_SHIFT, (k + 1) << SUB_SHIFT);
+      mem.copy(this.small.memory(c), this.small.offset(c), at + (k << SUB_SHIFT), at + ((k + 1) << SUB_SHIFT));
       this.storedBytes += SUB_SIZE;
     }
-    this.big.release(whole);
+    this.big.release(p.whole);
     this.storedBytes -= PAGE_SIZE;
-    p.whole = null;
+    p.whole = -1;
+    p.view = null;
     p.subs = subs;
   }
 
@@ -369,8 +494,18 @@ export class SparseArray {
     const d = Math.floor(index / DIR_PAGES);
     const dir = this.dirs.get(d);
     const i = index % DIR_PAGES;
-    const p = dir?.pages.get(i);
-    if (!p) return;
+    const e = dir?.pages.get(i);
+    if (e === undefined) return;
+    let p: Page;
+    if (e instanceof Page) p = e;
+    else {
+      // A full page: a Page while it is cleared (and again just its view if it is still full).
+      p = new Page();
+      p.mask = FULL;
+      p.whole = this.big.numberOfView(e);
+      p.view = e;
+      dir!.pages.set(i, p);
+    }
     const end = inPage + n;
     for (let k = inPage >>> SUB_SHIFT; k << SUB_SHIFT < end; k++) {
       const bit = 1 << k;
@@ -379,8 +514,9 @@ export class SparseArray {
       const s = Math.max(inPage, base) - base;
       const e = Math.min(end, base + SUB_SIZE) - base;
       if (s > 0 || e < SUB_SIZE) {
-        const c = p.whole ?? p.subs![k]!;
-        const at = p.whole ? base : 0;
+        const dense = p.whole >= 0;
+        const c = dense ? this.big.memory(p.whole) : this.small.memory(p.subs![k]!);
+        const at = dense ? this.big.offset(p.whole) + base : this.small.offset(p.subs![k]!);
         c.fill(0, at + s, at + e);
         if (!isZero(c, at, SUB_SIZE)) continue;
       }
@@ -388,13 +524,14 @@ export class SparseArray {
       if (p.subs) {
         this.small.release(p.subs[k]!);
         this.storedBytes -= SUB_SIZE;
-        p.subs[k] = null;
+        p.subs[k] = -1;
       }
     }
     // As before sub-blocks, a page that now reads all zero goes (even if some of its sub-blocks
     // were written with zeroes), so extents are what they were: see extents().
     if (this.pageType(p) === EXTENT_ZERO) this.freePage(d, dir!, i, p);
-    else if (p.whole && popcount(p.mask) <= DEMOTE_AT) this.makeSparse(p);
+    else if (p.mask === FULL) dir!.pages.set(i, p.view!);
+    else if (p.whole >= 0 && popcount(p.mask) <= DEMOTE_AT) this.makeSparse(p);
   }
 
   /** Free the allocated pages among [first, end): each existing directory is visited once and only
@@ -425,10 +562,16 @@ export class SparseArray {
 
   /** Extent type of a page in a directory: ZERO if every sub-block it holds is all zero (the others
    * read as zero anyway), else data. O(1): at most one page's bytes compared with zeroes. */
-  private pageType(p: Page): number {
+  private pageType(p: Entry): number {
+    if (!(p instanceof Page)) return p.equals(ZERO_PAGE) ? EXTENT_ZERO : 0;
+    if (p.mask === FULL) return p.view!.equals(ZERO_PAGE) ? EXTENT_ZERO : 0;
     for (let m = p.mask; m; m &= m - 1) {
       const k = lowestBit(m);
-      if (p.whole ? !isZero(p.whole, k << SUB_SHIFT, SUB_SIZE) : !isZero(p.subs![k]!, 0, SUB_SIZE)) return 0;
+      const zero =
+        p.whole >= 0
+          ? isZero(this.big.memory(p.whole), this.big.offset(p.whole) + (k << SUB_SHIFT), SUB_SIZE)
+          : isZero(this.small.memory(p.subs![k]!), this.small.offset(p.subs![k]!), SUB_SIZE);
+      if (!zero) return 0;
     }
     return EXTENT_ZERO;
   }
