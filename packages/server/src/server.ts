@@ -101,6 +101,11 @@ export class NbdServer {
   socketHelper: SocketHelper | null = null;
   private readonly unixSendBuffer: number;
   private sendBufferLogged = false;
+  /**
+   * Offered every accepted socket before it is served here (the CLI's worker threads): true when
+   * it was handed to another thread.
+   */
+  handOff: ((socket: net.Socket) => boolean) | null = null;
   exportName = '';
 
   private constructor(backend: Backend, options: ServeOptions) {
@@ -209,7 +214,17 @@ export class NbdServer {
     }
     socket.setNoDelay(true);
     this.raiseSendBuffer(socket);
+    if (this.handOff?.(socket)) return;
     void this.track(() => new Connection(this.settings, socket));
+  }
+
+  /** Serve a connection accepted elsewhere (handed over by another thread). */
+  adopt(socket: net.Socket): Promise<void> {
+    if (this.closing) {
+      socket.destroy();
+      return Promise.resolve();
+    }
+    return this.track(() => new Connection(this.settings, socket));
   }
 
   /** A Unix socket's send buffer, raised so that READ replies do not go out in lock-step. */
