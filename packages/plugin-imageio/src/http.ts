@@ -7,6 +7,7 @@ import { isConnectionLost, transportError } from './errors.js';
 export interface Endpoint {
   /** `https://host:port` or `http://host:port` (for a Unix socket, `http://localhost`). */
   origin: string;
+  /** A filesystem Unix socket, or an abstract one ("\0name": undici's net.connect reaches it on Node 22+). */
   socketPath?: string;
   /** PEM text of the CA to trust instead of the system's. */
   ca?: string;

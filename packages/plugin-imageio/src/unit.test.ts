@@ -137,13 +137,29 @@ describe('configuration', () => {
     applyConfig(s, 'timeout', '30');
     expect(s).toMatchObject({ insecure: true, size: 10 * 2 ** 30, connections: 8, unixSocket: '/run/imageio.sock', timeoutMs: 30000 });
     expect(s.url!.pathname).toBe('/images/5f2c');
+    // a trailing slash (or several) is not part of the ticket
+    for (const u of ['https://h:54322/images/5f2c/', 'https://h:54322/images/5f2c//', 'https://h/prefix/images/5f2c/?x#y']) {
+      const t = defaultSettings();
+      applyConfig(t, 'url', u);
+      expect(t.url!.pathname).toMatch(/\/images\/5f2c$/);
+    }
+    // abstract socket names, written with NUL or with @ as ss(8) shows them
+    for (const name of ['\0/org/ovirt/imageio', '@/org/ovirt/imageio']) {
+      const t = defaultSettings();
+      applyConfig(t, 'unix-socket', name);
+      expect(t.unixSocket).toBe('\0/org/ovirt/imageio');
+    }
     const bad: [string, string, RegExp][] = [
       ['url', 'ftp://x/images/t', /not supported/],
-      ['url', 'https://host:54322/', /no ticket/],
+      ['url', 'https://host:54322/', /does not name an imageio ticket/],
+      ['url', 'https://host:54322/images/', /does not name an imageio ticket/],
+      ['url', 'https://host:54322/images/T/extents', /does not name an imageio ticket/],
+      ['url', 'https://host:54322/info/', /does not name an imageio ticket/],
+      ['url', 'https://host:54322/tickets/T', /does not name an imageio ticket/],
       ['url', 'not a url', /not a URL/],
       ['connections', '0', /1 to 64/],
       ['connections', '2.5', /whole number/],
-      ['unix-socket', '\0/org/ovirt/imageio', /abstract/],
+      ['unix-socket', '@', /at least one character/],
       ['unix-socket', 'relative.sock', /absolute path/],
       ['timeout', '-1', /seconds/],
       ['insecure', 'maybe', /boolean/],
