@@ -181,7 +181,7 @@ describe('configuration', () => {
   });
 });
 
-describe('one pooled HTTP connection (undici Client) against a raw server', () => {
+describe('one pooled HTTP connection against a raw server', () => {
   let server: http.Server | null = null;
   const sockets = new Set<Socket>();
   afterEach(async () => {
