@@ -75,7 +75,8 @@ const tsup = (entry, outDir) =>
 // The test server (TypeScript, not in dist) bundled into bench/.build.
 tsup('bench/test-server-main.ts', path.join(build, 'server'));
 
-// The plugin at --before REF: its src/ from git, bundled next to this package's node_modules.
+// The plugin at --before REF: its src/ from git, bundled next to this package's node_modules
+// (older versions import undici, kept as a devDependency for this).
 let beforePlugin = null;
 if (before) {
   const src = path.join(build, `before-src`);

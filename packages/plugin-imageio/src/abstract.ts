@@ -2,10 +2,10 @@
  * Linux abstract Unix socket names (a leading NUL), which is where an oVirt host's imageio
  * daemon serves its local service ("\0/org/ovirt/imageio").
  *
- * Node.js 22 and later reach them through the ordinary `net.connect({ path })`, and so undici's
- * `socketPath` (libuv passes the name's real length to connect(2)). Node 20's libuv passed the
- * whole NUL-padded sockaddr_un, which is a different abstract name: the connect is refused and
- * the plugin falls back to the URL's HTTPS (see index.ts).
+ * Node.js 22 and later reach them through the ordinary `net.connect({ path })` (libuv passes
+ * the name's real length to connect(2)), which is what src/wire.ts uses. Node 20's libuv passed
+ * the whole NUL-padded sockaddr_un, which is a different abstract name: the connect is refused
+ * and the plugin falls back to the URL's HTTPS (see index.ts).
  */
 
 /** Is this socket name abstract (leading NUL)? */

@@ -586,6 +586,36 @@ h.flush()
     expect(debugLines.join('\n')).toMatch(/data goes over the local Unix socket @\/nbdx-test\/imageio-.* \(abstract socket/);
   });
 
+  it('32 MiB of random data in and out with nbdcopy, over TLS and over the abstract socket, byte for byte', async () => {
+    const size = 32 * MiB;
+    const src = path.join(dir, 'roundtrip-src.raw');
+    fs.writeFileSync(src, randomBytes(size));
+    try {
+      for (const socket of ['never', 'auto']) {
+        const name = `\0/nbdx-test/roundtrip-${process.pid}-${Date.now()}`;
+        const srv = await startImageio({ size, unixSocket: name, tls: { key: certs.key, cert: certs.cert } });
+        const nbd = await startNbd([
+          ['url', srv.url],
+          ['cafile', certs.caFile],
+          ['unix-socket', socket],
+        ]);
+        await runOk('nbdcopy', ['--flush', src, nbd.uri]);
+        expect(srv.store.read(0, size).equals(fs.readFileSync(src))).toBe(true);
+        const out = path.join(dir, 'roundtrip-out.raw');
+        // --request-size 1M --requests 4 and the default (256K x 64) exercise other read sizes
+        await runOk('nbdcopy', ['--request-size=1048576', nbd.uri, out]);
+        expect(fs.readFileSync(out).equals(fs.readFileSync(src))).toBe(true);
+        await runOk('nbdcopy', [nbd.uri, out]);
+        expect(fs.readFileSync(out).equals(fs.readFileSync(src))).toBe(true);
+        fs.rmSync(out);
+        const transports = new Set(srv.requests.slice(1).map((r) => r.transport));
+        expect([...transports]).toEqual([socket === 'auto' ? 'unix' : 'tcp']);
+      }
+    } finally {
+      fs.rmSync(src, { force: true });
+    }
+  });
+
   it('falls back to TLS, with a debug line, when the advertised socket does not answer or is not on this host', async () => {
     for (const advertised of [`\0/nbdx-test/nobody-${process.pid}-${Date.now()}`, path.join(dir, 'not-here.sock')]) {
       const srv = await startImageio({ size: MiB, advertiseUnixSocket: advertised, tls: { key: certs.key, cert: certs.cert } });

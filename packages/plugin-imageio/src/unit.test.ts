@@ -250,6 +250,47 @@ describe('one pooled HTTP connection against a raw server', () => {
     await c.destroy();
   });
 
+  it('parses answers split anywhere, chunked bodies, 100 Continue, bodies up to the close', async () => {
+    const { createServer } = await import('node:net');
+    // A raw server that answers each request with the next canned reply, byte by byte.
+    const replies: string[] = [
+      'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\n\r\nhello',
+      'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2;ext=1\r\n2]\r\n0\r\nx-trailer: 1\r\n\r\n',
+      'HTTP/1.0 500 Oops\r\n\r\nuntil the close',
+    ];
+    const raw = createServer((sock) => {
+      sock.on('data', () => {
+        const reply = Buffer.from(replies.shift() ?? '', 'latin1');
+        let i = 0;
+        const step = () => {
+          if (i >= reply.length) {
+            if (reply.toString().startsWith('HTTP/1.0')) sock.end();
+            return;
+          }
+          sock.write(reply.subarray(i, i + 3));
+          i += 3;
+          setImmediate(step);
+        };
+        step();
+      });
+    });
+    raw.listen(0, '127.0.0.1');
+    await once(raw, 'listening');
+    try {
+      const c = new Connection(0, { origin: `http://127.0.0.1:${(raw.address() as AddressInfo).port}` }, 5000);
+      const buf = new Uint8Array(5);
+      expect((await c.request({ method: 'GET', path: '/', into: buf, intoStatus: 206 }, 'a')).status).toBe(206);
+      expect(Buffer.from(buf).toString()).toBe('hello');
+      const r = await c.request({ method: 'GET', path: '/x' }, 'b');
+      expect([r.status, r.body.toString()]).toEqual([200, '[1,2]']);
+      const r3 = await c.request({ method: 'GET', path: '/y' }, 'c');
+      expect([r3.status, r3.statusText, r3.body.toString()]).toEqual([500, 'Oops', 'until the close']);
+      await c.destroy();
+    } finally {
+      raw.close();
+    }
+  });
+
   it('does not retry a request that was answered, retries once one that was not', async () => {
     let n = 0;
     let hangUp = 0;
