@@ -207,7 +207,9 @@ export function createImageioPlugin() {
     try {
       const r = await c.request({ method: 'GET', path: `${path}/extents`, maxBody: MAX_EXTENTS_BODY }, what);
       expect(r, 200, 'extents', what);
-      return parseExtents(r.body.toString('utf8'));
+      const map = parseExtents(r.body.toString('utf8'));
+      debug(NAME, `extents: ${map.count} extent(s) up to ${map.end}, fetched on a connection of their own`);
+      return map;
     } finally {
       await c.destroy();
     }
@@ -392,7 +394,14 @@ export function createImageioPlugin() {
       // The core keeps requests inside the export, whose size is the ticket's: extents past it
       // (the rest of a bigger backend) are never looked at.
       const map = await s().extents.get();
-      return map.lookup(offset, count, (flags & FLAG_REQ_ONE) !== 0);
+      const one = (flags & FLAG_REQ_ONE) !== 0;
+      const list = map.lookup(offset, count, one);
+      // A list that stops short of the request (a backend smaller than the ticket, a server
+      // that left a gap at the end): the rest is reported as data, which is never wrong.
+      const last = list[list.length - 1];
+      const covered = last ? last.offset + last.length : offset;
+      if (covered < offset + count && (!one || list.length === 0)) list.push({ offset: covered, length: offset + count - covered, type: 0 });
+      return list;
     },
   });
 }
