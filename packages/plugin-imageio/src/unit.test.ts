@@ -291,6 +291,61 @@ describe('one pooled HTTP connection against a raw server', () => {
     }
   });
 
+  it('hostile answers end the connection with EIO and the next request works on a fresh one', async () => {
+    const { createServer } = await import('node:net');
+    const good = 'HTTP/1.1 206 Partial Content\r\ncontent-length: 4\r\n\r\ngood';
+    const replies: string[] = [
+      'SSH-2.0-OpenSSH_9.2\r\n\r\n', // not HTTP
+      good,
+      `HTTP/1.1 200 OK\r\nx-big: ${'a'.repeat(20000)}\r\n\r\n`, // headers too large
+      good,
+      'HTTP/1.1 206 Partial Content\r\ncontent-length: 4\r\n\r\ngoodEXTRA', // bytes nobody asked for
+      good,
+      'HTTP/1.1 206 Partial Content\r\ncontent-length: -4\r\n\r\n',
+      good,
+      'HTTP/1.1 206 Partial Content\r\ntransfer-encoding: gzip\r\n\r\n',
+      good,
+    ];
+    const conns: number[] = [];
+    let n = 0;
+    const raw = createServer((sock) => {
+      const id = n++;
+      sock.on('data', () => {
+        conns.push(id);
+        sock.write(replies.shift() ?? '');
+      });
+      sock.on('error', () => {});
+    });
+    raw.listen(0, '127.0.0.1');
+    await once(raw, 'listening');
+    try {
+      const c = new Connection(0, { origin: `http://127.0.0.1:${(raw.address() as AddressInfo).port}` }, 5000);
+      const read = async () => {
+        const buf = new Uint8Array(4);
+        await c.request({ method: 'GET', path: '/', into: buf, intoStatus: 206 }, 'read');
+        return Buffer.from(buf).toString();
+      };
+      for (const bad of [/not HTTP/, /headers/, null, /content-length/, /transfer-encoding/]) {
+        if (bad) {
+          const err = await read().catch((e: unknown) => e);
+          expect(err).toBeInstanceOf(NbdError);
+          expect((err as NbdError).errno).toBe(Errno.EIO);
+          expect((err as Error).message).toMatch(bad);
+        } else {
+          // the answer itself is fine; the extra bytes only cost the connection
+          expect(await read()).toBe('good');
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        expect(await read()).toBe('good');
+      }
+      // every bad answer cost its connection: the first one plus a new one after each of the 5
+      expect(new Set(conns).size).toBe(6);
+      await c.destroy();
+    } finally {
+      raw.close();
+    }
+  });
+
   it('does not retry a request that was answered, retries once one that was not', async () => {
     let n = 0;
     let hangUp = 0;
