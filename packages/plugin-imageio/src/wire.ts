@@ -56,6 +56,8 @@ export interface Response {
 
 /** Status line and headers must fit here (imageio sends about 250 bytes). */
 const HEAD_BUFFER = 16 * 1024;
+/** At most this much per read while waiting for headers. */
+const HEAD_READ = 4096;
 const EMPTY = Buffer.alloc(0);
 
 export class WireError extends Error {
@@ -175,7 +177,10 @@ export class WireConnection {
           return ex.spec.into!.subarray(ex.filled, ex.filled + ex.remaining);
         }
         this.readingInto = false;
-        return this.head.subarray(this.headLen);
+        // Before the headers are in, read little at a time: what comes with them of a body
+        // bound for the reply buffer has to be copied there.
+        const end = ex?.headDone ? HEAD_BUFFER : Math.min(HEAD_BUFFER, this.headLen + HEAD_READ);
+        return this.head.subarray(this.headLen, end);
       },
       callback: (n: number): boolean => {
         this.onRead(n);
