@@ -48,7 +48,18 @@ const rounds = Number(opt('--rounds', '1'));
 const before = opt('--before');
 const v2v = opt('--v2v');
 const transports = opt('--transports', 'https,unix').split(',');
-const workloads = opt('--workloads', 'random-in,random-out,sparse-in,sparse-out').split(',');
+const ORDER = ['random-in', 'random-out', 'sparse-in', 'sparse-out'];
+// Always in this order: an "-out" reads what the "-in" before it wrote (an image never written
+// is all zero, and block status would skip it).
+const workloads = opt('--workloads', ORDER.join(','))
+  .split(',')
+  .sort((a, b) => ORDER.indexOf(a) - ORDER.indexOf(b));
+for (const w of workloads) {
+  if (!ORDER.includes(w)) throw new Error(`unknown workload ${w} (${ORDER.join(', ')})`);
+  if (w.endsWith('-out') && !workloads.includes(w.replace(/-out$/, '-in'))) {
+    console.warn(`${w} without ${w.replace(/-out$/, '-in')}: reads whatever the image holds`);
+  }
+}
 const jsonOut = opt('--json');
 
 function parseBytes(s) {
