@@ -346,6 +346,32 @@ describe('one pooled HTTP connection against a raw server', () => {
     }
   });
 
+  it('a server that closes right after each answer (keep-alive race) costs no request', async () => {
+    const { createServer } = await import('node:net');
+    let served = 0;
+    const raw = createServer((sock) => {
+      sock.once('data', () => {
+        served++;
+        // answer as keep-alive, then close at once: the client may already be sending the next one
+        sock.end('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+      });
+      sock.on('error', () => {});
+    });
+    raw.listen(0, '127.0.0.1');
+    await once(raw, 'listening');
+    try {
+      const c = new Connection(0, { origin: `http://127.0.0.1:${(raw.address() as AddressInfo).port}` }, 5000);
+      for (let i = 0; i < 30; i++) {
+        const r = await c.request({ method: 'PUT', path: '/', body: 'xy' }, `put ${i}`);
+        expect([r.status, r.body.toString()]).toEqual([200, 'ok']);
+      }
+      expect(served).toBe(30);
+      await c.destroy();
+    } finally {
+      raw.close();
+    }
+  });
+
   it('does not retry a request that was answered, retries once one that was not', async () => {
     let n = 0;
     let hangUp = 0;

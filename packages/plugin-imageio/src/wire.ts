@@ -217,7 +217,10 @@ export class WireConnection {
   }
 
   private send(ex: Exchange): void {
-    const socket = this.socket && !this.socket.destroyed ? this.socket : this.connect();
+    // A socket the server has half-closed (FIN seen, 'close' not yet) is not reused.
+    const reuse = this.socket && !this.socket.destroyed && this.socket.writable;
+    if (!reuse) this.drop();
+    const socket = reuse ? this.socket! : this.connect();
     const spec = ex.spec;
     let head = `${spec.method} ${spec.path} HTTP/1.1\r\nhost: ${this.hostHeader}\r\n`;
     if (spec.headers) for (const k in spec.headers) head += `${k}: ${spec.headers[k]}\r\n`;
