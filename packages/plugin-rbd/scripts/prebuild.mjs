@@ -8,6 +8,8 @@
  *
  * Needs a C compiler, Node's headers (PREFIX/include/node, or NBDX_RBD_NODE_HEADERS) and librbd's
  * (librbd-dev). The result is loaded once in a child Node before it is put in place.
+ *
+ *   node scripts/prebuild.mjs [--out DIR]     (default DIR: prebuilds/)
  */
 import { spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
@@ -34,10 +36,14 @@ const compiler = ['cc', 'gcc'].find((c) => spawnSync(c, ['--version'], { stdio: 
 if (!compiler) fail('no C compiler (cc, gcc)');
 
 const target = `linux-${process.arch}-glibc`;
-const dir = path.join(packageRoot, 'prebuilds', target);
+// --out DIR puts it in DIR/<target>/ instead of prebuilds/ (the tests build a copy there).
+const outAt = process.argv.indexOf('--out');
+if (outAt >= 0 && !process.argv[outAt + 1]) fail('--out needs a directory');
+const dir = path.join(outAt >= 0 ? path.resolve(process.argv[outAt + 1]) : path.join(packageRoot, 'prebuilds'), target);
 fs.mkdirSync(dir, { recursive: true });
 const out = path.join(dir, 'rbd_ops.node');
-const partial = `${out}.${process.pid}.tmp`;
+// Ends in .node: require() picks the loader by extension.
+const partial = path.join(dir, `rbd_ops.${process.pid}.tmp.node`);
 const cc = spawnSync(
   compiler,
   ['-shared', '-fPIC', '-O2', '-fvisibility=hidden', '-Wall', '-Wextra', '-Wno-unused-parameter', '-s', `-I${headers}`, '-o', partial, source, '-lrbd', '-lrados'],

@@ -240,7 +240,8 @@ export function createRbdPlugin() {
           ...radosSettings(c),
         ]);
       } catch (err) {
-        throw connectError(err, c);
+        // The conf file or a setting is wrong: librados said which (nothing was sent yet).
+        throw new NbdError(Errno.EINVAL, `Ceph configuration: ${(err as Error).message}`);
       }
       await native.connect(handle).catch((err: unknown) => {
         void native!.shutdown(handle);

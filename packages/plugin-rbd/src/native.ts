@@ -75,9 +75,14 @@ function firstLine(message: string, path: string): string {
 
 let cached: NativeLoad | undefined;
 
-/** The addon, looked for once per process. Never throws. */
+/** The addon, looked for once per process. Never throws. NBDX_RBD_NO_ADDON=1 turns it off. */
 export function loadNative(): NativeLoad {
   if (cached) return cached;
+  if (process.env.NBDX_RBD_NO_ADDON === '1') {
+    // As if the addon could not be built here (tests of the message users then see).
+    cached = { ops: null, reason: 'the librbd addon is disabled (NBDX_RBD_NO_ADDON=1)' };
+    return cached;
+  }
   const require = createRequire(import.meta.url);
   const failures: string[] = [];
   for (const path of candidatePaths()) {
