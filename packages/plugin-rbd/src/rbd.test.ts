@@ -1,10 +1,11 @@
 import { createHash, randomBytes } from 'node:crypto';
-import { closeSync, openSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, openSync, readFileSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NbdClient } from '@nbdx/client';
 import {
   NBDSH_HELPERS,
+  cephDaemonPids,
   exportUri,
   nbdshOk,
   qemuImgMap,
@@ -264,7 +265,6 @@ print(h.pread(1024 * 1024, 0) == bytes(1024 * 1024), h.pread(4096, 2 * 1024 * 10
     // And the cluster holds the same bytes.
     const exported = join(tmp, 'multi.img');
     await rbdCli(c, 'export', 'rbd/multi', exported);
-    const { readFileSync } = await import('node:fs');
     expect(createHash('sha256').update(readFileSync(exported)).digest('hex')).toBe(
       createHash('sha256').update(Buffer.concat(regions)).digest('hex'),
     );
@@ -318,5 +318,28 @@ print(h.pread(1024 * 1024, 0) == bytes(1024 * 1024), h.pread(4096, 2 * 1024 * 10
     await expect(serveRbd([['image', 'rbd/nope'], ['conf', c.conf]])).rejects.toThrow(/^image rbd\/nope does not exist$/);
     await expect(serveRbd([['image', 'nopool/x'], ['conf', c.conf]])).rejects.toThrow(/pool 'nopool' does not exist/);
     await expect(serveRbd([['image', 'rbd/vm1@nosnap'], ['conf', c.conf]])).rejects.toThrow(/rbd\/vm1@nosnap: no such image or snapshot/);
+  });
+
+  it('with timeout=, an OSD that stops answering gives EIO naming the timeout; the server keeps serving once it is back', async () => {
+    await rbdCli(c, 'create', '--size', '8M', 'rbd/slow');
+    const errors: string[] = [];
+    const s = await serveRbd([['image', 'rbd/slow'], ['conf', c.conf], ['timeout', '2']], { errors });
+    const osd = cephDaemonPids(c).find((pid) => readFileSync(`/proc/${pid}/cmdline`, 'utf8').startsWith('ceph-osd'))!;
+    try {
+      await qemuIo(s.uri, 'write -P 0x11 0 1M');
+      // A flush: librbd answers reads of never-written objects from its object map, others may
+      // come from its cache, and writes go to the cache (write-back since qemu-io flushed).
+      process.kill(osd, 'SIGSTOP');
+      const t0 = Date.now();
+      const out = await nbdshOk(s.uri, NBDSH_HELPERS + 'h.pwrite(b"w" * 4096, 8192)\nprint(expect_err("EIO", lambda: h.flush()))');
+      expect(Date.now() - t0).toBeLessThan(15_000);
+      expect(out).toContain('ok EIO');
+      expect(errors.join('\n')).toMatch(/rbd: .*flush: librbd flush: Connection timed out \(timeout= reached: is the cluster healthy\?\)/);
+      process.kill(osd, 'SIGCONT');
+      await qemuIo(s.uri, 'read -P 0x11 0 8192', 'write -P 0x22 1M 1M', 'read -P 0x22 1M 1M');
+    } finally {
+      process.kill(osd, 'SIGCONT');
+      await s.close();
+    }
   });
 });
