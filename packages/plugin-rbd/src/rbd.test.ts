@@ -314,6 +314,25 @@ print(h.pread(1024 * 1024, 0) == bytes(1024 * 1024), h.pread(4096, 2 * 1024 * 10
     }
   });
 
+  it('RADOS namespaces: POOL/NAMESPACE/IMAGE, and namespace= with dynamic-export', async () => {
+    await rbdCli(c, 'namespace', 'create', 'rbd/tenant1');
+    await rbdCli(c, 'create', '--size', '4M', 'rbd/tenant1/img');
+    const s = await serveRbd([['image', 'rbd/tenant1/img'], ['conf', c.conf]]);
+    try {
+      await qemuIo(s.uri, 'write -P 0x66 0 4M');
+    } finally {
+      await s.close();
+    }
+    const d = await serveRbd([['pool', 'rbd'], ['namespace', 'tenant1'], ['dynamic-export', 'true'], ['conf', c.conf]]);
+    try {
+      const list = JSON.parse(await runOk('nbdinfo', ['--list', '--json', d.uri])) as { exports: { 'export-name': string }[] };
+      expect(list.exports.map((e) => e['export-name'])).toEqual(['img']);
+      await qemuIo(exportUri(d.uri, 'img'), 'read -P 0x66 0 4M');
+    } finally {
+      await d.close();
+    }
+  });
+
   it('a missing image or pool stops the server at start with one clear line', async () => {
     await expect(serveRbd([['image', 'rbd/nope'], ['conf', c.conf]])).rejects.toThrow(/^image rbd\/nope does not exist$/);
     await expect(serveRbd([['image', 'nopool/x'], ['conf', c.conf]])).rejects.toThrow(/pool 'nopool' does not exist/);
