@@ -49,6 +49,11 @@ async function server(cmd, args, sock) {
   }
   return {
     uri: `nbd+unix:///?socket=${sock}`,
+    /** CPU seconds (user + system) the server has used so far (/proc/PID/stat), threads included. */
+    cpu: () => {
+      const f = fs.readFileSync(`/proc/${child.pid}/stat`, 'utf8').split(') ')[1].split(' ');
+      return (Number(f[11]) + Number(f[12])) / CLK_TCK;
+    },
     stop: () =>
       new Promise((r) => {
         if (child.exitCode !== null) return r();
@@ -64,6 +69,7 @@ function timed(args) {
   return Number(process.hrtime.bigint() - t0) / 1e9;
 }
 
+const CLK_TCK = Number(sh('getconf', ['CLK_TCK']).trim()) || 100;
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 
 const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
@@ -74,7 +80,7 @@ for (let i = 0; i < SIZE_MIB; i++) fs.writeSync(fd, randomBytes(1 << 20));
 fs.closeSync(fd);
 
 const c = await startCeph({ pools: ['rbd'], memstoreBytes: (2 * SIZE_MIB + 512) * 2 ** 20 });
-const results = { nbdx: { in: [], out: [] }, 'qemu-nbd': { in: [], out: [] } };
+const results = { nbdx: { in: [], out: [], cpu: [] }, 'qemu-nbd': { in: [], out: [], cpu: [] } };
 try {
   sh('rbd', ['--conf', c.conf, 'create', '--size', `${SIZE_MIB}M`, 'rbd/a']);
   sh('rbd', ['--conf', c.conf, 'create', '--size', `${SIZE_MIB}M`, 'rbd/b']);
@@ -87,11 +93,21 @@ try {
     for (const name of (r % 2 ? ['qemu-nbd', 'nbdx'] : ['nbdx', 'qemu-nbd']).filter((n) => !ONLY || n === ONLY)) {
       const s = await servers[name]();
       try {
+        const cpu0 = s.cpu();
         const tin = timed(['--flush', src, s.uri]);
+        const cpu1 = s.cpu();
         const tout = timed([s.uri, 'null:']);
+        const cpu2 = s.cpu();
         results[name].in.push(SIZE_MIB / tin);
         results[name].out.push(SIZE_MIB / tout);
-        console.log(`round ${r + 1} ${name.padEnd(8)} in ${(SIZE_MIB / tin).toFixed(0)} MiB/s, out ${(SIZE_MIB / tout).toFixed(0)} MiB/s (load ${os.loadavg().map((l) => l.toFixed(2)).join(' ')})`);
+        // CPU seconds per GiB the server process spent, in and out: less at the mercy of a busy
+        // machine than the rates.
+        const gib = SIZE_MIB / 1024;
+        results[name].cpu.push([(cpu1 - cpu0) / gib, (cpu2 - cpu1) / gib]);
+        console.log(
+          `round ${r + 1} ${name.padEnd(8)} in ${(SIZE_MIB / tin).toFixed(0)} MiB/s, out ${(SIZE_MIB / tout).toFixed(0)} MiB/s; ` +
+            `server CPU s/GiB in ${((cpu1 - cpu0) / gib).toFixed(2)}, out ${((cpu2 - cpu1) / gib).toFixed(2)} (load ${os.loadavg().map((l) => l.toFixed(2)).join(' ')})`,
+        );
       } finally {
         await s.stop();
         fs.rmSync(path.join(work, name === 'nbdx' ? 'nbdx.sock' : 'qemu.sock'), { force: true });
@@ -108,7 +124,10 @@ try {
   }
   console.log(`\nmedians of ${ROUNDS} rounds, ${SIZE_MIB} MiB, nbdcopy defaults (4 connections if multi-conn, 64 requests in flight each):`);
   for (const [name, r] of Object.entries(results).filter(([n]) => !ONLY || n === ONLY)) {
-    console.log(`  ${name.padEnd(8)} in ${median(r.in).toFixed(0)} MiB/s  out ${median(r.out).toFixed(0)} MiB/s`);
+    console.log(
+      `  ${name.padEnd(8)} in ${median(r.in).toFixed(0)} MiB/s  out ${median(r.out).toFixed(0)} MiB/s;  ` +
+        `server CPU s/GiB in ${median(r.cpu.map((x) => x[0])).toFixed(2)}, out ${median(r.cpu.map((x) => x[1])).toFixed(2)}`,
+    );
   }
   if (!ONLY) console.log(`  nbdx/qemu-nbd: in ${(median(results.nbdx.in) / median(results['qemu-nbd'].in)).toFixed(2)}x, out ${(median(results.nbdx.out) / median(results['qemu-nbd'].out)).toFixed(2)}x`);
   console.log(`load average at the end: ${os.loadavg().map((l) => l.toFixed(2)).join(' ')}`);
