@@ -7,6 +7,7 @@ import {
   NBDSH_HELPERS,
   cephDaemonPids,
   exportUri,
+  nbdsh,
   nbdshOk,
   qemuImgMap,
   qemuIo,
@@ -358,6 +359,46 @@ print(h.pread(1024 * 1024, 0) == bytes(1024 * 1024), h.pread(4096, 2 * 1024 * 10
       await qemuIo(s.uri, 'read -P 0x11 0 8192', 'write -P 0x22 1M 1M', 'read -P 0x22 1M 1M');
     } finally {
       process.kill(osd, 'SIGCONT');
+      await s.close();
+    }
+  });
+
+  it('an image without object-map/fast-diff: the allocation map is still right (librbd lists the objects)', async () => {
+    await rbdCli(c, 'create', '--size', '32M', '--image-feature', 'layering', 'rbd/plain');
+    const s = await serveRbd([['image', 'rbd/plain'], ['conf', c.conf]]);
+    try {
+      await qemuIo(s.uri, 'write -P 0x9 4M 4k', 'write -P 0x9 20M 5M');
+      const map = await qemuImgMap('-f', 'raw', s.uri);
+      const data = merge(map.filter((e) => e.data).map((e) => [e.start, e.length]));
+      expect(data).toEqual([
+        [4 * MiB, 4 * MiB],
+        [20 * MiB, 8 * MiB],
+      ]);
+      expect(data).toEqual(await rbdDiff(c, 'rbd/plain', '--whole-object'));
+    } finally {
+      await s.close();
+    }
+  });
+
+  it('a client the cluster blocklists: EIO, the connection is closed, the server stays up', async () => {
+    await rbdCli(c, 'create', '--size', '8M', 'rbd/fenced');
+    const errors: string[] = [];
+    const s = await serveRbd([['image', 'rbd/fenced'], ['conf', c.conf]], { errors });
+    try {
+      await qemuIo(s.uri, 'write -P 0x1 0 64k');
+      // The server's librados client is the image's watcher: fence it, as an operator (or a
+      // failover) would.
+      const status = JSON.parse(await rbdCli(c, 'status', '--format', 'json', 'rbd/fenced')) as { watchers: { address: string }[] };
+      expect(status.watchers).toHaveLength(1);
+      await runOk('ceph', ['--conf', c.conf, 'osd', 'blocklist', 'add', status.watchers[0]!.address]);
+      const out = await nbdsh(s.uri, 'h.pwrite(b"x" * 4096, 0)\nh.flush()');
+      expect(out.code).not.toBe(0);
+      expect(out.stderr).toMatch(/EIO|ESHUTDOWN|Input\/output error|shut down|closed/i);
+      expect(errors.join('\n')).toMatch(/blocklisted by the cluster/);
+      // The server itself still answers (a new connection is accepted; its I/O fails).
+      const r = await run('nbdinfo', ['--size', s.uri]);
+      expect(r.stdout).toBe(`${8 * MiB}\n`);
+    } finally {
       await s.close();
     }
   });
