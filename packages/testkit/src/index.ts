@@ -42,3 +42,5 @@ export {
   type Peer,
   type CliServer,
 } from './tools.js';
+export { startRangeServer, type RangeServer, type RangeServerOptions, type RangeRequest } from './http-server.js';
+export { makeTestCerts, type TestCerts } from './certs.js';
