@@ -24,6 +24,7 @@ export const PACKAGES = {
   gdisk: ['sgdisk'],
   openssl: ['openssl'],
   tar: ['tar'],
+  bsdutils: ['script'],
 };
 
 // nbdsh and the python module are the system python's: look in the system directories first
