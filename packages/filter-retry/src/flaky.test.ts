@@ -75,9 +75,9 @@ async function copyAndCompare(uri: string, extra: string[] = []): Promise<{ seco
   const out = path.join(dir, 'out.raw');
   try {
     const t0 = process.hrtime.bigint();
-    const r = await run('qemu-img', ['convert', ...extra, '-f', 'raw', '-O', 'raw', uri, out], { timeoutMs: 600_000 });
+    const r = await run('qemu-img', ['convert', ...extra, '-f', 'raw', '-O', 'raw', uri, out], { timeout: 600_000 });
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-    if (r.code === 0) await runOk('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, out], { timeoutMs: 600_000 });
+    if (r.code === 0) await runOk('qemu-img', ['compare', '-f', 'raw', '-F', 'raw', image, out], { timeout: 600_000 });
     return { seconds, code: r.code, stderr: r.stderr };
   } finally {
     fs.rmSync(out, { force: true });

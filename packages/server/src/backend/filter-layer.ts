@@ -143,7 +143,7 @@ export class FilterContext extends Context {
   /** Next.reopen for the context below this one (see the interface for the rules). */
   private readonly replaceNext = async (from: Context, options?: ReopenOptions): Promise<Context> => {
     if (this.reopening) return this.reopening;
-    if (this.shutting) throw new NbdError(Errno.ESHUTDOWN, `${this.name}: the connection is closing`);
+    if (this.shutting) throw new NbdError(Errno.ESHUTDOWN, `${this.who}: the connection is closing`);
     if (from !== this.next) return this.next as Context;
     const args = this.belowArgs!;
     if (args.signal?.aborted) throw args.signal.reason;
@@ -153,17 +153,17 @@ export class FilterContext extends Context {
       if (fresh.size !== from.size) {
         await fresh.close().catch(() => {});
         throw tagLayer(
-          new NbdError(Errno.EIO, `${this.name}: reopened the layer below, but its size changed from ${from.size} to ${fresh.size}`),
-          this.name,
+          new NbdError(Errno.EIO, `${this.who}: reopened the layer below, but its size changed from ${from.size} to ${fresh.size}`),
+          this.who,
         );
       }
       fresh.reopener = this.replaceNext;
       args.readonly = ro;
       this.next = fresh;
-      debug(this.name, `reopened the layer below${ro ? ' (read-only)' : ''}`);
+      debug(this.who, `reopened the layer below${ro ? ' (read-only)' : ''}`);
       // Requests still in flight on the old context fail as it closes; their callers retry too.
       await from.close().catch((err: unknown) => {
-        logError(this.name, `closing the replaced context below: ${(err as Error).message}`);
+        logError(this.who, `closing the replaced context below: ${(err as Error).message}`);
       });
       return fresh;
     })();
