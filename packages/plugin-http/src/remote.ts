@@ -1,4 +1,5 @@
 import type { IncomingHttpHeaders } from 'node:http';
+import { createSecureContext } from 'node:tls';
 import { Agent, type Dispatcher } from 'undici';
 import { Errno, NbdError, debug } from '@nbdx/server/api';
 import { isConnectionLost, statusError, transportError } from './errors.js';
@@ -73,7 +74,9 @@ export class Remote {
     const connect: Record<string, unknown> = {};
     if (opts.timeoutMs > 0) connect.timeout = opts.timeoutMs;
     if (opts.socketPath) connect.socketPath = opts.socketPath;
-    if (opts.ca) connect.ca = opts.ca;
+    // One TLS context for every connection: given `ca` alone, Node would parse the PEM bundle
+    // again for each new socket.
+    if (opts.ca) connect.secureContext = createSecureContext({ ca: opts.ca });
     if (!opts.sslverify) connect.rejectUnauthorized = false;
     this.agent = new Agent({
       connections: opts.connections,
