@@ -11,6 +11,6 @@ const srv = await startRangeServer({ file: file!, tls: { key: readFileSync(key!)
 process.stdout.write(`${srv.url}\n`);
 process.stdin.resume();
 process.stdin.on('end', () => {
-  process.stderr.write(`range server: ${srv.stats.ranged} ranged GETs, ${(srv.stats.bytes / 1048576).toFixed(0)} MiB sent\n`);
+  process.stderr.write(`range server: ${srv.stats.ranged} ranged GETs on ${srv.stats.connections} connections, ${(srv.stats.bytes / 1048576).toFixed(0)} MiB sent\n`);
   void srv.close().then(() => process.exit(0));
 });

@@ -117,6 +117,9 @@ with open(${JSON.stringify(image)}, "rb") as f:
 `,
     );
     expect(srv.requests.some((r) => r.method !== 'GET' && r.method !== 'HEAD')).toBe(false);
+    // Keep-alive: hundreds of GETs over at most connections=4 sockets (a fifth if one was closed).
+    expect(srv.requests.length).toBeGreaterThan(90);
+    expect(srv.stats.connections).toBeLessThanOrEqual(5);
   });
 
   it('refuses an untrusted certificate with a hint, and sslverify=false accepts it', async () => {

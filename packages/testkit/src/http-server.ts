@@ -58,8 +58,8 @@ export interface RangeServer {
   /** Origin only, e.g. `https://127.0.0.1:PORT`. */
   origin: string;
   requests: RangeRequest[];
-  /** Counts: ranged GETs answered 206, connections cut, error statuses sent, body bytes sent. */
-  stats: { ranged: number; drops: number; errors: number; bytes: number };
+  /** Counts: ranged GETs answered 206, connections cut, error statuses sent, body bytes sent, connections accepted. */
+  stats: { ranged: number; drops: number; errors: number; bytes: number; connections: number };
   /** Make the next `n` GETs fail this way (in addition to the random faults). */
   failNext(n: number, how: 'drop' | 'status'): void;
   /** Change the random fault rates while running. */
@@ -93,7 +93,7 @@ export async function startRangeServer(options: RangeServerOptions): Promise<Ran
   const size = statSync(options.file).size;
   const fh: FileHandle = await open(options.file, 'r');
   const requests: RangeRequest[] = [];
-  const stats = { ranged: 0, drops: 0, errors: 0, bytes: 0 };
+  const stats = { ranged: 0, drops: 0, errors: 0, bytes: 0, connections: 0 };
   let dropRate = options.dropRate ?? 0;
   let errorRate = options.errorRate ?? 0;
   const forced: ('drop' | 'status')[] = [];
@@ -183,6 +183,7 @@ export async function startRangeServer(options: RangeServerOptions): Promise<Ran
   const server = options.tls ? https.createServer({ key: options.tls.key, cert: options.tls.cert }, handler) : http.createServer(handler);
   server.keepAliveTimeout = 30_000;
   server.on('connection', (s: Socket) => {
+    stats.connections++;
     sockets.add(s);
     s.on('close', () => sockets.delete(s));
   });
