@@ -183,6 +183,13 @@ describe.skipIf(!have)('http plugin: servers that do not answer as expected', ()
     await convertAndCompare(nbd.uri);
   });
 
+  it('a read beyond the end of the file (size= too big) is answered 416 and gives EINVAL', async () => {
+    const srv = await startServer();
+    const nbd = await startNbd([['url', srv.url], ['cafile', certs.caFile], ['size', String(SIZE + MiB)]]);
+    await nbdsh(nbd.uri, `expect_err("EINVAL", lambda: h.pread(4096, ${SIZE}))\nassert len(h.pread(4096, 0)) == 4096`);
+    expect(srv.requests.some((r) => r.status === 416)).toBe(true);
+  });
+
   it('404 at start-up is "not found"; 5xx on a read is EIO and the connection goes on', async () => {
     const srv = await startServer();
     await expect(serve({ plugin: createHttpPlugin(), config: [['url', `${srv.origin}/nothing.img`], ['cafile', certs.caFile]] })).rejects.toMatchObject({
