@@ -2,6 +2,7 @@ import {
   Errno,
   NbdError,
   defineFilter,
+  layerOf,
   logWarning,
   packageVersion,
   parseBool,
@@ -50,8 +51,11 @@ function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
+/** The error's message, after the name of the layer it came from when the core recorded one. */
 function describe(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
+  const message = err instanceof Error ? err.message : String(err);
+  const layer = layerOf(err);
+  return layer ? `${layer}: ${message}` : message;
 }
 
 /** A fresh retry-request filter (settings live in this closure). */

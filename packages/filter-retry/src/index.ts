@@ -4,6 +4,7 @@ import {
   NbdError,
   debug,
   defineFilter,
+  layerOf,
   logWarning,
   packageVersion,
   parseBool,
@@ -53,8 +54,11 @@ export function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   });
 }
 
+/** The error's message, after the name of the layer it came from when the core recorded one. */
 function describe(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
+  const message = err instanceof Error ? err.message : String(err);
+  const layer = layerOf(err);
+  return layer ? `${layer}: ${message}` : message;
 }
 
 function seconds(ms: number): string {

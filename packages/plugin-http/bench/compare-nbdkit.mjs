@@ -56,14 +56,19 @@ try {
     'nbdkit curl': ['nbdkit', ['-r', '-U', '-', 'curl', url, `cainfo=${certs.caFile}`, '--run', copy]],
   };
   const times = Object.fromEntries(Object.keys(cases).map((k) => [k, []]));
+  const cpu = Object.fromEntries(Object.keys(cases).map((k) => [k, []]));
+  const timeFile = join(dir, 'cpu.txt');
   for (let r = 0; r < rounds; r++) {
     for (const [name, [cmd, args]] of Object.entries(cases)) {
       const t0 = process.hrtime.bigint();
-      const res = spawnSync(cmd, args, { env, cwd: root, stdio: ['ignore', 'inherit', 'inherit'] });
+      // /usr/bin/time: CPU of the server and of the nbdcopy it runs (the same nbdcopy for both).
+      const res = spawnSync('/usr/bin/time', ['-f', '%U %S', '-o', timeFile, cmd, ...args], { env, cwd: root, stdio: ['ignore', 'inherit', 'inherit'] });
       const s = Number(process.hrtime.bigint() - t0) / 1e9;
       if (res.status !== 0) throw new Error(`${name} failed (${res.status})`);
+      const [user, sys] = readFileSync(timeFile, 'utf8').trim().split(/\s+/).slice(-2).map(Number);
       times[name].push(s);
-      console.log(`round ${r + 1} ${name}: ${s.toFixed(2)} s = ${(size / MiB / s).toFixed(1)} MiB/s`);
+      cpu[name].push(user + sys);
+      console.log(`round ${r + 1} ${name}: ${s.toFixed(2)} s = ${(size / MiB / s).toFixed(1)} MiB/s, CPU ${(user + sys).toFixed(2)} s`);
     }
   }
   const median = (a) => [...a].sort((x, y) => x - y)[Math.floor(a.length / 2)];
@@ -71,8 +76,12 @@ try {
   const mx = median(times['nbdx http']);
   const mk = median(times['nbdkit curl']);
   console.log(`\nnbdcopy out ${sizeArg} over https (median of ${rounds}):`);
-  console.log(`  nbdx http    ${mx.toFixed(2)} s  ${(size / MiB / mx).toFixed(1)} MiB/s  [${times['nbdx http'].map((t) => t.toFixed(2)).join(', ')}]`);
-  console.log(`  nbdkit curl  ${mk.toFixed(2)} s  ${(size / MiB / mk).toFixed(1)} MiB/s  [${times['nbdkit curl'].map((t) => t.toFixed(2)).join(', ')}]`);
+  for (const [name, m] of [['nbdx http', mx], ['nbdkit curl', mk]]) {
+    console.log(
+      `  ${name.padEnd(12)} ${m.toFixed(2)} s  ${(size / MiB / m).toFixed(1)} MiB/s  [${times[name].map((t) => t.toFixed(2)).join(', ')}]` +
+        `  CPU (server + nbdcopy) median ${median(cpu[name]).toFixed(2)} s`,
+    );
+  }
   console.log(`  throughput ratio nbdx/nbdkit = ${(mk / mx).toFixed(2)}; load average ${load}`);
 } finally {
   server?.stdin.end();
