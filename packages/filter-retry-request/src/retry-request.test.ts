@@ -10,6 +10,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { Backend, Errno, NbdError, definePlugin } from '@nbdx/server';
 import {
   makeTestCerts,
+  nbdxBin,
   needNbdx,
   needTools,
   removeDir,
@@ -140,4 +141,18 @@ describe.skipIf(!have)('retry-request filter over http, against a flaky https se
     expect(srv.stats.errors).toBeGreaterThan(0);
     expect(cli.stderr()).toMatch(/retry-request: warning: read \d+ bytes at \d+ failed/);
   }, 60_000);
+});
+
+describe.skipIf(!needNbdx())('retry-request filter: bad command lines', () => {
+  for (const arg of ['retry-request-retries=-2', 'retry-request-delay=soon', 'retry-request-open=maybe']) {
+    it(`${arg}: one line, exit 1`, async () => {
+      const r = await run(process.execPath, [nbdxBin(), '-f', '-U', '/nonexistent/never.sock', '--filter=retry-request', 'memory', '1M', arg], {
+        cwd: ROOT,
+      });
+      expect(r.code).toBe(1);
+      const lines = r.stderr.trim().split('\n');
+      expect(lines).toHaveLength(1);
+      expect(lines[0]).toContain(arg.split('=')[0]);
+    });
+  }
 });

@@ -3,8 +3,10 @@
  * times, how long apart, reopening, read-only after a failure, errors that are not retried, and
  * flush after a reopen.
  */
+import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { Backend, Errno, NbdError, definePlugin } from '@nbdx/server';
+import { nbdxBin, needNbdx, run } from '@nbdx/testkit';
 import { createRetryFilter } from './index.js';
 
 /** A 1 MiB disk that fails the next `fail` requests (with `errno`) and counts opens and closes. */
@@ -148,4 +150,18 @@ describe('retry filter', () => {
     await expect(b.config('retry-delay', 'soon')).rejects.toThrow(/retry-delay/);
     await expect(b.config('retry-readonly', 'maybe')).rejects.toThrow(/retry-readonly/);
   });
+});
+
+describe.skipIf(!needNbdx())('retry filter: bad command lines', () => {
+  for (const arg of ['retries=lots', 'retry-delay=-1', 'retry-exponential=sometimes']) {
+    it(`${arg}: one line, exit 1`, async () => {
+      const r = await run(process.execPath, [nbdxBin(), '-f', '-U', '/nonexistent/never.sock', '--filter=retry', 'memory', '1M', arg], {
+        cwd: path.resolve(__dirname, '../../..'),
+      });
+      expect(r.code).toBe(1);
+      const lines = r.stderr.trim().split('\n');
+      expect(lines).toHaveLength(1);
+      expect(lines[0]).toContain(arg.split('=')[0]);
+    });
+  }
 });
