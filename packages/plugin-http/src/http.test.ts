@@ -120,6 +120,9 @@ with open(${JSON.stringify(image)}, "rb") as f:
     // Keep-alive: hundreds of GETs over at most connections=4 sockets (a fifth if one was closed).
     expect(srv.requests.length).toBeGreaterThan(90);
     expect(srv.stats.connections).toBeLessThanOrEqual(5);
+    // Many in flight: the server was answering several GETs at once.
+    expect(srv.stats.maxInFlight).toBeGreaterThan(1);
+    expect(srv.stats.maxInFlight).toBeLessThanOrEqual(4);
   });
 
   it('refuses an untrusted certificate with a hint, and sslverify=false accepts it', async () => {

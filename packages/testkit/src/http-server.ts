@@ -58,8 +58,11 @@ export interface RangeServer {
   /** Origin only, e.g. `https://127.0.0.1:PORT`. */
   origin: string;
   requests: RangeRequest[];
-  /** Counts: ranged GETs answered 206, connections cut, error statuses sent, body bytes sent, connections accepted. */
-  stats: { ranged: number; drops: number; errors: number; bytes: number; connections: number };
+  /**
+   * Counts: ranged GETs answered 206, connections cut, error statuses sent, body bytes sent,
+   * connections accepted, and the most requests being answered at the same time.
+   */
+  stats: { ranged: number; drops: number; errors: number; bytes: number; connections: number; maxInFlight: number };
   /** Make the next `n` GETs fail this way (in addition to the random faults). */
   failNext(n: number, how: 'drop' | 'status'): void;
   /** Change the random fault rates while running. */
@@ -93,7 +96,8 @@ export async function startRangeServer(options: RangeServerOptions): Promise<Ran
   const size = statSync(options.file).size;
   const fh: FileHandle = await open(options.file, 'r');
   const requests: RangeRequest[] = [];
-  const stats = { ranged: 0, drops: 0, errors: 0, bytes: 0, connections: 0 };
+  const stats = { ranged: 0, drops: 0, errors: 0, bytes: 0, connections: 0, maxInFlight: 0 };
+  let inFlight = 0;
   let dropRate = options.dropRate ?? 0;
   let errorRate = options.errorRate ?? 0;
   const forced: ('drop' | 'status')[] = [];
@@ -102,6 +106,9 @@ export async function startRangeServer(options: RangeServerOptions): Promise<Ran
   const handler = (req: http.IncomingMessage, res: http.ServerResponse): void => {
     const rec: RangeRequest = { method: req.method ?? '', url: req.url ?? '', range: req.headers.range, status: 0, headers: req.headers };
     requests.push(rec);
+    inFlight++;
+    stats.maxInFlight = Math.max(stats.maxInFlight, inFlight);
+    res.on('close', () => inFlight--);
     const reply = (status: number, headers: Record<string, string | number> = {}, body = ''): void => {
       rec.status = status;
       res.writeHead(status, { 'content-length': Buffer.byteLength(body), ...headers });
