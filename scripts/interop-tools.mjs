@@ -33,6 +33,7 @@ export const PACKAGES = {
   'ceph-common': ['ceph', 'rados', 'rbd'],
   radosgw: ['radosgw', 'radosgw-admin'],
   'librbd-dev': ['file:/usr/include/rbd/librbd.h'],
+  bsdutils: ['script'],
 };
 
 // nbdsh and the python module are the system python's: look in the system directories first
