@@ -116,6 +116,8 @@ export function createHttpPlugin() {
     magicConfigKey: 'url',
     configHelp: CONFIG_HELP,
     threadModel: 'parallel',
+    // Read-only, and the data lives on the web server: each worker thread may have its own copy.
+    workerThreads: true,
 
     config(key, value) {
       applyConfig(settings, key, value);
