@@ -8,6 +8,7 @@ import {
   parseSize,
   type Extent,
   packageVersion,
+  sharedBuffer,
 } from '@nbdx/server/api';
 import { constants } from 'node:buffer';
 import { SparseArray } from './sparse.js';
@@ -23,11 +24,15 @@ interface Disk {
   extents(count: number, offset: number, maxExtents?: number): Iterable<Extent>;
 }
 
-/** allocator=malloc: one flat buffer, allocated (and zeroed) at start-up. */
+/**
+ * allocator=malloc: one flat buffer of the whole size, zero-filled by the system, which commits
+ * its pages only as they are written. It is shared memory (sharedBuffer), so that with
+ * `--workers` every thread serves the same disk.
+ */
 class FlatDisk implements Disk {
   readonly bytes: Buffer;
   constructor(size: number) {
-    this.bytes = Buffer.alloc(size);
+    this.bytes = Buffer.from(sharedBuffer('memory allocator=malloc', size));
   }
   read(buf: Uint8Array, offset: number) {
     this.bytes.copy(buf, 0, offset, offset + buf.length);
@@ -63,9 +68,12 @@ export function createMemoryPlugin() {
     configHelp: [
       'size=SIZE            (required) size of the disk: 1G, 512M, 1T, or bytes',
       'allocator=sparse     memory taken on first write, 4 KiB at a time, freed by trim/zero (default)',
-      'allocator=malloc     one buffer of the whole size, allocated at start',
+      'allocator=malloc     one buffer of the whole size (shared memory: served on every --workers thread)',
     ].join('\n'),
     threadModel: 'parallel',
+    // allocator=malloc keeps the disk in shared memory, which every worker thread sees; the
+    // sparse allocator's pages live in this thread's heap.
+    workerThreads: () => allocator === 'malloc',
 
     config(key, value) {
       if (key === 'size') size = parseSize(value, 'size');
@@ -89,7 +97,7 @@ export function createMemoryPlugin() {
       try {
         disk = allocator === 'sparse' ? new SparseArray(size!) : new FlatDisk(size!);
       } catch (err) {
-        throw new NbdError(Errno.ENOMEM, `allocator=malloc: cannot allocate ${size} bytes: ${(err as Error).message}`);
+        throw new NbdError(Errno.ENOMEM, `allocator=malloc: cannot allocate ${size} bytes: ${(err as Error).message.replace(/^cannot allocate \d+ bytes of shared memory: /, '')}`);
       }
     },
     dumpPlugin() {

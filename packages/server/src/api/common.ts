@@ -314,3 +314,37 @@ export function tagLayer<E>(err: E, layer: string): E {
 export function layerOf(err: unknown): string | undefined {
   return err !== null && typeof err === 'object' ? ((err as Record<symbol, unknown>)[LAYER] as string | undefined) : undefined;
 }
+
+const SHARED = Symbol.for('nbdx.sharedBuffers');
+
+/** The shared buffers of this server, by name (on globalThis, so every copy of this module agrees). */
+export function sharedBuffers(): Map<string, SharedArrayBuffer> {
+  const g = globalThis as { [SHARED]?: Map<string, SharedArrayBuffer> };
+  return (g[SHARED] ??= new Map());
+}
+
+/**
+ * Memory every thread of the server sees (`nbdx --workers`): the first call with a name makes a
+ * zero-filled SharedArrayBuffer of `byteLength` bytes (the system commits pages only as they are
+ * written); the worker threads, started after the main thread's layers are ready, get the same
+ * buffer for the same name. A layer that keeps its disk in one can declare `workerThreads`.
+ * Throws EINVAL when the name exists with another length, ENOMEM when it cannot be had.
+ */
+export function sharedBuffer(name: string, byteLength: number): SharedArrayBuffer {
+  const all = sharedBuffers();
+  const had = all.get(name);
+  if (had) {
+    if (had.byteLength !== byteLength) {
+      throw new NbdError(Errno.EINVAL, `shared buffer '${name}' has ${had.byteLength} bytes, not ${byteLength}`);
+    }
+    return had;
+  }
+  let made: SharedArrayBuffer;
+  try {
+    made = new SharedArrayBuffer(byteLength);
+  } catch (err) {
+    throw new NbdError(Errno.ENOMEM, `cannot allocate ${byteLength} bytes of shared memory: ${(err as Error).message}`);
+  }
+  all.set(name, made);
+  return made;
+}

@@ -249,7 +249,10 @@ async function startWorkers(o: CliOptions, server: NbdServer, plugin: Plugin, fi
   const choice = chooseWorkers({
     requested: o.workers,
     single: o.single,
-    layers: [...filters.map((f) => ({ kind: 'filter' as const, name: f.name, workerThreads: f.workerThreads })), { kind: 'plugin', name: plugin.name, workerThreads: plugin.workerThreads }],
+    layers: [
+      ...filters.map((f) => ({ kind: 'filter' as const, name: f.name, workerThreads: declared(f) })),
+      { kind: 'plugin', name: plugin.name, workerThreads: declared(plugin) },
+    ],
     threadModel: server.threadModel,
     helper: helper.ops,
     helperReason: 'reason' in helper ? helper.reason : undefined,
@@ -273,6 +276,12 @@ async function startWorkers(o: CliOptions, server: NbdServer, plugin: Plugin, fi
   server.handOff = (socket) => pool.offer(socket);
   server.settings.debug(`serving connections on ${choice.count} threads (this one and ${choice.count - 1} worker${choice.count > 2 ? "s" : ""})`);
   return pool;
+}
+
+/** A layer's workerThreads, called as a method when it is one. */
+function declared(layer: Plugin | Filter): boolean {
+  const w = layer.workerThreads;
+  return typeof w === 'function' ? w.call(layer) : w === true;
 }
 
 /** How a worker thread makes its server: the same command line, its share of the memory limit. */

@@ -17,7 +17,7 @@
 import * as net from 'node:net';
 import * as os from 'node:os';
 import { Worker, parentPort, workerData } from 'node:worker_threads';
-import type { ThreadModel } from '../api/common.js';
+import { sharedBuffers, type ThreadModel } from '../api/common.js';
 import type { SocketHelper } from '../native.js';
 import { shareConnectionIds } from '../protocol/connection.js';
 import type { NbdServer } from '../server.js';
@@ -30,7 +30,8 @@ const CLOSE_TIMEOUT_MS = 30_000;
 export interface LayerInfo {
   kind: 'plugin' | 'filter';
   name: string;
-  workerThreads?: boolean;
+  /** A layer's declaration, read after it was configured (a function may depend on parameters). */
+  workerThreads?: boolean | (() => boolean);
 }
 
 export interface WorkerChoice {
@@ -56,7 +57,7 @@ export function chooseWorkers(args: {
   const want = requested === 'auto' ? Math.min(cores, AUTO_MAX) : requested;
   if (want <= 1) return { count: 1, reason: requested === 'auto' ? `this machine has ${cores} core` : '--workers=1' };
   if (args.single) return { count: 1, reason: '-s serves one connection' };
-  const blocker = args.layers.find((l) => !l.workerThreads);
+  const blocker = args.layers.find((l) => !(typeof l.workerThreads === 'function' ? l.workerThreads() : l.workerThreads));
   if (blocker) return { count: 1, reason: `${blocker.kind} ${blocker.name} keeps its state in its own memory (it does not declare workerThreads)` };
   if (args.threadModel === 'serialize_connections' || args.threadModel === 'serialize_all_requests') {
     return { count: 1, reason: `the thread model is ${args.threadModel}` };
@@ -77,6 +78,8 @@ export interface WorkerData {
   maxServerMemory: number;
   /** The connection counter all threads number their connections from. */
   connectionIds: Int32Array;
+  /** The layers' shared buffers (sharedBuffer()), made by the main thread's copies. */
+  sharedBuffers: Map<string, SharedArrayBuffer>;
 }
 
 type ToWorker = { type: 'connection'; fd: number } | { type: 'close' };
@@ -122,7 +125,7 @@ export class WorkerPool {
     const starts: Promise<void>[] = [];
     const connectionIds = shareConnectionIds();
     for (let index = 1; index < opts.count; index++) {
-      const data: WorkerData = { role: 'nbdx-worker', argv: opts.argv, index, maxServerMemory: share, connectionIds };
+      const data: WorkerData = { role: 'nbdx-worker', argv: opts.argv, index, maxServerMemory: share, connectionIds, sharedBuffers: sharedBuffers() };
       // stdout/stderr of the worker are the process's; messages come through `log` anyway.
       const worker = new Worker(opts.entry, { workerData: data, name: `nbdx worker ${index}` });
       let exitedResolve!: () => void;
@@ -231,6 +234,7 @@ export async function runWorker(host: WorkerHost): Promise<void> {
     if (started || severity <= 3) send({ type: 'log', severity, message });
   };
   shareConnectionIds(data.connectionIds);
+  for (const [name, buffer] of data.sharedBuffers) sharedBuffers().set(name, buffer);
   let server: NbdServer;
   try {
     server = await host.prepare(data.argv, data.maxServerMemory, log);

@@ -111,6 +111,43 @@ print("ok", a.can_multi_conn(), b.can_multi_conn())
   });
 });
 
+describe.skipIf(!have)('nbdx --workers with memory allocator=malloc (the disk in shared memory)', () => {
+  it('both threads serve one disk: a write through one is read through the other, and a copy round-trips', async () => {
+    const dir = tmpDir('nbdx-workers-');
+    try {
+      const s = await startCli(['-v', '--workers=2', '-U', path.join(dir, 'm.sock'), 'memory', '32M', 'allocator=malloc']);
+      try {
+        expect(s.stderr()).toContain('serving connections on 2 threads');
+        const script = `
+import nbd
+a = nbd.NBD(); a.connect_uri(${JSON.stringify(s.uri)})
+b = nbd.NBD(); b.connect_uri(${JSON.stringify(s.uri)})
+for i in range(32):
+    w, r = (a, b) if i % 2 == 0 else (b, a)
+    data = bytes([i + 7]) * 4096
+    w.pwrite(data, i * 1048576 + 512)
+    assert r.pread(4096, i * 1048576 + 512) == data, i
+    w.zero(4096, i * 1048576 + 512)
+    assert r.pread(4096, i * 1048576 + 512) == bytes(4096), i
+print("ok")
+`;
+        expect((await runOk('nbdsh', ['-c', script])).trim()).toBe('ok');
+        expect(s.stderr()).toMatch(/handed a connection to worker 1/);
+        const src = path.join(dir, 'src');
+        fs.writeFileSync(src, randomBytes(32 * MiB));
+        await runOk('nbdcopy', [src, s.uri]);
+        const out = path.join(dir, 'out');
+        await runOk('nbdcopy', [s.uri, out]);
+        expect(fs.readFileSync(out).equals(fs.readFileSync(src))).toBe(true);
+      } finally {
+        await s.stop();
+      }
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
 describe.skipIf(!have)('nbdx --workers where it cannot apply', () => {
   it('memory keeps its disk in its own memory: one thread, one warning line, still served', async () => {
     const dir = tmpDir('nbdx-workers-');

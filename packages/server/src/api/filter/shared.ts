@@ -19,7 +19,7 @@ export interface FilterCommon<H> {
    * (offset, partition, delay); an overlay, a shared context or counters for the whole server
    * keep it unset.
    */
-  workerThreads?: boolean;
+  workerThreads?: boolean | (() => boolean);
 
   load?(): MaybePromise<void>;
   unload?(): MaybePromise<void>;

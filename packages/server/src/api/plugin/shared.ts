@@ -33,7 +33,7 @@ export interface PluginCommon<H> {
    * remote server. A plugin that keeps its disk in its own memory leaves it unset, and the server
    * then serves every connection on one thread.
    */
-  workerThreads?: boolean;
+  workerThreads?: boolean | (() => boolean);
 
   load?(): MaybePromise<void>;
   unload?(): MaybePromise<void>;
