@@ -36,6 +36,27 @@ export const scenarios = {
     reference: ({ size }) => ({ kind: 'nbdkit', args: ['memory', String(size)] }),
   },
 
+  // The flat allocator on both sides; nbdx keeps it in shared memory and serves it on a thread
+  // per core (--workers=auto), nbdkit on its own threads.
+  'memory-malloc': {
+    labels: ['nbdx memory malloc', 'nbdkit memory malloc'],
+    nbdx: ({ size }) => ({ kind: 'nbdx', args: ['memory', String(size), 'allocator=malloc'] }),
+    reference: ({ size }) => ({ kind: 'nbdkit', args: ['memory', String(size), 'allocator=malloc'] }),
+  },
+
+  // What worker threads bring: the same file served on a thread per core and on one thread.
+  workers: {
+    labels: ['nbdx file --workers=auto', 'nbdx file --workers=1'],
+    setup: ({ size }) => {
+      const imgs = [0, 1].map((i) => path.join('/dev/shm', `nbdx-bench-${process.pid}-workers-${i}.img`));
+      for (const img of imgs) emptyFile(img, size);
+      return { imgs, tempPaths: imgs };
+    },
+    reset: ({ imgs, size }, side) => emptyFile(imgs[side], size),
+    nbdx: ({ imgs }) => ({ kind: 'nbdx', args: ['--workers=auto', 'file', imgs[0]] }),
+    reference: ({ imgs }) => ({ kind: 'nbdx', args: ['--workers=1', 'file', imgs[1]] }),
+  },
+
   // One file per side on tmpfs, so neither server sees the other's writes or page cache state.
   file: {
     labels: ['nbdx file', 'nbdkit file'],
