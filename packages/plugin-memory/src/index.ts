@@ -22,6 +22,8 @@ interface Disk {
   write(buf: Uint8Array, offset: number): void;
   zero(count: number, offset: number): void;
   extents(count: number, offset: number, maxExtents?: number): Iterable<Extent>;
+  /** The bytes at a fixed place in memory, for replies sent and payloads received without a copy. */
+  view?(count: number, offset: number): Buffer;
 }
 
 /**
@@ -39,7 +41,14 @@ class FlatDisk implements Disk {
     return undefined;
   }
   write(buf: Uint8Array, offset: number) {
+    // The core read the payload straight into place (view): nothing to copy.
+    if (buf.buffer === this.bytes.buffer && buf.byteOffset === this.bytes.byteOffset + offset) return;
     this.bytes.set(buf, offset);
+  }
+  // Every byte has its fixed place for the life of the disk (trim and zero write zeroes there),
+  // so views of it can be handed to the core for replies and payloads.
+  view(count: number, offset: number) {
+    return this.bytes.subarray(offset, offset + count);
   }
   zero(count: number, offset: number) {
     this.bytes.fill(0, offset, offset + count);
@@ -117,6 +126,9 @@ export function createMemoryPlugin() {
     canCache: () => 'native',
 
     pread: (_h, buf, offset) => disk.read(buf, offset),
+    // allocator=malloc: replies sent from the disk itself and payloads received into it.
+    readView: (_h, count, offset) => disk.view?.(count, offset),
+    writeView: (_h, count, offset) => disk.view?.(count, offset),
     pwrite: (_h, buf, offset) => disk.write(buf, offset),
     // RAM is as durable as it gets: flush and FUA have nothing to do.
     flush: () => {},

@@ -76,6 +76,13 @@ export abstract class Context implements OwnedContext {
   protected abstract implCanMultiConn(): Promise<boolean> | boolean;
   protected abstract implCanCache(): Promise<CacheMode> | CacheMode;
   protected abstract implPread(buf: Uint8Array, offset: number, flags: number): Promise<ReadResult> | ReadResult;
+  /** A view of this layer's own memory for a READ reply or a WRITE payload (plugins only, see PluginV2.readView). */
+  protected implReadView(_count: number, _offset: number): Uint8Array | undefined {
+    return undefined;
+  }
+  protected implWriteView(_count: number, _offset: number): Uint8Array | undefined {
+    return undefined;
+  }
   protected abstract implPwrite(buf: Uint8Array, offset: number, flags: number): Promise<void> | void;
   protected abstract implFlush(flags: number): Promise<void> | void;
   protected abstract implTrim(count: number, offset: number, flags: number): Promise<void> | void;
@@ -228,6 +235,27 @@ export abstract class Context implements OwnedContext {
     } catch (err) {
       throw tagLayer(err, this.who);
     }
+  }
+
+  /**
+   * The bytes of a READ as a view of the layer's own memory, sent without a copy; undefined when
+   * the layer has none to give (then preadNow). Never under a lock: the bytes are read when the
+   * socket sends them, which a lock could not cover.
+   */
+  readView(count: number, offset: number): Uint8Array | undefined {
+    if (this.lock) return undefined;
+    this.checkRange(count, offset, Errno.EINVAL, 'read');
+    const v = this.implReadView(count, offset);
+    return v && v.byteLength === count ? v : undefined;
+  }
+
+  /** Where a WRITE's payload belongs in the layer's own memory (then pwriteNow with it), or undefined. */
+  writeView(count: number, offset: number): Uint8Array | undefined {
+    if (this.lock) return undefined;
+    this.checkWritable('write');
+    this.checkRange(count, offset, Errno.ENOSPC, 'write');
+    const v = this.implWriteView(count, offset);
+    return v && v.byteLength === count ? v : undefined;
   }
 
   pwriteNow(buf: Uint8Array, offset: number, flags = 0): void | Promise<void> {

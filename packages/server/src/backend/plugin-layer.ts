@@ -113,6 +113,12 @@ export class PluginContext extends Context {
   protected implPread(buf: Uint8Array, offset: number, flags: number) {
     return this.p.pread(this.h, buf, offset, flags);
   }
+  protected override implReadView(count: number, offset: number) {
+    return this.p.readView?.(this.h, count, offset);
+  }
+  protected override implWriteView(count: number, offset: number) {
+    return this.p.writeView?.(this.h, count, offset);
+  }
   protected implPwrite(buf: Uint8Array, offset: number, flags: number) {
     return this.p.pwrite!(this.h, buf, offset, flags);
   }

@@ -83,8 +83,10 @@ const VALID_FLAGS: Record<number, number> = {
 interface PendingWrite {
   req: Request;
   error: NbdError | null;
-  /** Where the payload goes (pooled), or null when it is read and dropped. */
+  /** Where the payload goes (pooled, or the plugin's own memory), or null when it is read and dropped. */
   buf: Buffer | null;
+  /** `buf` is a view of the plugin's memory (writeView), not a pooled buffer. */
+  inPlace: boolean;
   got: number;
 }
 
@@ -291,11 +293,24 @@ export class Transmission {
         return false;
       }
       const keep = !error && type === C.CMD_WRITE;
-      this.pendingWrite = { req, error, buf: null, got: 0 };
+      this.pendingWrite = { req, error, buf: null, inPlace: false, got: 0 };
       if (keep) {
+        const q = this.reader.queue;
+        // Where the plugin keeps these bytes, when it says (writeView): the payload goes there
+        // directly, read by the kernel or copied once from what already arrived.
+        const place = this.placeFor(req);
+        if (place) {
+          this.pendingWrite.buf = place;
+          this.pendingWrite.inPlace = true;
+          if (q.length >= length) {
+            this.pendingWrite = null;
+            q.copyInto(place, 0, length);
+            this.start(req, place, null);
+          }
+          return true;
+        }
         // The payload is often in the bytes we already hold: a view of them when they are ours
         // to keep, otherwise (direct reads' reused staging buffer) one copy into a pooled buffer.
-        const q = this.reader.queue;
         if (q.length >= length) {
           this.pendingWrite = null;
           if (!this.reader.volatile) {
@@ -337,8 +352,20 @@ export class Transmission {
       return false;
     }
     this.pendingWrite = null;
-    this.start(p.req, p.buf, p.error ?? (p.req.type === C.CMD_WRITE ? null : this.unsupportedPayload()), p.buf !== null);
+    this.start(p.req, p.buf, p.error ?? (p.req.type === C.CMD_WRITE ? null : this.unsupportedPayload()), p.buf !== null && !p.inPlace);
     return true;
+  }
+
+  /** The plugin's own memory for a WRITE's payload (see PluginV2.writeView), or null. */
+  private placeFor(req: Request): Buffer | null {
+    let v: Uint8Array | undefined;
+    try {
+      v = this.ctx.writeView(req.length, req.offset);
+    } catch {
+      return null; // the ordinary path reports whatever is wrong
+    }
+    if (!v) return null;
+    return Buffer.isBuffer(v) ? v : Buffer.from(v.buffer, v.byteOffset, v.byteLength);
   }
 
   /** A direct read put `n` more payload bytes in place. */
@@ -658,8 +685,19 @@ export class Transmission {
     if (isFatalError(err)) this.stop(`fatal error: ${message}`);
   }
 
-  /** Reads straight into a pooled reply buffer; replies at once when the layer below answered at once. */
+  /**
+   * The reply straight from the plugin's memory when it offers a view (readView: no copy at
+   * all), otherwise read into a pooled reply buffer; replies at once when the layer below
+   * answered at once.
+   */
   private read(req: Request): void | Promise<void> {
+    let view: Uint8Array | undefined;
+    try {
+      view = this.ctx.readView(req.length, req.offset);
+    } catch {
+      view = undefined; // the ordinary path reports whatever is wrong
+    }
+    if (view) return this.replyReadView(req, view);
     const b = bufferPool.get(DATA_ALIGN + req.length);
     const data = b.subarray(DATA_ALIGN);
     let result: ReadResult | Promise<ReadResult>;
@@ -673,6 +711,22 @@ export class Transmission {
       (r) => this.replyRead(req, b, data, r),
       (err) => this.readFailed(req, b, err),
     );
+  }
+
+  /** A READ reply whose data is a view of the plugin's memory: the header, then the view as is. */
+  private replyReadView(req: Request, view: Uint8Array): void {
+    if (this.stats !== null) this.stats.bytes[C.CMD_READ] += req.length;
+    const w = this.writer;
+    if (!this.structured) {
+      const at = w.reserve(C.SIMPLE_REPLY_SIZE);
+      writeSimpleReplyHeader(w.arena, at, 0, req.cookie);
+    } else {
+      const hs = chunkHeaderSize(this.extended);
+      const at = w.reserve(hs + 8);
+      writeChunkHeader(w.arena, at, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + req.length);
+      writeU64(w.arena, req.offset, at + hs);
+    }
+    w.push(view);
   }
 
   private readFailed(req: Request, b: Buffer, err: unknown): void {

@@ -21,4 +21,23 @@ export interface PluginV2<H = any> extends PluginCommon<H> {
   zero?(h: H, count: number, offset: number, flags: number): MaybePromise<void>;
   extents?(h: H, count: number, offset: number, flags: number): MaybePromise<ExtentSource>;
   cache?(h: H, count: number, offset: number, flags: number): MaybePromise<void>;
+
+  /**
+   * Optional, for plugins that hold the disk in their own memory at fixed places (a flat RAM
+   * disk): the `count` bytes at `offset` as a view of that memory, which the core sends as the
+   * READ reply without copying them (the kernel copies straight from it). The view must stay
+   * valid and in place while the reply is queued: memory that may be freed or reused for other
+   * offsets (a sparse allocator's chunks) must not be handed out. Return undefined to be asked
+   * through `pread` instead. Only used when no filter sits above the plugin.
+   */
+  readView?(h: H, count: number, offset: number): Uint8Array | undefined;
+  /**
+   * Optional, likewise: where a WRITE's `count` bytes at `offset` belong. The core reads the
+   * payload straight into this view and then calls `pwrite` with it (recognise your own memory
+   * and skip the copy). The bytes land before the write is acknowledged, and a client that
+   * disconnects in the middle of a payload leaves part of it written: only for plugins where
+   * that is acceptable (a RAM disk, which a crash loses anyway). Only used when no filter sits
+   * above the plugin, and only for requests that passed every check.
+   */
+  writeView?(h: H, count: number, offset: number): Uint8Array | undefined;
 }
