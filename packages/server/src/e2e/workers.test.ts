@@ -100,6 +100,27 @@ print("ok", a.can_multi_conn(), b.can_multi_conn())
     for (const s of rude) s.destroy();
   });
 
+  it('TLS on worker threads: every thread negotiates it, a copy round-trips, a wrong key is refused', async () => {
+    const keys = path.join(dir, 'keys.psk');
+    const wrong = path.join(dir, 'wrong.psk');
+    fs.writeFileSync(keys, `alice:${randomBytes(32).toString('hex')}\n`);
+    fs.writeFileSync(wrong, `alice:${randomBytes(32).toString('hex')}\n`);
+    const sock = path.join(dir, 'tls.sock');
+    const s = await startCli(['-v', '--workers=2', '--tls=require', `--tls-psk=${keys}`, '-U', sock, 'file', disk]);
+    try {
+      const uri = (k: string) => `nbds+unix://alice@/?socket=${sock}&tls-psk-file=${k}`;
+      const out = path.join(dir, 'tls-out.img');
+      await runOk('nbdcopy', ['--connections=2', uri(keys), out]);
+      expect(fs.readFileSync(out).equals(fs.readFileSync(disk))).toBe(true);
+      expect(s.stderr()).toMatch(/handed a connection to worker 1/);
+      const refused = await run('nbdinfo', ['--size', uri(wrong)]);
+      expect(refused.code).not.toBe(0);
+      expect((await runOk('nbdinfo', ['--size', uri(keys)])).trim()).toBe(String(64 * MiB));
+    } finally {
+      await s.stop();
+    }
+  });
+
   it('ends cleanly on SIGTERM: exit 0, socket removed, workers gone', async () => {
     const sock = path.join(dir, 'term.sock');
     const s = await startCli(['--workers=3', '-U', sock, 'file', disk]);
