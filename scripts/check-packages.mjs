@@ -177,6 +177,10 @@ function checkManifest(pkg, m, files, coreVersion) {
   const dep = m.dependencies?.['@nbdx/server'];
   if (name === '@nbdx/server') {
     // the core itself
+  } else if (name === '@nbdx/native') {
+    // The core's own optional dependency (an addon with no JavaScript dependency): it must not
+    // depend on the core, or installing the core would pull in itself.
+    if (peer || dep) problem(name, 'must not depend on @nbdx/server (it is the core\'s optional dependency)');
   } else if (name === 'nbdx' || name === '@nbdx/client') {
     // The command is the core's front door, and the client shares its wire codec: real dependencies.
     if (!dep || !satisfies(coreVersion, dep)) problem(name, `dependencies["@nbdx/server"] '${dep}' does not accept the core ${coreVersion}`);
