@@ -38,7 +38,7 @@ export function candidatePackages(name: string, kind: Kind): string[] {
  */
 export const FIRST_PARTY: Readonly<Record<Kind, readonly string[]>> = {
   plugin: ['memory', 'file', 'nbd', 'imageio'],
-  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar', 'stats', 'log'],
+  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar', 'stats', 'log', 'readahead', 'cache'],
 };
 
 /** The first-party package a name stands for (`memory` or `@nbdx/plugin-memory`), else null. */
