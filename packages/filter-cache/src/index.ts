@@ -80,11 +80,14 @@ export function effectiveBlockSize(min: number, dir: string): number {
 interface Entry {
   store: Promise<CacheStore>;
   refs: number;
+  /** Connections that can write below: dirty data must be written back before the last goes. */
+  writers: number;
 }
 
 interface Handle {
   key: string;
   store?: CacheStore;
+  writer: boolean;
 }
 
 /**
@@ -110,7 +113,7 @@ export function createCacheFilter() {
     return existsSync(onRead.path);
   }
 
-  async function acquire(key: string, size: number): Promise<CacheStore> {
+  async function acquire(key: string, size: number, writer: boolean): Promise<CacheStore> {
     for (;;) {
       const wait = closing.get(key);
       if (!wait) break;
@@ -122,38 +125,47 @@ export function createCacheFilter() {
         debug(NAME, `cache for export '${key}': ${size} bytes, block size ${blockSize}, cache=${mode}, in ${dir}`);
         return new CacheStore(file, size, { blockSize, mode, maxSize, highThreshold: high, lowThreshold: low }, NAME);
       });
-      entry = { store, refs: 0 };
+      entry = { store, refs: 0, writers: 0 };
       entries.set(key, entry);
       store.catch(() => entries.delete(key));
     }
     entry.refs++;
+    if (writer) entry.writers++;
     try {
       return await entry.store;
     } catch (err) {
       entry.refs--;
+      if (writer) entry.writers--;
       throw new NbdError(Errno.EIO, `cannot create the cache file in ${dir}: ${(err as Error).message}`);
     }
   }
 
-  async function release(key: string, next: Next): Promise<void> {
+  /**
+   * Nothing acknowledged is lost when clients go without a flush (writeback and unsafe alike):
+   * when the last connection that can write closes, what is still dirty is written below through
+   * it (read-only connections that stay cannot make anything dirty, nor write it back).
+   */
+  async function writeBackOnClose(key: string, store: CacheStore, next: Next): Promise<void> {
+    if (store.dirtyBlocks === 0) return;
+    try {
+      await store.writeBack(next);
+      if (await next.canFlush()) await next.flush(0);
+    } catch (err) {
+      logError(NAME, `export '${key}': writing back ${store.dirtyBlocks} dirty blocks on close failed: ${(err as Error).message}`);
+    }
+  }
+
+  async function release(key: string, next: Next, writer: boolean): Promise<void> {
     const entry = entries.get(key);
-    if (!entry || --entry.refs > 0) return;
+    if (!entry) return;
+    if (writer && --entry.writers === 0 && entry.refs > 1) await writeBackOnClose(key, await entry.store, next);
+    if (--entry.refs > 0) return;
     entries.delete(key);
     let done!: () => void;
     closing.set(key, new Promise<void>((resolve) => (done = resolve)));
     try {
       const store = await entry.store;
-      // Nothing acknowledged is lost when the last client goes without a flush (writeback and
-      // unsafe alike): what is still dirty is written below through this last connection.
-      if (store.dirtyBlocks > 0) {
-        try {
-          if (next.readonly) throw new NbdError(Errno.EPERM, 'the last connection is read-only');
-          await store.writeBack(next);
-          if (await next.canFlush()) await next.flush(0);
-        } catch (err) {
-          logError(NAME, `export '${key}': writing back ${store.dirtyBlocks} dirty blocks on close failed: ${(err as Error).message}`);
-        }
-      }
+      if (writer) await writeBackOnClose(key, store, next);
       await store.close();
     } finally {
       closing.delete(key);
@@ -266,15 +278,16 @@ export function createCacheFilter() {
       await next.open(readonly, exportName);
       // The default export may be reached as '' or by its name: both share one cache.
       const key = exportName === '' ? await next.defaultExport(readonly, isTls).catch(() => '') : exportName;
-      return { key };
+      return { key, writer: false };
     },
 
     async prepare(next, h) {
-      h.store = await acquire(h.key, await next.getSize());
+      h.writer = await next.canWrite();
+      h.store = await acquire(h.key, await next.getSize(), h.writer);
     },
 
     async finalize(next, h) {
-      if (h.store) await release(h.key, next);
+      if (h.store) await release(h.key, next, h.writer);
     },
 
     // The cache writes back itself; FUA is honoured by writing through (writeback), ignored by unsafe.
