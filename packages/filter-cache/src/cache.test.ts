@@ -201,6 +201,27 @@ describe('behaviour against a counting disk', () => {
     expect(stats.reads).toBe(before);
   });
 
+  it('a read overlapping a prefetch in flight takes one round trip, not two; a prefetch skips blocks a read holds', async () => {
+    const disk = randomBytes(MiB);
+    const { plugin, stats } = createCountingPlugin(Buffer.from(disk), { readDelay: 300 });
+    const s = await start({ plugin, filters: [createCacheFilter()], config: { cachedir } });
+    const c = await connect(s.uri);
+    const prefetch = c.cache(128 * KiB, 0);
+    await new Promise((r) => setTimeout(r, 20));
+    const t = performance.now();
+    // Blocks 0-1 are being fetched; block 2 is read below at the same time.
+    expect(sha(await c.pread(128 * KiB, 64 * KiB))).toBe(sha(disk.subarray(64 * KiB, 192 * KiB)));
+    expect(performance.now() - t).toBeLessThan(550);
+    await prefetch;
+    expect(stats.readLog).toEqual([[0, 128 * KiB], [128 * KiB, 64 * KiB]]);
+    // Now a read holds block 8 while a prefetch of blocks 8-9 arrives: only block 9 is fetched.
+    const read = c.pread(64 * KiB, 512 * KiB);
+    await new Promise((r) => setTimeout(r, 20));
+    await c.cache(128 * KiB, 512 * KiB);
+    await read;
+    expect(stats.readLog.slice(2)).toEqual([[512 * KiB, 64 * KiB], [576 * KiB, 64 * KiB]]);
+  });
+
   it('cache-on-read=/PATH follows the file existing', async () => {
     const flag = path.join(dir, 'cache-on-read-flag');
     const { plugin, stats } = createCountingPlugin(randomBytes(MiB));

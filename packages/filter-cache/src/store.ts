@@ -201,56 +201,117 @@ export class CacheStore {
     return [Math.floor(offset / this.bs), Math.floor((offset + count - 1) / this.bs)];
   }
 
-  /** Serve a read: cached blocks from the file, the rest from below (kept when `keep`). */
-  read(below: Below, buf: Uint8Array, offset: number, keep: boolean): Promise<void> {
-    if (buf.length === 0) return Promise.resolve();
+  /**
+   * Serve a read: cached blocks from the file, the rest from below (kept when `keep`).
+   *
+   * The blocks nobody else holds are taken at once and served at once; the busy ones (being
+   * fetched by a prefetch, most often) are waited for beside that, run by run. A read that
+   * overlaps a prefetch in flight thus waits only for the prefetch, while reading its other blocks
+   * below at the same time: one round trip, not two in a row. This cannot deadlock: the part
+   * taken at once never waits for a lock while holding one, it only does I/O and lets go.
+   */
+  async read(below: Below, buf: Uint8Array, offset: number, keep: boolean): Promise<void> {
+    if (buf.length === 0) return;
     const [first, last] = this.range(buf.length, offset);
-    return this.locked(first, last, async () => {
-      const end = offset + buf.length;
-      for (let b = first; b <= last; ) {
-        const slot = this.slots.get(b);
-        const bStart = b * this.bs;
-        if (slot !== undefined) {
-          const from = Math.max(offset, bStart);
-          const to = Math.min(end, bStart + this.bs);
-          await this.file.read(buf.subarray(from - offset, to - offset), slot * this.bs + (from - bStart));
-          this.touch(b, slot);
-          this.stats.hits++;
-          b++;
-          continue;
-        }
-        let e = b;
-        while (e < last && !this.slots.has(e + 1)) e++;
-        if (keep) {
-          await this.fetch(below, b, e, buf, offset);
-        } else {
-          const from = Math.max(offset, bStart);
-          const to = Math.min(end, (e + 1) * this.bs);
-          await this.readBelow(below, buf.subarray(from - offset, to - offset), from);
-        }
-        b = e + 1;
+    let busy: number[] | undefined;
+    let free: number[] | undefined;
+    for (let b = first; b <= last; b++) {
+      if (this.locks.tryLock(b)) (free ??= []).push(b);
+      else (busy ??= []).push(b);
+    }
+    if (!busy) {
+      try {
+        return await this.serveRun(below, first, last, buf, offset, keep);
+      } finally {
+        this.locks.unlock(first, last);
       }
-    });
+    }
+    const work: Promise<void>[] = [];
+    if (free) {
+      work.push(
+        this.forRuns(free, async (b, e) => {
+          try {
+            await this.serveRun(below, b, e, buf, offset, keep);
+          } finally {
+            this.locks.unlock(b, e);
+          }
+        }),
+      );
+    }
+    work.push(this.forRuns(busy, (b, e) => this.locked(b, e, () => this.serveRun(below, b, e, buf, offset, keep))));
+    // Both parts write into buf: neither may still be running when the reply goes out.
+    const results = await Promise.allSettled(work);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
-  /** NBD_CMD_CACHE: bring the range into the cache (what readahead asks for). */
-  prefetch(below: Below, count: number, offset: number): Promise<void> {
-    if (count === 0) return Promise.resolve();
-    const [first, last] = this.range(count, offset);
-    return this.locked(first, last, async () => {
-      for (let b = first; b <= last; ) {
-        const slot = this.slots.get(b);
-        if (slot !== undefined) {
-          this.touch(b, slot);
-          b++;
-          continue;
-        }
-        let e = b;
-        while (e < last && !this.slots.has(e + 1)) e++;
-        await this.fetch(below, b, e);
-        b = e + 1;
+  /** Call fn for each run of consecutive block numbers in the sorted list, one after another. */
+  private async forRuns(blocks: number[], fn: (b: number, e: number) => Promise<void>): Promise<void> {
+    for (let i = 0; i < blocks.length; ) {
+      let j = i;
+      while (j + 1 < blocks.length && blocks[j + 1] === blocks[j]! + 1) j++;
+      await fn(blocks[i]!, blocks[j]!);
+      i = j + 1;
+    }
+  }
+
+  /** Serve the part of a read that falls in blocks [first, last] (held by the caller). */
+  private async serveRun(below: Below, first: number, last: number, buf: Uint8Array, offset: number, keep: boolean): Promise<void> {
+    const end = offset + buf.length;
+    for (let b = first; b <= last; ) {
+      const slot = this.slots.get(b);
+      const bStart = b * this.bs;
+      if (slot !== undefined) {
+        const from = Math.max(offset, bStart);
+        const to = Math.min(end, bStart + this.bs);
+        await this.file.read(buf.subarray(from - offset, to - offset), slot * this.bs + (from - bStart));
+        this.touch(b, slot);
+        this.stats.hits++;
+        b++;
+        continue;
       }
-    });
+      let e = b;
+      while (e < last && !this.slots.has(e + 1)) e++;
+      if (keep) {
+        await this.fetch(below, b, e, buf, offset);
+      } else {
+        const from = Math.max(offset, bStart);
+        const to = Math.min(end, (e + 1) * this.bs);
+        await this.readBelow(below, buf.subarray(from - offset, to - offset), from);
+      }
+      b = e + 1;
+    }
+  }
+
+  /**
+   * NBD_CMD_CACHE: bring the range into the cache (what readahead asks for). Advisory, so blocks
+   * another request holds are skipped rather than waited for: a client read of them is under
+   * way, and a prefetch must never queue behind (or in front of) the client's own requests.
+   */
+  async prefetch(below: Below, count: number, offset: number): Promise<void> {
+    if (count === 0) return;
+    const [first, last] = this.range(count, offset);
+    for (let b = first; b <= last; ) {
+      const slot = this.slots.get(b);
+      if (slot !== undefined) {
+        this.touch(b, slot);
+        b++;
+        continue;
+      }
+      // The longest run of blocks from b on that are neither cached nor held, taken now.
+      let e = b - 1;
+      while (e < last && !this.slots.has(e + 1) && this.locks.tryLock(e + 1)) e++;
+      if (e < b) {
+        b++;
+        continue;
+      }
+      try {
+        // Checked and taken in one synchronous step: they are still misses when fetch starts.
+        await this.fetch(below, b, e);
+      } finally {
+        this.locks.unlock(b, e);
+      }
+      b = e + 1;
+    }
   }
 
   /**
