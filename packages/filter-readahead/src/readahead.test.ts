@@ -216,6 +216,30 @@ describe('the purpose: sequential copies over a slow layer', () => {
     expect(sha(fs.readFileSync(out))).toBe(sha(fs.readFileSync(file)));
   });
 
+  it('CLI over the memory plugin: nbdcopy in (writeback, flushed) and out through readahead + cache + delay, qemu-io checks patterns', async () => {
+    if (!needTools('nbdcopy', 'qemu-io') || !needNbdx()) return;
+    const src = path.join(dir, 'mem-src.img');
+    fs.writeFileSync(src, randomBytes(8 * MiB));
+    const out = path.join(dir, 'mem-out.img');
+    const script = [
+      `nbdcopy --flush ${src} "$uri"`,
+      `nbdcopy --connections=1 --requests=1 "$uri" ${out}`,
+      `qemu-io -f raw -c "write -P 0x3c 5M 300K" -c "read -P 0x3c 5M 300K" "$uri"`,
+      `nbdcopy "$uri" ${out}.2`,
+    ].join(' && ');
+    const r = await run(process.execPath, [
+      nbdxBin(), '-U', '-', '--filter=readahead', '--filter=cache', '--filter=delay', 'memory', '8M',
+      'rdelay=2ms', 'cache-max-size=2M', `cachedir=${dir}`, '--run', script,
+    ]);
+    expect(r.code, r.stdout + r.stderr).toBe(0);
+    expect(r.stdout).not.toMatch(/Pattern verification failed/);
+    const expected = fs.readFileSync(src);
+    expect(sha(fs.readFileSync(out))).toBe(sha(expected));
+    expected.fill(0x3c, 5 * MiB, 5 * MiB + 300 * KiB);
+    expect(sha(fs.readFileSync(`${out}.2`))).toBe(sha(expected));
+    expect(fs.readdirSync(dir).filter((f) => f.startsWith('nbdx-cache-'))).toEqual([]);
+  });
+
   it('--filter=readahead --filter=cache nbd: a proxy in front of a slow upstream NBD server', async () => {
     if (!needTools('nbdcopy')) return;
     const disk = randomBytes(8 * MiB);
