@@ -213,11 +213,20 @@ export class CacheStore {
   async read(below: Below, buf: Uint8Array, offset: number, keep: boolean): Promise<void> {
     if (buf.length === 0) return;
     const [first, last] = this.range(buf.length, offset);
+    // The lists are only made once a block turns out busy: an uncontended read allocates nothing.
     let busy: number[] | undefined;
     let free: number[] | undefined;
     for (let b = first; b <= last; b++) {
-      if (this.locks.tryLock(b)) (free ??= []).push(b);
-      else (busy ??= []).push(b);
+      if (this.locks.tryLock(b)) {
+        free?.push(b);
+      } else {
+        if (!busy) {
+          busy = [];
+          free = [];
+          for (let k = first; k < b; k++) free.push(k);
+        }
+        busy.push(b);
+      }
     }
     if (!busy) {
       try {
@@ -227,7 +236,7 @@ export class CacheStore {
       }
     }
     const work: Promise<void>[] = [];
-    if (free) {
+    if (free && free.length > 0) {
       work.push(
         this.forRuns(free, async (b, e) => {
           try {
