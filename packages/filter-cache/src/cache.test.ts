@@ -222,6 +222,18 @@ describe('behaviour against a counting disk', () => {
     expect(stats.readLog.slice(2)).toEqual([[512 * KiB, 64 * KiB], [576 * KiB, 64 * KiB]]);
   });
 
+  it('a cache request for a huge range is fetched in pieces of at most 4 MiB (no giant buffer)', async () => {
+    const disk = randomBytes(48 * MiB);
+    const { plugin, stats } = createCountingPlugin(Buffer.from(disk));
+    const s = await start({ plugin, filters: [createCacheFilter()], config: { cachedir } });
+    const c = await connect(s.uri);
+    await c.cache(48 * MiB, 0);
+    expect(stats.readLog.length).toBe(12);
+    expect(Math.max(...stats.readLog.map(([, n]) => n))).toBe(4 * MiB);
+    expect(sha(await c.pread(48 * MiB - 4096, 4096))).toBe(sha(disk.subarray(4096)));
+    expect(stats.reads).toBe(12);
+  });
+
   it('cache-on-read=/PATH follows the file existing', async () => {
     const flag = path.join(dir, 'cache-on-read-flag');
     const { plugin, stats } = createCountingPlugin(randomBytes(MiB));

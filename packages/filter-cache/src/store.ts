@@ -32,6 +32,13 @@ export interface StoreStats {
 
 /** Largest piece of dirty data written below in one pwrite by flush. */
 const WRITEBACK_RUN = 4 * 1024 * 1024;
+/**
+ * Largest read below for a cache request: NBD_CMD_CACHE may ask for up to 4 GiB at once, which
+ * must not become one 4 GiB buffer. Bigger ranges are fetched piece by piece.
+ */
+const FETCH_RUN = 4 * 1024 * 1024;
+/** A cache request over a huge range lets other work run every this many blocks. */
+const YIELD_EVERY = 4096;
 
 /** A pread below may answer "these parts are zeroes" instead of filling them: fill them here. */
 function fillZeroSpans(buf: Uint8Array, result: ReadResult): void {
@@ -299,16 +306,19 @@ export class CacheStore {
   async prefetch(below: Below, count: number, offset: number): Promise<void> {
     if (count === 0) return;
     const [first, last] = this.range(count, offset);
-    for (let b = first; b <= last; ) {
+    const maxRun = Math.max(1, Math.floor(FETCH_RUN / this.bs));
+    for (let b = first, seen = 0; b <= last; ) {
+      if (++seen % YIELD_EVERY === 0) await new Promise<void>((resolve) => setImmediate(resolve));
       const slot = this.slots.get(b);
       if (slot !== undefined) {
         this.touch(b, slot);
         b++;
         continue;
       }
-      // The longest run of blocks from b on that are neither cached nor held, taken now.
+      // The longest run (up to FETCH_RUN) of blocks from b on that are neither cached nor held,
+      // taken now.
       let e = b - 1;
-      while (e < last && !this.slots.has(e + 1) && this.locks.tryLock(e + 1)) e++;
+      while (e < last && e + 1 - b < maxRun && !this.slots.has(e + 1) && this.locks.tryLock(e + 1)) e++;
       if (e < b) {
         b++;
         continue;
