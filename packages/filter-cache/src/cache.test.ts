@@ -6,6 +6,7 @@ import { NbdClient } from '@nbdx/client';
 import { serve, type ServeOptions } from '@nbdx/server';
 import { createFilePlugin } from '@nbdx/plugin-file';
 import { createDelayFilter } from '@nbdx/filter-delay';
+import { createMemoryPlugin } from '@nbdx/plugin-memory';
 import { nbdinfoMap, nbdshOk, nbdxBin, needNbdx, needTools, qemuIo, removeDir, run, runOk, tmpDir } from '@nbdx/testkit';
 import { createCacheFilter, parseBlockSize, parseCacheOnRead, parseMode, type CacheMode } from './index.js';
 import { createCountingPlugin } from './fixtures.test-helper.js';
@@ -232,6 +233,24 @@ describe('behaviour against a counting disk', () => {
     expect(Math.max(...stats.readLog.map(([, n]) => n))).toBe(4 * MiB);
     expect(sha(await c.pread(48 * MiB - 4096, 4096))).toBe(sha(disk.subarray(4096)));
     expect(stats.reads).toBe(12);
+  });
+
+  it('zero and trim of nearly 4 GiB over a 1 TiB memory disk lock only the cached blocks; partial blocks are zeroed in the cache', async () => {
+    const s = await start({ plugin: createMemoryPlugin(), filters: [createCacheFilter()], config: { size: '1T', cachedir } });
+    const c = await connect(s.uri);
+    const data = randomBytes(256 * KiB);
+    await c.pwrite(data, 3 * MiB);
+    await c.pwrite(data, 5 * 1024 * MiB);
+    const t = performance.now();
+    // Zero from the middle of the first written block on: it keeps its first 10000 bytes.
+    await c.zero(4 * 1024 * MiB - 64 * KiB, 3 * MiB + 10000);
+    await c.trim(4 * 1024 * MiB - 64 * KiB, 4 * 1024 * MiB);
+    expect(performance.now() - t).toBeLessThan(2000);
+    const expected = Buffer.alloc(256 * KiB);
+    data.copy(expected, 0, 0, 10000);
+    expect(sha(await c.pread(256 * KiB, 3 * MiB))).toBe(sha(expected));
+    await c.flush();
+    expect(sha(await c.pread(256 * KiB, 3 * MiB))).toBe(sha(expected));
   });
 
   it('cache-on-read=/PATH follows the file existing', async () => {

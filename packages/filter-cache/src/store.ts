@@ -374,34 +374,58 @@ export class CacheStore {
     });
   }
 
+  /** Cached blocks in [first, last], ascending, looked up the cheaper way round. */
+  private cachedIn(first: number, last: number): number[] {
+    const out: number[] = [];
+    if (this.slots.size < last - first + 1) {
+      for (const b of this.slots.keys()) if (b >= first && b <= last) out.push(b);
+      return out.sort((a, b) => a - b);
+    }
+    for (let b = first; b <= last; b++) if (this.slots.has(b)) out.push(b);
+    return out;
+  }
+
   /**
    * Zero and trim go below at once in every mode, then the cache is made to agree: blocks wholly
-   * inside the range are dropped (dirty or not: below is about to hold their new contents), and
-   * cached blocks partly inside get zeroes written over that part (zero only: trimmed bytes may
-   * read as anything, so keeping the old ones is allowed).
+   * inside the range are dropped (dirty or not: below now holds their new contents), and cached
+   * blocks partly inside get zeroes written over that part (zero only: trimmed bytes may read as
+   * anything, so keeping the old ones is allowed). If below fails, the cache is left as it was.
+   *
+   * Only the cached blocks of the range are locked (held across the call below, so reclaim
+   * cannot write their older data below after it): a trim of a whole 1 TiB disk must not take
+   * sixteen million locks. Uncached blocks need none; a write racing with the zero may land
+   * before or after it, as NBD allows for requests in flight together.
    */
-  zeroOrTrim(below: Below, count: number, offset: number, flags: number, isZero: boolean): Promise<void> {
+  async zeroOrTrim(below: Below, count: number, offset: number, flags: number, isZero: boolean): Promise<void> {
     if (count === 0) return isZero ? below.zero(0, offset, flags) : below.trim(0, offset, flags);
     const [first, last] = this.range(count, offset);
-    return this.locked(first, last, async () => {
-      // Below first: if it fails (a fast zero refused, an I/O error) the cache still holds
-      // everything it held, dirty data included.
+    const held: Array<[number, number]> = [];
+    try {
+      await this.forRuns(this.cachedIn(first, last), async (b, e) => {
+        const wait = this.locks.lock(b, e);
+        held.push([b, e]);
+        if (wait) await wait;
+      });
       if (isZero) await below.zero(count, offset, flags);
       else await below.trim(count, offset, flags);
       const end = offset + count;
-      for (let b = first; b <= last; b++) {
-        const slot = this.slots.get(b);
-        if (slot === undefined) continue;
-        const bStart = b * this.bs;
-        const from = Math.max(offset, bStart);
-        const to = Math.min(end, bStart + this.bs);
-        if (from === bStart && to === bStart + this.blockLength(b)) {
-          this.drop(b);
-        } else if (isZero) {
-          await this.file.write(Buffer.alloc(to - from), slot * this.bs + (from - bStart));
+      for (const [rb, re] of held) {
+        for (let b = rb; b <= re; b++) {
+          const slot = this.slots.get(b);
+          if (slot === undefined) continue;
+          const bStart = b * this.bs;
+          const from = Math.max(offset, bStart);
+          const to = Math.min(end, bStart + this.bs);
+          if (from === bStart && to === bStart + this.blockLength(b)) {
+            this.drop(b);
+          } else if (isZero) {
+            await this.file.write(Buffer.alloc(to - from), slot * this.bs + (from - bStart));
+          }
         }
       }
-    });
+    } finally {
+      for (const [b, e] of held) this.locks.unlock(b, e);
+    }
   }
 
   /**
