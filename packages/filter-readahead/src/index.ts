@@ -58,6 +58,8 @@ interface Chunk {
   ok: boolean;
   /** Cleared when a write overlaps it: its bytes may be older than the write. */
   valid: boolean;
+  /** Dropped while its read was still running: its memory is given back when the read ends. */
+  dropped: boolean;
 }
 
 /** The read pattern of one export, shared by every connection to it (multi-conn copies spread one sequence over several). */
@@ -126,7 +128,9 @@ export function createReadaheadFilter() {
     const c = st.chunks[i]!;
     st.chunks.splice(i, 1);
     c.valid = false;
-    give(st, c.length);
+    // A read still filling the buffer holds on to it: it counts until that read ends.
+    if (c.done) give(st, c.length);
+    else c.dropped = true;
   }
 
   /** Buffer mode: drop what the reads have left far behind, then, if still over, the oldest. */
@@ -198,7 +202,7 @@ export function createReadaheadFilter() {
         })
         .finally(() => give(st, length));
     } else {
-      const chunk: Chunk = { offset: from, length, buf: Buffer.allocUnsafe(length), ready: undefined!, done: false, ok: false, valid: true };
+      const chunk: Chunk = { offset: from, length, buf: Buffer.allocUnsafe(length), ready: undefined!, done: false, ok: false, valid: true, dropped: false };
       take(st, length);
       p = chunk.ready = next
         .pread(chunk.buf, from, 0)
@@ -214,7 +218,9 @@ export function createReadaheadFilter() {
         )
         .finally(() => {
           chunk.done = true;
-          if (!chunk.ok) {
+          if (chunk.dropped) {
+            give(st, length);
+          } else if (!chunk.ok) {
             const i = st.chunks.indexOf(chunk);
             if (i >= 0) dropChunk(st, i);
           }

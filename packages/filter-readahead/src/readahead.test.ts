@@ -116,6 +116,9 @@ describe("the window, and buffer mode (the layer below has no native cache)", ()
     expect(ra.stats.peakBytes).toBeGreaterThan(0);
     expect(ra.stats.peakBytes).toBeLessThanOrEqual(MiB);
     expect(ra.stats.overBudget).toBeGreaterThan(0);
+    // Everything is given back once the connection is gone, prefetches in flight included.
+    await c.disconnect();
+    await expect.poll(() => ra.heldBytes()).toBe(0);
   });
 
   it('a failed prefetch is ignored (debug log); the client only sees errors of its own reads', async () => {
