@@ -50,6 +50,8 @@ export function createDelayFilter() {
       'delay-fast-zero=BOOL     fast zeroes wait too (true, default) or fail at once with ENOTSUP (false)',
     ].join('\n'),
     threadModel: 'parallel',
+    // No state beyond the configuration: each worker thread may have its own copy.
+    workerThreads: true,
 
     config(next, key, value) {
       switch (key) {

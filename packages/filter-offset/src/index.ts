@@ -44,6 +44,8 @@ export function createOffsetFilter() {
       'range=SIZE           length of the window (default: to the end of the export)',
     ].join('\n'),
     threadModel: 'parallel',
+    // No state beyond the configuration: each worker thread may have its own copy.
+    workerThreads: true,
 
     config(next, key, value) {
       if (key === 'offset') offset = parseSize(value, 'offset');

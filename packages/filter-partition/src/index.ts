@@ -71,6 +71,8 @@ export function createPartitionFilter() {
       '                         layer below when it is 512 or 4096, else 512, probing 4096 for GPT)',
     ].join('\n'),
     threadModel: 'parallel',
+    // Per-connection state only: each worker thread may have its own copy.
+    workerThreads: true,
 
     config(next, key, value) {
       if (key === 'partition') partition = parsePartitionNumber(value);

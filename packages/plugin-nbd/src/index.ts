@@ -59,6 +59,8 @@ export function createNbdPlugin() {
     magicConfigKey: 'uri',
     configHelp: CONFIG_HELP,
     threadModel: 'parallel',
+    // Each connection has its own upstream connection: copies on worker threads are as safe as one.
+    workerThreads: true,
 
     load() {
       params = {};

@@ -42,3 +42,6 @@ export {
   type Peer,
   type CliServer,
 } from './tools.js';
+export { startCeph, hasCeph, needCeph, cephPrograms, cephDaemonPids, type CephCluster, type CephOptions } from './ceph.js';
+export { startRangeServer, type RangeServer, type RangeServerOptions, type RangeRequest } from './http-server.js';
+export { makeTestCerts, type TestCerts } from './certs.js';
