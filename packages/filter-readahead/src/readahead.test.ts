@@ -8,7 +8,7 @@ import { createFilePlugin } from '@nbdx/plugin-file';
 import { createNbdPlugin } from '@nbdx/plugin-nbd';
 import { createCacheFilter } from '@nbdx/filter-cache';
 import { createDelayFilter } from '@nbdx/filter-delay';
-import { nbdxBin, needNbdx, needTools, removeDir, run, runOk, tmpDir } from '@nbdx/testkit';
+import { nbdxBin, needNbdx, needTools, removeDir, run, runOk, startRangeServer, tmpDir } from '@nbdx/testkit';
 import { PIECE, createReadaheadFilter, parseMode } from './index.js';
 import { createCountingPlugin } from './fixtures.test-helper.js';
 
@@ -274,5 +274,51 @@ describe('the purpose: sequential copies over a slow layer', () => {
     expect(sha(fs.readFileSync(out))).toBe(sha(fs.readFileSync(file)));
     expect(ra.stats.prefetches).toBeGreaterThan(0);
     expect(ra.stats.bufferHits).toBe(0);
+  });
+
+  it('the stack people use: --filter=retry --filter=readahead http over a real range server (GETs counted), a flaky one with 5xx and dropped connections completes', async () => {
+    if (!needTools('nbdcopy', 'qemu-img') || !needNbdx()) return;
+    const file = path.join(dir, 'http.img');
+    fs.writeFileSync(file, randomBytes(16 * MiB));
+    const server = await startRangeServer({ file });
+    try {
+      const out = path.join(dir, 'http-out.img');
+      const figures: Record<string, { ms: number; gets: number }> = {};
+      // The delay filter stands for the network's round trip (the range server is on loopback).
+      for (const [label, filters] of [
+        ['http', []],
+        ['readahead', ['--filter=readahead']],
+        ['retry + readahead', ['--filter=retry', '--filter=readahead']],
+        ['readahead + cache', ['--filter=readahead', '--filter=cache']],
+      ] as const) {
+        const before = server.stats.ranged;
+        const t = performance.now();
+        const r = await run(process.execPath, [
+          nbdxBin(), '-U', '-', ...filters, '--filter=delay', 'http', server.url, 'rdelay=10ms', `cachedir=${dir}`,
+          '--run', `nbdcopy --connections=1 --requests=1 "$uri" ${out}`,
+        ].filter((a) => label.includes('cache') || !a.startsWith('cachedir=')));
+        expect(r.code, r.stderr).toBe(0);
+        figures[label] = { ms: Math.round(performance.now() - t), gets: server.stats.ranged - before };
+        expect(sha(fs.readFileSync(out))).toBe(sha(fs.readFileSync(file)));
+      }
+      console.log('nbdcopy 1x1 of 16 MiB over http (rdelay=10ms):', JSON.stringify(figures));
+      expect(figures.http!.gets).toBeGreaterThanOrEqual(64);
+      for (const label of ['readahead', 'retry + readahead', 'readahead + cache']) {
+        expect(figures[label]!.gets).toBeLessThan(figures.http!.gets / 2);
+      }
+
+      // A flaky server: some GETs get 503, some connections are cut half-way. retry (outermost)
+      // retries the client's reads; failed prefetches are dropped by readahead.
+      server.setFaults({ errorRate: 0.1, dropRate: 0.1 });
+      const r = await run(process.execPath, [
+        nbdxBin(), '-U', '-', '--filter=retry', '--filter=readahead', 'http', server.url, 'retries=20', 'retry-delay=10ms',
+        '--run', `qemu-img convert -f raw -O raw "$uri" ${out} && qemu-img compare -f raw -F raw ${file} ${out}`,
+      ]);
+      expect(r.code, r.stdout + r.stderr).toBe(0);
+      expect(r.stdout).toMatch(/Images are identical/);
+      expect(server.stats.errors + server.stats.drops).toBeGreaterThan(0);
+    } finally {
+      await server.close();
+    }
   });
 });
