@@ -44,6 +44,8 @@ export interface ReadaheadStats {
   readsBelow: number;
   /** Times the window was reset by a read that did not follow on. */
   resets: number;
+  /** Reads after which nothing was prefetched because the client had more in flight than readahead-max. */
+  deepClient: number;
   /** Most bytes ever held or in flight at once. */
   peakBytes: number;
 }
@@ -75,6 +77,8 @@ interface Stream {
   chunks: Chunk[];
   /** Bytes held by chunks (buffer) or in flight (cache) for this export. */
   bytes: number;
+  /** Bytes of client reads in flight right now (every connection to this export). */
+  clientBytes: number;
 }
 
 interface Handle {
@@ -111,6 +115,7 @@ export function createReadaheadFilter() {
     bufferHits: 0,
     readsBelow: 0,
     resets: 0,
+    deepClient: 0,
     peakBytes: 0,
   };
 
@@ -251,6 +256,13 @@ export function createReadaheadFilter() {
       st.lastEnd = end;
       st.window = Math.min(st.window * 2, maxWindow);
     }
+    // A client with more reads in flight than the largest window reads ahead by itself (nbdcopy,
+    // qemu-img convert): prefetching would only put fewer, bigger requests in place of its own,
+    // in flight together, and slow it down. Stand aside for as long as it does.
+    if (st.clientBytes > maxWindow) {
+      stats.deepClient++;
+      return;
+    }
     // Top up only once less than half a window is left ahead: prefetches then go below in pieces
     // of half a window or more, not one small piece per client read.
     if (st.prefetchEnd - st.lastEnd >= st.window / 2) return;
@@ -346,7 +358,7 @@ export function createReadaheadFilter() {
       }
       let st = streams.get(h.key);
       if (!st) {
-        st = { size: await next.getSize(), refs: 0, lastEnd: 0, window: minWindow, prefetchEnd: 0, chunks: [], bytes: 0 };
+        st = { size: await next.getSize(), refs: 0, lastEnd: 0, window: minWindow, prefetchEnd: 0, chunks: [], bytes: 0, clientBytes: 0 };
         streams.set(h.key, st);
       }
       st.refs++;
@@ -363,7 +375,7 @@ export function createReadaheadFilter() {
         debug(
           NAME,
           `export '${h.key}': ${stats.prefetches} prefetches (${stats.prefetchBytes} bytes), ${stats.bufferHits} reads from memory, ` +
-            `${stats.resets} window resets, ${stats.prefetchErrors} failed prefetches`,
+            `${stats.resets} window resets, ${stats.deepClient} reads with the client reading ahead itself, ${stats.prefetchErrors} failed prefetches`,
         );
       }
     },
@@ -371,17 +383,28 @@ export function createReadaheadFilter() {
     pread(next, h, buf, offset, flags) {
       const st = h.stream!;
       const end = offset + buf.length;
-      let result: ReadResult | Promise<ReadResult>;
       const found = h.mode === 'buffer' ? lookup(st, offset, end) : undefined;
+      let p: Promise<ReadResult>;
       if (found) {
-        result = serve(next, found, buf, offset, flags);
+        p = serve(next, found, buf, offset, flags);
       } else {
         // The client's own read goes below first, before any prefetch this read leads to.
         stats.readsBelow++;
-        result = next.pread(buf, offset, flags);
+        p = next.pread(buf, offset, flags);
       }
+      const n = buf.length;
+      st.clientBytes += n;
       plan(next, h, st, offset, end);
-      return result;
+      return p.then(
+        (r) => {
+          st.clientBytes -= n;
+          return r;
+        },
+        (err: unknown) => {
+          st.clientBytes -= n;
+          throw err;
+        },
+      );
     },
 
     async pwrite(next, h, buf, offset, flags) {

@@ -106,6 +106,24 @@ describe("the window, and buffer mode (the layer below has no native cache)", ()
     }
   });
 
+  it('stands aside for a client that already has more reads in flight than readahead-max', async () => {
+    const disk = randomBytes(64 * MiB);
+    const { plugin, stats } = createCountingPlugin(Buffer.from(disk), { readDelay: 5, cache: 'native' });
+    const ra = createReadaheadFilter();
+    const s = await start({ plugin, filters: [ra], config: { 'readahead-max': '4M' } });
+    const c = await connect(s.uri);
+    // 64 sequential reads of 256K all in flight at once (16 MiB), twice over.
+    for (const base of [0, 16 * MiB]) {
+      const parts = await Promise.all(Array.from({ length: 64 }, (_, i) => c.pread(256 * KiB, base + i * 256 * KiB)));
+      expect(sha(Buffer.concat(parts))).toBe(sha(disk.subarray(base, base + 16 * MiB)));
+    }
+    expect(ra.stats.deepClient).toBeGreaterThan(64);
+    // Only at the start of each batch (until 4M were in flight) was anything prefetched: at most
+    // two windows per batch, against 32 MiB read.
+    const prefetched = stats.cacheLog.reduce((n, [, len]) => n + len, 0);
+    expect(prefetched).toBeLessThanOrEqual(2 * 8 * MiB);
+  });
+
   it('never holds more than readahead-memory', async () => {
     const disk = randomBytes(16 * MiB);
     const { plugin } = createCountingPlugin(Buffer.from(disk), { readDelay: 2 });
@@ -310,13 +328,14 @@ describe('the purpose: sequential copies over a slow layer', () => {
       // A flaky server: some GETs get 503, some connections are cut half-way. retry (outermost)
       // retries the client's reads; failed prefetches are dropped by readahead.
       server.setFaults({ errorRate: 0.1, dropRate: 0.1 });
+      server.failNext(3, 'status');
       const r = await run(process.execPath, [
         nbdxBin(), '-U', '-', '--filter=retry', '--filter=readahead', 'http', server.url, 'retries=20', 'retry-delay=10ms',
         '--run', `qemu-img convert -f raw -O raw "$uri" ${out} && qemu-img compare -f raw -F raw ${file} ${out}`,
       ]);
       expect(r.code, r.stdout + r.stderr).toBe(0);
       expect(r.stdout).toMatch(/Images are identical/);
-      expect(server.stats.errors + server.stats.drops).toBeGreaterThan(0);
+      expect(server.stats.errors).toBeGreaterThanOrEqual(3);
     } finally {
       await server.close();
     }
