@@ -38,7 +38,7 @@ export function candidatePackages(name: string, kind: Kind): string[] {
  */
 export const FIRST_PARTY: Readonly<Record<Kind, readonly string[]>> = {
   plugin: ['memory', 'file', 'nbd', 'imageio', 'rbd', 'http'],
-  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar', 'stats', 'log', 'retry', 'retry-request'],
+  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar', 'stats', 'log', 'retry', 'retry-request', 'readahead', 'cache'],
 };
 
 /** The first-party package a name stands for (`memory` or `@nbdx/plugin-memory`), else null. */
