@@ -13,7 +13,10 @@ import { spawnSync } from 'node:child_process';
 import { accessSync, constants } from 'node:fs';
 import { delimiter, join } from 'node:path';
 
-/** Debian package → the programs (or `python3:MODULE` modules) the tests need from it. */
+/**
+ * Debian package → the programs (or `python3:MODULE` modules, or `file:PATH` files such as a library's
+ * headers) the tests need from it.
+ */
 export const PACKAGES = {
   'qemu-utils': ['qemu-img', 'qemu-io', 'qemu-nbd'],
   'libnbd-bin': ['nbdinfo', 'nbdcopy', 'nbdsh'],
@@ -24,6 +27,12 @@ export const PACKAGES = {
   gdisk: ['sgdisk'],
   openssl: ['openssl'],
   tar: ['tar'],
+  // A throw-away Ceph cluster (@nbdx/testkit's startCeph) and librbd's headers for plugin-rbd's addon.
+  'ceph-mon': ['ceph-mon', 'monmaptool'],
+  'ceph-osd': ['ceph-osd'],
+  'ceph-common': ['ceph', 'rados', 'rbd'],
+  radosgw: ['radosgw', 'radosgw-admin'],
+  'librbd-dev': ['file:/usr/include/rbd/librbd.h'],
 };
 
 // nbdsh and the python module are the system python's: look in the system directories first
@@ -42,6 +51,14 @@ function onPath(program) {
 }
 
 function present(need) {
+  if (need.startsWith('file:')) {
+    try {
+      accessSync(need.slice('file:'.length), constants.R_OK);
+      return true;
+    } catch {
+      return false;
+    }
+  }
   if (need.startsWith('python3:')) {
     return spawnSync('/usr/bin/python3', ['-c', `import ${need.slice('python3:'.length)}`], { stdio: 'ignore' }).status === 0;
   }

@@ -42,3 +42,4 @@ export {
   type Peer,
   type CliServer,
 } from './tools.js';
+export { startCeph, hasCeph, needCeph, cephPrograms, cephDaemonPids, type CephCluster, type CephOptions } from './ceph.js';
