@@ -1,6 +1,6 @@
 import { Errno, FLAG_FUA, NbdError, debug, definePlugin, logError, packageVersion } from '@nbdx/server/api';
 import { CONFIG_HELP, DEFAULT_OBJECT_SIZE, applyConfig, checkSettings, defaultSettings, type Settings } from './config.js';
-import { ObjectDisk } from './disk.js';
+import { ObjectDisk, type DiskStats } from './disk.js';
 import { openManifest } from './manifest.js';
 import { Store, storeOptions } from './store.js';
 
@@ -72,7 +72,7 @@ export function createS3Plugin() {
     }
   }
 
-  return definePlugin({
+  const plugin = definePlugin({
     apiVersion: 2,
     name: NAME,
     version: VERSION,
@@ -158,10 +158,13 @@ export function createS3Plugin() {
       return diskOf().extents(count, offset);
     },
   });
+  /** Counters of the prefix= disk (PUTs, DELETEs, merges, conflicts), for tests and debugging. */
+  const stats = (): DiskStats | null => (layout?.kind === 'prefix' ? { ...layout.disk.stats } : null);
+  return Object.assign(plugin, { stats });
 }
 
 export default createS3Plugin();
-export { ObjectDisk, objectName, type Geometry } from './disk.js';
+export { ObjectDisk, objectName, type Geometry, type DiskStats } from './disk.js';
 export { Ranges } from './ranges.js';
 export { Store, storeOptions } from './store.js';
 export { parseManifest, encodeManifest, manifestKey } from './manifest.js';
