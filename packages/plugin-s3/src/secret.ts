@@ -42,9 +42,8 @@ function promptTty(prompt: string): Promise<string> {
 }
 
 /** The first line of stdin (the secret piped in). */
-function readStdinLine(): Promise<string> {
+function readStdinLine(stdin: NodeJS.ReadableStream): Promise<string> {
   return new Promise((resolve, reject) => {
-    const stdin = process.stdin;
     let text = '';
     const finish = () => {
       stdin.off('data', onData);
@@ -67,7 +66,8 @@ function readStdinLine(): Promise<string> {
   });
 }
 
-export async function readSecret(key: string, value: string): Promise<string> {
+/** `stdin` is for tests; the command line's secret comes from the process's stdin. */
+export async function readSecret(key: string, value: string, stdin: NodeJS.ReadableStream = process.stdin): Promise<string> {
   let secret: string;
   if (value.startsWith('+')) {
     const file = value.slice(1);
@@ -77,7 +77,7 @@ export async function readSecret(key: string, value: string): Promise<string> {
       throw new NbdError(Errno.EINVAL, `${key}: cannot read '${file}': ${(err as Error).message}`);
     }
   } else if (value === '-') {
-    secret = process.stdin.isTTY ? await promptTty(`${key}: `) : await readStdinLine();
+    secret = stdin === process.stdin && process.stdin.isTTY ? await promptTty(`${key}: `) : await readStdinLine(stdin);
   } else if (/^-\d+$/.test(value)) {
     const fd = Number(value.slice(1));
     if (fd <= 2) throw new NbdError(Errno.EINVAL, `${key}: file descriptor ${fd} is stdin/stdout/stderr; use ${key}=- for stdin`);
