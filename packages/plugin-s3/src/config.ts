@@ -68,8 +68,8 @@ function wholeNumber(key: string, value: string, min: number, max: number): numb
 
 /** S3 bucket naming rules (the common subset every store accepts, plus underscores for Ceph). */
 function checkBucket(value: string): string {
-  if (!/^[a-zA-Z0-9][a-zA-Z0-9._-]{1,254}$/.test(value)) {
-    throw invalid(`bucket: '${value}' is not a bucket name (letters, digits, '.', '-', '_'; 2 to 255 characters)`);
+  if (!/^[a-zA-Z0-9][a-zA-Z0-9._-]{2,254}$/.test(value)) {
+    throw invalid(`bucket: '${value}' is not a bucket name (letters, digits, '.', '-', '_'; 3 to 255 characters)`);
   }
   return value;
 }

@@ -14,6 +14,7 @@
  *   lock, in arrival order; reads of stored data take no lock.
  */
 import { Errno, NbdError, EXTENT_HOLE, EXTENT_ZERO, debug, logError, type Extent, type ZeroSpan } from '@nbdx/server/api';
+import { ReadCoalescer } from './coalesce.js';
 import { Ranges } from './ranges.js';
 import { type Store } from './store.js';
 
@@ -74,6 +75,7 @@ export class ObjectDisk {
   private readonly spare: Buffer[] = [];
   private readonly zeros: Buffer;
   readonly stats: DiskStats = { puts: 0, deletes: 0, merges: 0, conflicts: 0 };
+  readonly reads: ReadCoalescer;
 
   constructor(
     private readonly store: Store,
@@ -82,6 +84,7 @@ export class ObjectDisk {
     private readonly maxBuffered: number,
   ) {
     this.zeros = Buffer.alloc(geometry.objectSize);
+    this.reads = new ReadCoalescer(store);
   }
 
   key(index: number): string {
@@ -286,7 +289,7 @@ export class ObjectDisk {
 
   /** Read from the store, then lay over it whatever is buffered (possibly written meanwhile). */
   private async readStored(index: number, pos: number, target: Uint8Array, at: number, holes: ZeroSpan[]): Promise<void> {
-    const got = await this.store.get(this.key(index), pos, target.length, (chunk, p) => target.set(chunk, p));
+    const got = await this.reads.read(this.key(index), pos, target);
     const e = this.entries.get(index);
     const bytes = got?.bytes ?? 0;
     if (!e?.data) {

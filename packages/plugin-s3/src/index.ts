@@ -1,5 +1,6 @@
 import { Errno, FLAG_FUA, NbdError, debug, definePlugin, logError, packageVersion } from '@nbdx/server/api';
 import { CONFIG_HELP, DEFAULT_OBJECT_SIZE, applyConfig, checkSettings, defaultSettings, type Settings } from './config.js';
+import { ReadCoalescer } from './coalesce.js';
 import { ObjectDisk, type DiskStats } from './disk.js';
 import { openManifest } from './manifest.js';
 import { Store, storeOptions } from './store.js';
@@ -14,6 +15,7 @@ interface ObjectImage {
   size: number;
   /** Every read is pinned to this ETag, so a replaced object is an error, not mixed content. */
   etag: string | null;
+  reads: ReadCoalescer;
 }
 
 interface PrefixDisk {
@@ -43,7 +45,7 @@ export function createS3Plugin() {
       if (settings.key !== null) {
         const info = await st.head(settings.key);
         if (!info) throw new NbdError(Errno.EINVAL, `${st.where(settings.key)}: no such object`);
-        layout = { kind: 'object', key: settings.key, size: info.size, etag: info.etag };
+        layout = { kind: 'object', key: settings.key, size: info.size, etag: info.etag, reads: new ReadCoalescer(st) };
         debug(NAME, `${st.where(settings.key)}: ${info.size} bytes, ETag ${info.etag ?? '(none)'}`);
       } else {
         const prefix = settings.prefix!;
@@ -92,6 +94,8 @@ export function createS3Plugin() {
       } catch {
         // logged; nothing else can be done at exit
       }
+      const st = stats();
+      if (st) debug(NAME, `requests: ${Object.entries(st).map(([k, v]) => `${k} ${v}`).join(', ')}`);
       store?.destroy();
       store = null;
       layout = null;
@@ -129,7 +133,7 @@ export function createS3Plugin() {
       if (buf.length === 0) return;
       const l = ready();
       if (l.kind === 'prefix') return l.disk.read(buf, offset);
-      const got = await store!.get(l.key, offset, buf.length, (chunk, pos) => buf.set(chunk, pos), l.etag ?? undefined);
+      const got = await l.reads.read(l.key, offset, buf, l.etag ?? undefined);
       if (!got || got.bytes < buf.length) {
         throw new NbdError(Errno.EIO, `${store!.where(l.key)}: the object is gone or shorter than when the server started`);
       }
@@ -159,7 +163,10 @@ export function createS3Plugin() {
     },
   });
   /** Counters of the prefix= disk (PUTs, DELETEs, merges, conflicts), for tests and debugging. */
-  const stats = (): DiskStats | null => (layout?.kind === 'prefix' ? { ...layout.disk.stats } : null);
+  const stats = (): (Partial<DiskStats> & { gets: number; reads: number }) | null => {
+    if (!layout) return null;
+    return layout.kind === 'prefix' ? { ...layout.disk.stats, ...layout.disk.reads.stats } : { ...layout.reads.stats };
+  };
   return Object.assign(plugin, { stats });
 }
 

@@ -127,10 +127,10 @@ describe('parameters', () => {
     delete process.env.AWS_REGION;
     delete process.env.AWS_DEFAULT_REGION;
     try {
-      const o = storeOptions(await settings({ bucket: 'b1', key: 'disk.img' }));
+      const o = storeOptions(await settings({ bucket: 'bk1', key: 'disk.img' }));
       expect(o).toMatchObject({ region: 'us-east-1', pathStyle: false, credentials: null, connections: 64 });
       process.env.AWS_REGION = 'ap-south-1';
-      expect(storeOptions(await settings({ bucket: 'b1', key: 'disk.img', 'path-style': 'true' }))).toMatchObject({ region: 'ap-south-1', pathStyle: true });
+      expect(storeOptions(await settings({ bucket: 'bk1', key: 'disk.img', 'path-style': 'true' }))).toMatchObject({ region: 'ap-south-1', pathStyle: true });
     } finally {
       if (before === undefined) delete process.env.AWS_REGION;
       else process.env.AWS_REGION = before;
@@ -139,26 +139,26 @@ describe('parameters', () => {
 
   const bad: [Record<string, string>, RegExp][] = [
     [{ key: 'k' }, /bucket= is required/],
-    [{ bucket: 'b1' }, /exactly one of key=/],
-    [{ bucket: 'b1', key: 'k', prefix: 'p' }, /exactly one of key=/],
-    [{ bucket: 'b1', key: 'k', size: '1G' }, /size= is for prefix= disks/],
-    [{ bucket: 'b1', key: 'k', 'object-size': '1M' }, /object-size= is for prefix= disks/],
-    [{ bucket: 'b1', key: 'k', 'access-key': 'a' }, /access-key= and secret-key= go together/],
-    [{ bucket: 'b1', key: 'k', 'session-token': 't' }, /session-token= needs access-key=/],
-    [{ bucket: 'b1', key: 'k', profile: 'p', 'access-key': 'a', 'secret-key': 's' }, /profile= and access-key= exclude/],
-    [{ bucket: 'b1', prefix: 'p/', 'object-size': '3000' }, /multiple of 4K/],
-    [{ bucket: 'b1', prefix: 'p/', 'object-size': '128M' }, /multiple of 4K from 4K to 64M/],
-    [{ bucket: 'b1', prefix: 'p/', 'object-size': '4M', 'write-buffer': '1M' }, /write-buffer: must hold at least one object/],
-    [{ bucket: 'b1', prefix: 'p/', size: '0' }, /size: a disk of 0 bytes/],
-    [{ bucket: 'b1', prefix: 'p/', size: 'lots' }, /could not parse 'lots'/],
-    [{ bucket: 'b1', key: 'k', endpoint: 'not a url' }, /is not a URL/],
-    [{ bucket: 'b1', key: 'k', endpoint: 'http://u:p@h' }, /credentials in access-key=/],
-    [{ bucket: 'b1', key: 'k', connections: '0' }, /connections: '0' is not a whole number from 1 to 1024/],
-    [{ bucket: 'b1', key: 'k', timeout: '-1' }, /timeout/],
-    [{ bucket: 'b1', key: 'k', region: 'us east' }, /not a region name/],
-    [{ bucket: 'b1', key: 'k', colour: 'red' }, /unknown parameter 'colour'/],
+    [{ bucket: 'bk1' }, /exactly one of key=/],
+    [{ bucket: 'bk1', key: 'k', prefix: 'p' }, /exactly one of key=/],
+    [{ bucket: 'bk1', key: 'k', size: '1G' }, /size= is for prefix= disks/],
+    [{ bucket: 'bk1', key: 'k', 'object-size': '1M' }, /object-size= is for prefix= disks/],
+    [{ bucket: 'bk1', key: 'k', 'access-key': 'a' }, /access-key= and secret-key= go together/],
+    [{ bucket: 'bk1', key: 'k', 'session-token': 't' }, /session-token= needs access-key=/],
+    [{ bucket: 'bk1', key: 'k', profile: 'p', 'access-key': 'a', 'secret-key': 's' }, /profile= and access-key= exclude/],
+    [{ bucket: 'bk1', prefix: 'p/', 'object-size': '3000' }, /multiple of 4K/],
+    [{ bucket: 'bk1', prefix: 'p/', 'object-size': '128M' }, /multiple of 4K from 4K to 64M/],
+    [{ bucket: 'bk1', prefix: 'p/', 'object-size': '4M', 'write-buffer': '1M' }, /write-buffer: must hold at least one object/],
+    [{ bucket: 'bk1', prefix: 'p/', size: '0' }, /size: a disk of 0 bytes/],
+    [{ bucket: 'bk1', prefix: 'p/', size: 'lots' }, /could not parse 'lots'/],
+    [{ bucket: 'bk1', key: 'k', endpoint: 'not a url' }, /is not a URL/],
+    [{ bucket: 'bk1', key: 'k', endpoint: 'http://u:p@h' }, /credentials in access-key=/],
+    [{ bucket: 'bk1', key: 'k', connections: '0' }, /connections: '0' is not a whole number from 1 to 1024/],
+    [{ bucket: 'bk1', key: 'k', timeout: '-1' }, /timeout/],
+    [{ bucket: 'bk1', key: 'k', region: 'us east' }, /not a region name/],
+    [{ bucket: 'bk1', key: 'k', colour: 'red' }, /unknown parameter 'colour'/],
     [{ bucket: 'no/slash', key: 'k' }, /not a bucket name/],
-    [{ bucket: 'b1', key: '' }, /empty object key/],
+    [{ bucket: 'bk1', key: '' }, /empty object key/],
   ];
   it.each(bad)('%j is refused with EINVAL', async (params, message) => {
     const err = await settings(params).then(
