@@ -16,7 +16,7 @@
 import { Errno, NbdError, EXTENT_HOLE, EXTENT_ZERO, debug, logError, type Extent, type ZeroSpan } from '@nbdx/server/api';
 import { ReadCoalescer } from './coalesce.js';
 import { Ranges } from './ranges.js';
-import { type Store } from './store.js';
+import type { GetResult, Store } from './store.js';
 
 export interface Geometry {
   size: number;
@@ -45,6 +45,8 @@ class Entry {
   dirty = false;
   /** A write-behind store is queued or running. */
   queued = false;
+  /** Completed write-backs and deletes: a read that overlaps one must not trust its GET. */
+  stores = 0;
   /** Holders and waiters of the lock; the entry leaves the map when none remain and it is clean. */
   users = 0;
   tail: Promise<void> = Promise.resolve();
@@ -212,6 +214,7 @@ export class ObjectDisk {
       }
       if (!e.dirty || !e.data) return;
       await this.persist(e, e.data);
+      e.stores++;
       this.markClean(e);
     });
   }
@@ -222,9 +225,9 @@ export class ObjectDisk {
 
   private async persist(e: Entry, data: Buffer): Promise<void> {
     const key = this.key(e.index);
-    if (e.zeroBase || e.covered.covers(e.length)) {
-      // Every byte is known: no need to look at the stored object, and no race to lose: the
-      // whole object is overwritten, which is what a write covering it means.
+    if (e.covered.covers(e.length)) {
+      // Every byte was written: no need to look at the stored object, and no update to lose:
+      // the whole object is overwritten, which is what a write covering it means.
       if (this.isZero(data)) {
         await this.store.delete(key);
         this.stats.deletes++;
@@ -239,15 +242,26 @@ export class ObjectDisk {
     // Read-modify-write: fill the unwritten parts from the stored object, then PUT only if the
     // stored object is still the one we read (If-Match its ETag, or If-None-Match: * when there
     // was none). A 412 means another server changed it in between: read and merge again.
-    this.stats.merges++;
+    // After our own delete (zeroBase) the object is assumed absent, and the gaps are already
+    // zero: the first attempt reads nothing, and its If-None-Match: * checks the assumption.
+    let assumeAbsent = e.zeroBase;
+    if (!assumeAbsent) this.stats.merges++;
     for (let attempt = 1; ; attempt++) {
-      const got = await this.store.get(key, 0, e.length, (chunk, pos) => {
-        e.covered.forEachGap(pos, pos + chunk.length, (s, t) => data.set(chunk.subarray(s - pos, t - pos), s));
-      });
-      const bytes = got?.bytes ?? 0;
-      // absent, or shorter than an object: the rest reads as zeroes
-      e.covered.forEachGap(bytes, e.length, (s, t) => data.fill(0, s, t));
+      let got: GetResult | null = null;
+      if (!assumeAbsent) {
+        got = await this.store.get(key, 0, e.length, (chunk, pos) => {
+          e.covered.forEachGap(pos, pos + chunk.length, (s, t) => data.set(chunk.subarray(s - pos, t - pos), s));
+        });
+        // absent, or shorter than an object: the rest reads as zeroes
+        e.covered.forEachGap(got?.bytes ?? 0, e.length, (s, t) => data.fill(0, s, t));
+      }
       if (this.isZero(data)) {
+        if (assumeAbsent) {
+          // Nothing to store if the object is still absent; if not, our zeroes must reach it.
+          assumeAbsent = false;
+          this.stats.merges++;
+          continue;
+        }
         // Not conditional (radosgw has no conditional DELETE): see the README's consistency notes.
         if (got) await this.store.delete(key);
         this.stats.deletes++;
@@ -262,6 +276,10 @@ export class ObjectDisk {
         return;
       }
       this.stats.conflicts++;
+      if (assumeAbsent) {
+        assumeAbsent = false;
+        this.stats.merges++;
+      }
       debug('s3', `${this.store.where(key)} changed while being merged (attempt ${attempt}): merging again`);
       if (attempt >= MAX_MERGE_ATTEMPTS) {
         throw new NbdError(Errno.EIO, `${this.store.where(key)}: changed by another writer during each of ${attempt} merges`);
@@ -281,15 +299,22 @@ export class ObjectDisk {
         buf.set(e.data.subarray(pos, pos + len), at);
         return;
       }
-      stored.push(this.readStored(index, pos, buf.subarray(at, at + len), at, holes));
+      stored.push(this.readStored(index, pos, buf.subarray(at, at + len), at, holes, e));
     });
     await Promise.all(stored);
     return holes.length ? holes : undefined;
   }
 
-  /** Read from the store, then lay over it whatever is buffered (possibly written meanwhile). */
-  private async readStored(index: number, pos: number, target: Uint8Array, at: number, holes: ZeroSpan[]): Promise<void> {
-    const got = await this.reads.read(this.key(index), pos, target);
+  /**
+   * Read from the store, then lay over it whatever is buffered (possibly written meanwhile).
+   * `seen` is the object's entry when the read began: if it was written back while our GET was
+   * on its way, the GET may predate that write-back, whose buffer (with writes acknowledged
+   * before this read) is gone now; a second GET, sent after the write-back, cannot miss it.
+   */
+  private async readStored(index: number, pos: number, target: Uint8Array, at: number, holes: ZeroSpan[], seen?: Entry): Promise<void> {
+    const stores = seen?.stores;
+    let got = await this.reads.read(this.key(index), pos, target);
+    if (seen && seen.stores !== stores) got = await this.reads.read(this.key(index), pos, target);
     const e = this.entries.get(index);
     const bytes = got?.bytes ?? 0;
     if (!e?.data) {
@@ -371,6 +396,7 @@ export class ObjectDisk {
         }
         await allLocked;
         await deleted;
+        e.stores++;
         e.zeroBase = true;
       });
     });
