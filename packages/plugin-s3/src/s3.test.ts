@@ -5,6 +5,8 @@
  */
 import { createHash, randomBytes } from 'node:crypto';
 import * as fs from 'node:fs';
+import * as http from 'node:http';
+import type { AddressInfo } from 'node:net';
 import * as path from 'node:path';
 import { CreateBucketCommand, ListObjectsV2Command, PutObjectCommand, S3Client } from '@aws-sdk/client-s3';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -191,6 +193,9 @@ describe.runIf(haveCeph && haveTools)('s3 plugin on radosgw: prefix= disk', () =
       [0, MiB],
       [6 * MiB, 2 * MiB],
     ]);
+    // writing into a deleted object creates it again, zero around the write
+    await qemuIo(nbd.uri, 'write -P 0x99 9M 4k', 'flush', 'read -P 0 8M 1M', 'read -P 0x99 9M 4k', 'read -P 0 9220k 1020k');
+    expect((await listObjects(prefix)).map((k) => parseInt(k, 16))).toEqual([0, 6, 7, 9]);
   });
 
   it.runIf(haveCli)('data survives a restart of nbdx (the nbdx command, secret from a file)', async () => {
@@ -369,4 +374,80 @@ describe.runIf(haveCeph && haveTools && haveCli)('s3 plugin: bad command lines a
     expect(r.code).toBe(1);
     expect(r.stderr).toMatch(/size=8388608 does not match the disk at .* \(4194304 bytes\); resizing is not supported/);
   });
+});
+
+/**
+ * A proxy in front of radosgw that can be told to fail: answer 500 or 403 to every request, or
+ * hold requests without answering. The store behind it is the real one.
+ */
+async function startFaultyProxy(target: string): Promise<{ url: string; mode: 'pass' | '500' | '403' | 'hang'; close(): Promise<void> }> {
+  const upstream = new URL(target);
+  const held: http.ServerResponse[] = [];
+  const proxy = {
+    url: '',
+    mode: 'pass' as 'pass' | '500' | '403' | 'hang',
+    close: async () => {
+      for (const r of held.splice(0)) r.destroy();
+      server.closeAllConnections();
+      await new Promise<void>((r) => server.close(() => r()));
+    },
+  };
+  const server = http.createServer((req, res) => {
+    if (proxy.mode === 'hang') {
+      req.resume();
+      held.push(res);
+      return;
+    }
+    if (proxy.mode !== 'pass') {
+      req.resume();
+      const code = proxy.mode === '500' ? 'InternalError' : 'AccessDenied';
+      res.writeHead(Number(proxy.mode), { 'content-type': 'application/xml' });
+      res.end(`<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>injected by the test</Message></Error>`);
+      return;
+    }
+    const up = http.request(
+      { host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers },
+      (ur) => {
+        res.writeHead(ur.statusCode!, ur.headers);
+        ur.pipe(res);
+      },
+    );
+    up.on('error', () => res.destroy());
+    req.pipe(up);
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', () => r()));
+  proxy.url = `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+  return proxy;
+}
+
+describe.runIf(haveCeph && haveTools)('s3 plugin: a failing store', () => {
+  it('500s, 403s and a hanging store give EIO/EPERM, buffered data survives, and the server recovers', async () => {
+    const proxy = await startFaultyProxy(ceph.s3!.endpoint);
+    cleanups.push(() => proxy.close());
+    const prefix = freshPrefix('faults');
+    const nbd = await startNbd({ prefix, size: '8M', endpoint: proxy.url, timeout: '1' });
+    await qemuIo(nbd.uri, 'write -P 0x31 0 1M', 'flush');
+    proxy.mode = '500';
+    await nbdsh(
+      nbd.uri,
+      `
+h.pwrite(b"\\x32" * 4096, 2 * 1048576)     # buffered: acknowledged without the store
+expect_err("EIO", lambda: h.flush())
+expect_err("EIO", lambda: h.pread(4096, 0))  # not buffered: needs the store
+assert h.pread(4096, 2 * 1048576) == b"\\x32" * 4096  # buffered data still reads
+`,
+    );
+    proxy.mode = '403';
+    await nbdsh(nbd.uri, 'expect_err("EPERM", lambda: h.pread(4096, 0))');
+    proxy.mode = 'hang';
+    const t = performance.now();
+    await nbdsh(nbd.uri, 'expect_err("EIO", lambda: h.pread(4096, 4 * 1048576))');
+    // timeout=1, and the SDK's 3 attempts
+    expect(performance.now() - t).toBeLessThan(15_000);
+    proxy.mode = 'pass';
+    await nbdsh(nbd.uri, 'h.flush()');
+    // what the store holds, through a server with nothing buffered
+    const fresh = await startNbd({ prefix });
+    await qemuIo(fresh.uri, 'read -P 0x31 0 1M', 'read -P 0 1M 1M', 'read -P 0x32 2M 4k', 'read -P 0 2052k 1020k');
+  }, 60_000);
 });

@@ -123,7 +123,11 @@ export class Store {
         httpAgent,
         httpsAgent,
         connectionTimeout: Math.min(opts.timeoutMs, 30_000),
+        // requestTimeout alone only logs a warning in this SDK: make it fail the request, and
+        // also give up on a socket silent for as long.
         requestTimeout: opts.timeoutMs,
+        throwOnRequestTimeout: true,
+        socketTimeout: opts.timeoutMs,
         // Many NBD requests in flight queue for sockets by design: no "socket capacity" warnings.
         socketAcquisitionWarningTimeout: 24 * 3600 * 1000,
       },
