@@ -210,6 +210,8 @@ export class Store {
         const take = Math.min(chunk.length, length - pos);
         if (take > 0) sink(take === chunk.length ? chunk : chunk.subarray(0, take), pos);
         pos += chunk.length;
+        // A store that sent more than asked (a 200 with the whole object): stop reading it.
+        if (pos >= length) break;
       }
     } catch (err) {
       throw s3Error(`${what}: reading the body`, err);
