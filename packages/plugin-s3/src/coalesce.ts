@@ -11,7 +11,7 @@
 import type { GetResult, Store } from './store.js';
 
 /** A merged GET never grows beyond this (and, for prefix= disks, never beyond an object). */
-export const MAX_MERGED_READ = Number(process.env.NBDX_S3_MERGE_MIB ?? 8) * 1024 * 1024;
+export const MAX_MERGED_READ = 8 * 1024 * 1024;
 
 interface Pending {
   start: number;

@@ -346,6 +346,20 @@ expect_err("EPERM", lambda: h.pwrite(b"x", 0))
   }, 60_000);
 });
 
+describe.runIf(haveCeph && haveTools && haveCli)('s3 plugin: key= under --filter=cow', () => {
+  it('nbdx --filter=cow s3 key=… is writable; the object stays as it was', async () => {
+    const key = `${freshPrefix('cow')}golden.img`;
+    const body = Buffer.alloc(2 * MiB, 0x42);
+    await s3.send(new PutObjectCommand({ Bucket: BUCKET, Key: key, Body: body, ContentLength: body.length }));
+    const srv = await startCli(['--filter=cow', 's3', ...params({ key }).map(([k, v]) => `${k}=${v}`)]);
+    cleanups.push(() => srv.stop().then(() => undefined));
+    await qemuIo(srv.uri, 'write -P 0x43 1M 4k', 'flush', 'read -P 0x42 0 1M', 'read -P 0x43 1M 4k', 'read -P 0x42 1028k 1020k');
+    await srv.stop();
+    const plain = await startNbd({ key });
+    await nbdsh(plain.uri, 'assert h.pread(2 * 1048576, 0) == b"\\x42" * (2 * 1048576)');
+  }, 60_000);
+});
+
 describe.runIf(haveCeph && haveTools && haveCli)('s3 plugin: bad command lines and refused start-ups are one line, exit 1', () => {
   const cases: [string, Record<string, string>, RegExp][] = [
     ['no layout', {}, /exactly one of key= .* or prefix=/],
