@@ -34,6 +34,8 @@ const EXTRA_ALLOWED = {
   // The command is plain JavaScript kept in git, so installs link it before anything is built.
   nbdx: [/^bin\/nbdx\.js$/],
   '@nbdx/plugin-file': [/^native\//, /^binding\.gyp$/, /^scripts\/build-addon\.mjs$/, /^prebuilds\/linux-(x64|arm64)-(glibc|musl)\/file_ops\.node$/],
+  '@nbdx/plugin-rbd': [/^native\//, /^binding\.gyp$/, /^scripts\/build-addon\.mjs$/, /^prebuilds\/linux-(x64|arm64)-glibc\/rbd_ops\.node$/],
+  '@nbdx/native': [/^native\//, /^binding\.gyp$/, /^scripts\/build-addon\.mjs$/, /^prebuilds\/linux-(x64|arm64)-(glibc|musl)\/socket_ops\.node$/],
 };
 
 const problems = [];
@@ -200,6 +202,8 @@ function checkFiles(name, files) {
   }
   if (!files.some((f) => f.startsWith('dist/') && f.endsWith('.js'))) problem(name, 'has no dist/*.js: build it first (pnpm build)');
   if (name === '@nbdx/plugin-file' && !files.includes('prebuilds/linux-x64-glibc/file_ops.node')) problem(name, 'has no prebuilds/linux-x64-glibc/file_ops.node (its prepack script, scripts/prebuild.mjs, makes it)');
+  if (name === '@nbdx/plugin-rbd' && !files.includes('prebuilds/linux-x64-glibc/rbd_ops.node')) problem(name, 'has no prebuilds/linux-x64-glibc/rbd_ops.node (its prepack script, scripts/prebuild.mjs, makes it; needs librbd-dev)');
+  if (name === '@nbdx/native' && !files.includes('prebuilds/linux-x64-glibc/socket_ops.node')) problem(name, 'has no prebuilds/linux-x64-glibc/socket_ops.node (its prepack script, scripts/prebuild-addon.mjs, makes it)');
 }
 
 async function main() {

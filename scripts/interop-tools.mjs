@@ -33,6 +33,7 @@ export const PACKAGES = {
   'ceph-common': ['ceph', 'rados', 'rbd'],
   radosgw: ['radosgw', 'radosgw-admin'],
   'librbd-dev': ['file:/usr/include/rbd/librbd.h'],
+  bsdutils: ['script'],
   // nbdkit's S3 plugin (Python, boto3): plugin-s3 checks it reads and writes the same objects.
   'nbdkit-plugin-python': ['file:/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-S3-plugin'],
   'python3-boto3': ['python3:boto3'],

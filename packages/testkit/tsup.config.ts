@@ -1,7 +1,8 @@
 import { defineConfig } from 'tsup';
 
 export default defineConfig({
-  entry: ['src/index.ts'],
+  // ceph.js on its own too: benchmarks and scripts outside vitest start clusters with it.
+  entry: ['src/index.ts', 'src/ceph.ts'],
   format: ['esm'],
   dts: true,
   sourcemap: true,

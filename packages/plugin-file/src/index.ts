@@ -58,6 +58,8 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
       'fadvise=normal|random|sequential  access pattern hint given to the kernel (default normal)',
     ].join('\n'),
     threadModel: 'parallel',
+    // Every copy opens the file itself, and the data lives in the file: worker threads are safe.
+    workerThreads: true,
 
     config(key, value) {
       switch (key) {

@@ -1,7 +1,8 @@
 /**
  * Run the test imageio server as its own process (for the bench): prints the transfer URL on
  * stdout, serves until killed. Options: --size SIZE (default 1G), --max-writers N,
- * --max-readers N, --unix PATH (also serve and advertise a Unix socket),
+ * --max-readers N, --unix PATH|@NAME (also serve and advertise a Unix socket; @NAME is the
+ * abstract socket NAME: a NUL cannot go through argv),
  * --tls KEY.pem,CERT.pem.
  */
 import { readFileSync } from 'node:fs';
@@ -18,7 +19,7 @@ const srv = await TestImageioServer.start({
   size: parseSize(opt('--size') ?? '1G'),
   maxReaders: Number(opt('--max-readers') ?? 8),
   maxWriters: Number(opt('--max-writers') ?? 8),
-  unixSocket: opt('--unix'),
+  unixSocket: opt('--unix')?.replace(/^@/, '\0'),
   tls: tls ? { key: readFileSync(tls[0]!), cert: readFileSync(tls[1]!) } : undefined,
 });
 process.stdout.write(`${srv.url}\n`);

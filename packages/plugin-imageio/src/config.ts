@@ -6,7 +6,10 @@ export interface Settings {
   insecure: boolean;
   size: number | null;
   connections: number;
-  /** 'auto' (use the advertised socket when it is a path on this host), 'never', or a path. */
+  /**
+   * 'auto' (use the advertised socket when it answers from here), 'never', a filesystem path, or
+   * an abstract name starting with NUL.
+   */
   unixSocket: string;
   timeoutMs: number;
 }
@@ -31,6 +34,24 @@ function invalid(message: string): NbdError {
   return new NbdError(Errno.EINVAL, message);
 }
 
+/** What a transfer URL looks like, for error messages. */
+export const URL_SHAPE = 'https://HOST:54322/images/TICKET';
+
+/**
+ * The path of the ticket: ".../images/TICKET", trailing slashes dropped (imageio routes on the
+ * whole path, so "/images/T/" would ask for the ticket "T/"). Anything else does not name a
+ * ticket: "/", "/images/", "/images/T/extents" (a sub-resource), "/info/".
+ */
+export function ticketPath(raw: string, pathname: string): string {
+  const trimmed = pathname.replace(/\/+$/, '');
+  const segments = trimmed.split('/');
+  const ticket = segments[segments.length - 1] ?? '';
+  if (segments.length < 3 || segments[segments.length - 2] !== 'images' || ticket === '' || ticket === 'images') {
+    throw invalid(`url: '${raw}' does not name an imageio ticket: expected ${URL_SHAPE} (the path must end in /images/TICKET)`);
+  }
+  return trimmed;
+}
+
 /** Apply one key=value from the command line; throws EINVAL with a one-line explanation. */
 export function applyConfig(s: Settings, key: string, value: string): void {
   switch (key) {
@@ -44,10 +65,7 @@ export function applyConfig(s: Settings, key: string, value: string): void {
       if (url.protocol !== 'https:' && url.protocol !== 'http:') {
         throw invalid(`url: '${url.protocol}' is not supported, use https:// (or http://)`);
       }
-      const segments = url.pathname.split('/').filter(Boolean);
-      if (segments.length === 0) {
-        throw invalid(`url: '${value}' has no ticket: expected https://HOST:54322/images/TICKET`);
-      }
+      url.pathname = ticketPath(value, url.pathname);
       if (url.username || url.password) throw invalid('url: imageio URLs carry no user name or password (the ticket is the credential)');
       url.hash = '';
       s.url = url;
@@ -76,8 +94,11 @@ export function applyConfig(s: Settings, key: string, value: string): void {
         s.unixSocket = value;
         return;
       }
-      if (value.startsWith('\0') || value.startsWith('@')) {
-        throw invalid('unix-socket: abstract socket names cannot be reached from Node.js; give a filesystem path, auto or never');
+      // "@NAME" is how ss(8) and socat write an abstract name ("\0NAME"); both are accepted.
+      if (value.startsWith('@') || value.startsWith('\0')) {
+        if (value.length < 2) throw invalid('unix-socket: an abstract socket name needs at least one character after @');
+        s.unixSocket = `\0${value.slice(1)}`;
+        return;
       }
       if (!value.startsWith('/')) throw invalid(`unix-socket: '${value}' is not auto, never or an absolute path`);
       s.unixSocket = value;
@@ -101,8 +122,8 @@ export const CONFIG_HELP = [
   'insecure=true        do not verify the server certificate',
   'size=SIZE            image size, needed only when the server cannot tell it',
   `connections=N        at most N HTTP connections (default ${DEFAULT_CONNECTIONS}; also capped by the server)`,
-  'unix-socket=auto     use the server\'s Unix socket when it is a path on this host (default)',
-  'unix-socket=never    always use TCP',
-  'unix-socket=PATH     use this Unix socket',
+  'unix-socket=auto     use the server\'s advertised Unix socket (also abstract ones) when it answers (default)',
+  'unix-socket=never    always use TCP (or TLS)',
+  'unix-socket=PATH     use this Unix socket; @NAME is the abstract socket NAME',
   `timeout=SECONDS      each HTTP request must complete within this time (default ${DEFAULT_TIMEOUT_S})`,
 ].join('\n');

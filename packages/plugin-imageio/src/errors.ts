@@ -37,6 +37,9 @@ const CONNECTION_LOST = new Set([
   'ECONNREFUSED',
   'ECONNABORTED',
   'UND_ERR_CLOSED',
+  // Node's own words for "the socket closed while we were writing to it"
+  'ERR_STREAM_WRITE_AFTER_END',
+  'ERR_STREAM_DESTROYED',
 ]);
 
 export function isConnectionLost(err: unknown): boolean {

@@ -1,76 +1,27 @@
-import type { IncomingHttpHeaders } from 'node:http';
-import { Client, type Dispatcher } from 'undici';
 import { Errno, NbdError, debug, logError } from '@nbdx/server/api';
 import { isConnectionLost, transportError } from './errors.js';
+import { NOT_ANSWERED, WireConnection, type Endpoint, type RequestSpec, type Response } from './wire.js';
 
-/** Where the HTTP connections go: the URL's host (TCP, maybe TLS) or a Unix socket. */
-export interface Endpoint {
-  /** `https://host:port` or `http://host:port` (for a Unix socket, `http://localhost`). */
-  origin: string;
-  socketPath?: string;
-  /** PEM text of the CA to trust instead of the system's. */
-  ca?: string;
-  insecure?: boolean;
-}
-
-export interface RequestSpec {
-  method: 'GET' | 'PUT' | 'PATCH' | 'OPTIONS';
-  path: string;
-  headers?: Record<string, string>;
-  body?: Uint8Array | string;
-  /**
-   * Read a successful body straight into this buffer: used when the status is `intoStatus`; the
-   * body must then be exactly `into.length` bytes long.
-   */
-  into?: Uint8Array;
-  intoStatus?: number;
-  /** Keep at most this many bytes of other bodies (error messages, JSON). */
-  maxBody?: number;
-}
-
-export interface Response {
-  status: number;
-  statusText: string;
-  headers: IncomingHttpHeaders;
-  /** The collected body (empty when it was read into `into`). */
-  body: Buffer;
-}
-
-const NOT_ANSWERED = Symbol('not answered');
-
-class TimeoutError extends Error {
-  readonly code = 'ETIMEDOUT';
-}
+export type { Endpoint, RequestSpec, Response } from './wire.js';
 
 /**
- * One HTTP connection: an undici Client with a single socket and no pipelining, so this module
- * knows which socket each request used. imageio keeps one backend handle per connection and
- * flushes per connection, hence `dirty`.
+ * One HTTP connection (one socket, one request at a time), so this module knows which socket
+ * each request used: imageio keeps one backend handle per connection and flushes per
+ * connection, hence `dirty`.
  */
 export class Connection {
-  readonly client: Client;
+  private readonly wire: WireConnection;
   /** Written (PUT or zero) since this connection's last successful flush. */
   dirty = false;
 
   constructor(
     readonly index: number,
     endpoint: Endpoint,
-    private readonly timeoutMs: number,
+    timeoutMs: number,
   ) {
-    const connect: Record<string, unknown> = { timeout: timeoutMs };
-    if (endpoint.socketPath) connect.socketPath = endpoint.socketPath;
-    if (endpoint.ca !== undefined) connect.ca = endpoint.ca;
-    if (endpoint.insecure) connect.rejectUnauthorized = false;
-    this.client = new Client(endpoint.origin, {
-      pipelining: 1,
-      // Only the server closes idle connections: closing one ourselves would drop the server's
-      // backend handle (and with it what a per-connection flush would have covered).
-      keepAliveTimeout: 3600_000,
-      keepAliveMaxTimeout: 3600_000,
-      headersTimeout: timeoutMs,
-      bodyTimeout: timeoutMs,
-      connect,
-    });
+    // Only the server closes idle connections: closing one ourselves would drop the server's
+    // backend handle (and with it what a per-connection flush would have covered).
+    this.wire = new WireConnection(endpoint, timeoutMs);
   }
 
   /**
@@ -80,14 +31,14 @@ export class Connection {
    */
   async request(spec: RequestSpec, what: string): Promise<Response> {
     try {
-      return await this.once(spec);
+      return await this.wire.request(spec);
     } catch (err) {
       const first = (err as { [NOT_ANSWERED]?: boolean })[NOT_ANSWERED];
       if (!first || !isConnectionLost(err)) throw this.failed(what, err);
       debug('imageio', `${what}: connection ${this.index} lost before an answer (${(err as Error).message}); retrying once`);
     }
     try {
-      return await this.once(spec);
+      return await this.wire.request(spec);
     } catch (err) {
       throw this.failed(what, err);
     }
@@ -99,114 +50,14 @@ export class Connection {
     return e;
   }
 
-  private once(spec: RequestSpec): Promise<Response> {
-    return new Promise<Response>((resolve, reject) => {
-      let controller: Dispatcher.DispatchController | null = null;
-      let status = 0;
-      let statusText = '';
-      let headers: IncomingHttpHeaders = {};
-      let answered = false;
-      let settled = false;
-      const chunks: Buffer[] = [];
-      let kept = 0;
-      let filled = 0;
-      const maxBody = spec.maxBody ?? 64 * 1024;
-      let intoActive = false;
-
-      const fail = (err: Error): void => {
-        if (settled) return;
-        settled = true;
-        clearTimeout(timer);
-        if (!answered) (err as { [NOT_ANSWERED]?: boolean })[NOT_ANSWERED] = true;
-        reject(err);
-      };
-      // A deadline for the whole request (connect, send, wait, receive): never a hang.
-      const timer = setTimeout(() => {
-        const err = new TimeoutError(`no complete answer from the imageio server within ${this.timeoutMs / 1000} s`);
-        if (controller && !controller.aborted) controller.abort(err);
-        else fail(err);
-      }, this.timeoutMs);
-
-      const handler: Dispatcher.DispatchHandler = {
-        onRequestStart(c) {
-          controller = c;
-          if (settled) c.abort(new TimeoutError('request timed out'));
-        },
-        onResponseStart(c, code, h, text) {
-          if (code < 200) return; // 100 Continue and friends
-          answered = true;
-          status = code;
-          statusText = text ?? '';
-          headers = h;
-          if (spec.into && code === (spec.intoStatus ?? 200)) {
-            const len = Number(h['content-length']);
-            if (h['content-length'] === undefined || len !== spec.into.length) {
-              c.abort(
-                new NbdError(
-                  Errno.EIO,
-                  `expected ${spec.into.length} bytes, the server announced ${h['content-length'] ?? 'no content-length'}`,
-                ),
-              );
-              return;
-            }
-            intoActive = true;
-          }
-        },
-        onResponseData(c, chunk) {
-          if (intoActive) {
-            const into = spec.into!;
-            if (filled + chunk.length > into.length) {
-              c.abort(new NbdError(Errno.EIO, `the server sent more than the ${into.length} bytes asked for`));
-              return;
-            }
-            into.set(chunk, filled);
-            filled += chunk.length;
-          } else if (kept < maxBody) {
-            const part = chunk.length > maxBody - kept ? chunk.subarray(0, maxBody - kept) : chunk;
-            chunks.push(Buffer.from(part));
-            kept += part.length;
-          }
-        },
-        onResponseEnd() {
-          if (settled) return;
-          if (intoActive && filled !== spec.into!.length) {
-            fail(new NbdError(Errno.EIO, `short read: got ${filled} of ${spec.into!.length} bytes`));
-            return;
-          }
-          settled = true;
-          clearTimeout(timer);
-          resolve({ status, statusText, headers, body: Buffer.concat(chunks) });
-        },
-        onResponseError(_c, err) {
-          fail(err);
-        },
-      };
-
-      const headersOut: Record<string, string> = { ...spec.headers };
-      let body: Uint8Array | string | undefined = spec.body;
-      if (body !== undefined) {
-        // Always an explicit Content-Length: imageio does not understand chunked bodies.
-        const length = typeof body === 'string' ? Buffer.byteLength(body) : body.length;
-        headersOut['content-length'] = String(length);
-        if (length === 0) body = undefined;
-      }
-      try {
-        this.client.dispatch(
-          { method: spec.method, path: spec.path, headers: headersOut, body: body ?? null, idempotent: false },
-          handler,
-        );
-      } catch (err) {
-        fail(err as Error);
-      }
-    });
-  }
-
   close(): Promise<void> {
-    return this.client.close().catch(() => this.client.destroy().catch(() => {}));
+    this.wire.close();
+    return Promise.resolve();
   }
 
   destroy(): Promise<void> {
-    return this.client.destroy().catch(() => {});
+    this.wire.destroy();
+    return Promise.resolve();
   }
 }
 

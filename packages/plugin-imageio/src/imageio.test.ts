@@ -370,15 +370,15 @@ assert h.pread(4096, 0) == b"x" * 4096
     await expect(serve({ plugin: createImageioPlugin(), config: [['url', bad]] })).rejects.toThrow(/No such ticket nope/);
   });
 
-  it('extents are fetched once, looked up from the cache, and refetched after a write or zero', async () => {
+  it('extents are fetched once, on a connection of their own, looked up from the cache, and refetched after a write or zero', async () => {
     const srv = await startImageio({ size: 8 * MiB });
     srv.store.write(MiB, Buffer.alloc(MiB, 1));
     const nbd = await startNbd([['url', srv.url]]);
-    const fetches = () => srv.requests.filter((r) => r.url.endsWith('/extents')).length;
-    expect(fetches()).toBe(1); // at start-up, for the size
+    const fetches = () => srv.requests.filter((r) => r.url.endsWith('/extents'));
+    expect(fetches().length).toBe(0); // the size comes from Content-Range, not the extents
     let map = await nbdinfoMap(nbd.uri);
     map = await nbdinfoMap(nbd.uri);
-    expect(fetches()).toBe(1);
+    expect(fetches().length).toBe(1);
     expect(map.map((e) => [e.offset, e.length, e.type])).toEqual([
       [0, MiB, 2],
       [MiB, MiB, 0],
@@ -386,12 +386,116 @@ assert h.pread(4096, 0) == b"x" * 4096
     ]);
     await nbdsh(nbd.uri, 'h.pwrite(b"d" * 65536, 4 * 1024 * 1024)');
     map = await nbdinfoMap(nbd.uri);
-    expect(fetches()).toBe(2);
+    expect(fetches().length).toBe(2);
     expect(map.find((e) => e.offset === 4 * MiB)).toMatchObject({ length: 65536, type: 0 });
     await nbdsh(nbd.uri, 'h.zero(1024 * 1024, 1024 * 1024)');
     map = await nbdinfoMap(nbd.uri);
-    expect(fetches()).toBe(3);
+    expect(fetches().length).toBe(3);
     expect(map[0]).toEqual({ offset: 0, length: 4 * MiB, type: 2, description: 'zero' });
+    // each fetch had a connection to itself, used for nothing else
+    const conns = fetches().map((r) => r.conn);
+    expect(new Set(conns).size).toBe(3);
+    for (const c of conns) expect(srv.requests.filter((r) => r.conn === c).length).toBe(1);
+  });
+});
+
+describe.skipIf(!have)('imageio plugin: what the real daemon does (issue 17)', () => {
+  it('proxy mode: after writes, nbdinfo --map and an nbdcopy read-back with block status see the data', async () => {
+    const size = 16 * MiB;
+    const { srv, nbd } = await setup({ size, proxy: true }, [['connections', '1']]);
+    // The first map fills the cache of whichever proxy connection answers it: all zero.
+    let map = await nbdinfoMap(nbd.uri);
+    expect(map).toEqual([{ offset: 0, length: size, type: 2, description: 'zero' }]);
+    const data = randomBytes(3 * MiB);
+    const dataFile = path.join(dir, 'proxy-data.bin');
+    fs.writeFileSync(dataFile, data);
+    await nbdsh(nbd.uri, `h.pwrite(open(${JSON.stringify(dataFile)}, "rb").read(), 2 * 1024 * 1024)\nh.flush()`);
+    fs.rmSync(dataFile);
+    map = await nbdinfoMap(nbd.uri);
+    const typeAt = (off: number) => map.find((e) => e.offset <= off && off < e.offset + e.length)!.type;
+    expect(typeAt(2 * MiB)).toBe(0);
+    expect(typeAt(5 * MiB - 1)).toBe(0);
+    expect(typeAt(0)).toBe(2);
+    expect(typeAt(8 * MiB)).toBe(2);
+    // nbdcopy reads only what block status calls data: the written bytes must come back
+    const out = path.join(dir, 'proxy-readback.raw');
+    await runOk('nbdcopy', ['--destination-is-zero', nbd.uri, out]);
+    const got = fs.readFileSync(out);
+    expect(got.length).toBe(size);
+    expect(got.subarray(2 * MiB, 5 * MiB).equals(data)).toBe(true);
+    expect(got.subarray(0, 2 * MiB).equals(Buffer.alloc(2 * MiB))).toBe(true);
+    fs.rmSync(out);
+    // The test server really is stale per connection: a second extents request on one of its
+    // connections would have returned the old list (the plugin never makes one).
+    expect(srv.connections.every((c) => !c.staleExtents)).toBe(true);
+    expect(srv.requests.filter((r) => r.url.endsWith('/extents')).length).toBe(2);
+  });
+
+  it('proxy mode test server: a kept-alive connection gets the stale list (what bit the old plugin)', async () => {
+    const srv = await startImageio({ size: MiB, proxy: true });
+    const get = async (agent: import('node:http').Agent) =>
+      new Promise<string>((resolve, reject) => {
+        const u = new URL(`${srv.url}/extents`);
+        import('node:http').then(({ request }) => {
+          const req = request(u, { agent }, (res) => {
+            let body = '';
+            res.on('data', (d) => (body += d));
+            res.on('end', () => resolve(body));
+          });
+          req.on('error', reject);
+          req.end();
+        }, reject);
+      });
+    const { Agent } = await import('node:http');
+    const agent = new Agent({ keepAlive: true, maxSockets: 1 });
+    try {
+      const before = await get(agent);
+      srv.store.write(0, Buffer.alloc(4096, 1));
+      expect(await get(agent)).toBe(before); // same connection: stale
+      const fresh = new Agent({ keepAlive: false });
+      expect(await get(fresh)).not.toBe(before); // new connection: fresh
+      fresh.destroy();
+    } finally {
+      agent.destroy();
+    }
+  });
+
+  it('a 32 MiB ticket over a 64 MiB backend is served as 32 MiB', async () => {
+    const { srv, nbd } = await setup({ size: 32 * MiB, backendSize: 64 * MiB });
+    srv.store.write(40 * MiB, Buffer.alloc(MiB, 9)); // data past the ticket's end, in the backend
+    await nbdsh(
+      nbd.uri,
+      `
+assert h.get_size() == 32 * 1024 * 1024, h.get_size()
+h.pwrite(b"e" * 4096, 32 * 1024 * 1024 - 4096)
+assert h.pread(4096, 32 * 1024 * 1024 - 4096) == b"e" * 4096
+`,
+    );
+    const map = await nbdinfoMap(nbd.uri);
+    expect(map.reduce((n, e) => n + e.length, 0)).toBe(32 * MiB);
+    expect(map[map.length - 1]).toMatchObject({ offset: 32 * MiB - 64 * 1024, length: 64 * 1024, type: 0 });
+    const out = path.join(dir, 'small-ticket.raw');
+    await runOk('nbdcopy', [nbd.uri, out]);
+    expect(fs.statSync(out).size).toBe(32 * MiB);
+    fs.rmSync(out);
+    // nothing ever went past the ticket (no 416s)
+    expect(srv.requests.every((r) => r.status !== 416)).toBe(true);
+  });
+
+  it('a trailing slash works; a wrong path says the URL does not name a ticket', async () => {
+    const srv = await startImageio({ size: 2 * MiB });
+    const nbd = await startNbd([['url', `${srv.url}/`]]);
+    await nbdsh(nbd.uri, 'h.pwrite(b"s" * 4096, 0)\nassert h.pread(4096, 0) == b"s" * 4096\nassert h.get_size() == 2 * 1024 * 1024');
+    expect(srv.requests.every((r) => r.status === 200 || r.status === 206)).toBe(true);
+    const origin = srv.url.replace(/\/images\/.*/, '');
+    // caught before any request
+    for (const bad of [`${origin}/`, `${srv.url}/extents`, `${origin}/info/`]) {
+      await expect(serve({ plugin: createImageioPlugin(), config: [['url', bad]] })).rejects.toThrow(/does not name an imageio ticket/);
+    }
+    // a path the server has no handler for (404) also says so, not "give size=SIZE"
+    await expect(
+      serve({ plugin: createImageioPlugin(), config: [['url', `${origin}/v1/images/${srv.ticket}`]] }),
+    ).rejects.toThrow(/does not name an imageio ticket.*404/);
   });
 });
 
@@ -441,13 +545,109 @@ describe.skipIf(!have)('imageio plugin: TLS and the Unix socket', () => {
     expect(srv.requests.slice(first).every((r) => r.transport === 'tcp')).toBe(true);
   });
 
-  it('falls back to TCP for an abstract socket or a path not on this host; unix-socket=PATH forces one', async () => {
-    for (const advertised of ['\0/org/ovirt/imageio', path.join(dir, 'not-here.sock')]) {
-      const srv = await startImageio({ size: MiB, advertiseUnixSocket: advertised });
-      const nbd = await startNbd([['url', srv.url]]);
+  it('an advertised abstract socket is used for all data (OPTIONS, size, reads, writes, zero, flush, extents)', async () => {
+    // Abstract names are shared by the whole host: a unique one per test.
+    const name = `\0/nbdx-test/imageio-${process.pid}-${Date.now()}`;
+    const srv = await startImageio({ size: 8 * MiB, unixSocket: name, tls: { key: certs.key, cert: certs.cert } });
+    const debugLines: string[] = [];
+    const nbd = await serve({
+      plugin: createImageioPlugin(),
+      config: [
+        ['url', srv.url],
+        ['cafile', certs.caFile],
+      ],
+      debug: (m: string) => debugLines.push(m),
+    });
+    cleanups.push(() => nbd.close());
+    await nbdsh(
+      nbd.uri,
+      `
+h.pwrite(b"a" * 65536, 0)
+h.zero(65536, 65536)
+assert h.pread(65536, 0) == b"a" * 65536
+h.flush()
+`,
+    );
+    await nbdinfoMap(nbd.uri);
+    const out = path.join(dir, 'abstract-copy.raw');
+    await runOk('nbdcopy', [nbd.uri, out]);
+    fs.rmSync(out);
+    // The listener has the name the daemon's (Python's) bind gives: exactly these bytes, shown
+    // by the kernel as "@name" (a NUL-padded name, as Node 20 binds, would show trailing "@"s).
+    const bound = fs.readFileSync('/proc/net/unix', 'utf8').split('\n').map((l) => l.trim().split(/\s+/).pop());
+    expect(bound).toContain(`@${name.slice(1)}`);
+    // one request over TLS: the OPTIONS that told us the socket; everything else on the socket
+    expect(srv.requestsOn('tcp')).toBe(1);
+    expect(srv.requests[0]).toMatchObject({ transport: 'tcp', method: 'OPTIONS' });
+    expect(srv.requestsOn('unix')).toBeGreaterThan(5);
+    const unix = srv.requests.filter((r) => r.transport === 'unix');
+    for (const m of ['GET', 'PUT', 'PATCH', 'OPTIONS']) expect(unix.some((r) => r.method === m)).toBe(true);
+    expect(unix.some((r) => r.url.endsWith('/extents'))).toBe(true);
+    expect(debugLines.join('\n')).toMatch(/data goes over the local Unix socket @\/nbdx-test\/imageio-.* \(abstract socket/);
+  });
+
+  it('32 MiB of random data in and out with nbdcopy, over TLS and over the abstract socket, byte for byte', async () => {
+    const size = 32 * MiB;
+    const src = path.join(dir, 'roundtrip-src.raw');
+    fs.writeFileSync(src, randomBytes(size));
+    try {
+      for (const socket of ['never', 'auto']) {
+        const name = `\0/nbdx-test/roundtrip-${process.pid}-${Date.now()}`;
+        const srv = await startImageio({ size, unixSocket: name, tls: { key: certs.key, cert: certs.cert } });
+        const nbd = await startNbd([
+          ['url', srv.url],
+          ['cafile', certs.caFile],
+          ['unix-socket', socket],
+        ]);
+        await runOk('nbdcopy', ['--flush', src, nbd.uri]);
+        expect(srv.store.read(0, size).equals(fs.readFileSync(src))).toBe(true);
+        const out = path.join(dir, 'roundtrip-out.raw');
+        // --request-size 1M --requests 4 and the default (256K x 64) exercise other read sizes
+        await runOk('nbdcopy', ['--request-size=1048576', nbd.uri, out]);
+        expect(fs.readFileSync(out).equals(fs.readFileSync(src))).toBe(true);
+        await runOk('nbdcopy', [nbd.uri, out]);
+        expect(fs.readFileSync(out).equals(fs.readFileSync(src))).toBe(true);
+        fs.rmSync(out);
+        const transports = new Set(srv.requests.slice(1).map((r) => r.transport));
+        expect([...transports]).toEqual([socket === 'auto' ? 'unix' : 'tcp']);
+      }
+    } finally {
+      fs.rmSync(src, { force: true });
+    }
+  });
+
+  it('falls back to TLS, with a debug line, when the advertised socket does not answer or is not on this host', async () => {
+    for (const advertised of [`\0/nbdx-test/nobody-${process.pid}-${Date.now()}`, path.join(dir, 'not-here.sock')]) {
+      const srv = await startImageio({ size: MiB, advertiseUnixSocket: advertised, tls: { key: certs.key, cert: certs.cert } });
+      const debugLines: string[] = [];
+      const nbd = await serve({
+        plugin: createImageioPlugin(),
+        config: [
+          ['url', srv.url],
+          ['insecure', 'true'],
+        ],
+        debug: (m: string) => debugLines.push(m),
+      });
+      cleanups.push(() => nbd.close());
       await nbdsh(nbd.uri, 'h.pread(4096, 0)');
       expect(srv.requests.every((r) => r.transport === 'tcp')).toBe(true);
+      const log = debugLines.join('\n');
+      expect(log).toMatch(/not using the advertised Unix socket/);
+      expect(log).toMatch(/data goes over https:\/\/127\.0\.0\.1:\d+ \(TLS\)/);
     }
+  });
+
+  it('a socket that does not know the ticket (another daemon on this host) is not used', async () => {
+    const name = `\0/nbdx-test/other-${process.pid}-${Date.now()}`;
+    const other = await startImageio({ size: MiB, unixSocket: name });
+    const srv = await startImageio({ size: MiB, advertiseUnixSocket: name });
+    const nbd = await startNbd([['url', srv.url]]);
+    await nbdsh(nbd.uri, 'h.pread(4096, 0)');
+    expect(other.requests.map((r) => [r.method, r.status])).toEqual([['OPTIONS', 403]]);
+    expect(srv.requests.every((r) => r.transport === 'tcp')).toBe(true);
+  });
+
+  it('unix-socket=PATH and unix-socket=@NAME force a socket; a missing one fails start-up', async () => {
     const sock = path.join(dir, 'forced.sock');
     const srv = await startImageio({ size: MiB, unixSocket: sock, advertiseUnixSocket: null });
     const nbd = await startNbd([
@@ -456,15 +656,26 @@ describe.skipIf(!have)('imageio plugin: TLS and the Unix socket', () => {
     ]);
     await nbdsh(nbd.uri, 'h.pread(4096, 0)');
     expect(srv.requests.filter((r) => r.method !== 'OPTIONS').every((r) => r.transport === 'unix')).toBe(true);
-    await expect(
-      serve({
-        plugin: createImageioPlugin(),
-        config: [
-          ['url', srv.url],
-          ['unix-socket', path.join(dir, 'missing.sock')],
-        ],
-      }),
-    ).rejects.toThrow(/missing\.sock/);
+    const name = `/nbdx-test/forced-${process.pid}-${Date.now()}`;
+    const srv2 = await startImageio({ size: MiB, unixSocket: `\0${name}`, advertiseUnixSocket: null });
+    const nbd2 = await startNbd([
+      ['url', srv2.url],
+      ['unix-socket', `@${name}`],
+    ]);
+    await nbdsh(nbd2.uri, 'h.pread(4096, 0)');
+    expect(srv2.requestsOn('tcp')).toBe(1);
+    expect(srv2.requestsOn('unix')).toBeGreaterThan(1);
+    for (const missing of [path.join(dir, 'missing.sock'), '@/nbdx-test/missing']) {
+      await expect(
+        serve({
+          plugin: createImageioPlugin(),
+          config: [
+            ['url', srv.url],
+            ['unix-socket', missing],
+          ],
+        }),
+      ).rejects.toThrow(/missing/);
+    }
   });
 });
 

@@ -9,8 +9,9 @@ import {
   logError,
   packageVersion,
 } from '@nbdx/server/api';
-import { CONFIG_HELP, applyConfig, defaultSettings, type Settings } from './config.js';
-import { statusError, type Operation } from './errors.js';
+import { isAbstract, nodeReachesAbstract, showSocket } from './abstract.js';
+import { CONFIG_HELP, URL_SHAPE, applyConfig, defaultSettings, type Settings } from './config.js';
+import { bodyExcerpt, statusError, type Operation } from './errors.js';
 import { ExtentCache, parseExtents, type ExtentMap } from './extents.js';
 import { Connection, ConnectionPool, type Endpoint, type Response } from './http.js';
 import { OLD_SERVER, parseOptions, poolSize, type ServerOptions } from './options.js';
@@ -73,19 +74,32 @@ async function fetchOptions(endpoint: Endpoint, path: string, timeoutMs: number,
     }
     // daemon < 1.3 answers 405; the old proxy 204 with no body.
     if (r.status === 405 || r.status === 204) return { ...OLD_SERVER };
+    // 404 "No handler for …", 400 "Ticket id is required": the server is there, the path is wrong.
+    if (r.status === 404 || r.status === 400) {
+      throw new NbdError(
+        Errno.EINVAL,
+        `url: ${where} does not name an imageio ticket (the server answered ${r.status}${r.statusText ? ` ${r.statusText}` : ''}: ` +
+          `${bodyExcerpt(r.body)}); expected ${URL_SHAPE}`,
+      );
+    }
     throw statusError('options', `OPTIONS ${where}`, r.status, r.statusText, r.body);
   } finally {
     await probe.destroy();
   }
 }
 
-/** Is `path` a Unix socket on this host that Node can connect to? */
-async function usableSocketPath(path: string | null): Promise<string | null> {
-  if (!path || path.startsWith('\0') || !path.startsWith('/')) return null;
+/**
+ * Why the advertised socket cannot be tried from here, or null when it can: abstract names are
+ * tried (whether one answers for the ticket is the "same host" test), filesystem paths only
+ * when they exist here as sockets.
+ */
+async function socketProblem(name: string): Promise<string | null> {
+  if (isAbstract(name)) return null;
+  if (!name.startsWith('/')) return 'not an absolute path';
   try {
-    return (await stat(path)).isSocket() ? path : null;
+    return (await stat(name)).isSocket() ? null : 'not a socket on this host';
   } catch {
-    return null;
+    return 'not on this host';
   }
 }
 
@@ -122,37 +136,45 @@ export function createImageioPlugin() {
             `${options.writable ? '' : ', read-only ticket'}, unix_socket ${JSON.stringify(options.unixSocket)}`,
     );
 
-    // Transport: the server's local Unix socket when it is reachable from here, else TCP.
-    let endpoint = tcp;
-    let transport: Session['transport'] = 'tcp';
-    const local: Endpoint = { origin: 'http://localhost' };
+    // Transport: the server's local Unix socket (no TLS: less CPU per byte) when it answers for
+    // this ticket from here, else the URL's host. A socket that answers for the ticket is the
+    // same daemon (another daemon on this host would not know the ticket).
+    const tryLocal = async (socketPath: string, why: string): Promise<Endpoint | null> => {
+      const local: Endpoint = { origin: 'http://localhost', socketPath };
+      try {
+        await fetchOptions(local, path, settings.timeoutMs, `unix:${showSocket(socketPath)}`);
+        return local;
+      } catch (err) {
+        const hint =
+          isAbstract(socketPath) && !nodeReachesAbstract()
+            ? ` (Node.js ${process.versions.node} cannot reach abstract sockets; Node.js 22 and later can)`
+            : '';
+        if (settings.unixSocket !== 'auto') throw new NbdError(Errno.EIO, `${(err as Error).message}${hint}`);
+        debug(NAME, `not using the ${why} Unix socket ${showSocket(socketPath)}: ${(err as Error).message}${hint}; using ${url.origin}`);
+        return null;
+      }
+    };
+    let local: Endpoint | null = null;
     if (settings.unixSocket === 'auto') {
-      const socketPath = await usableSocketPath(options.unixSocket);
-      if (socketPath) {
-        try {
-          await fetchOptions({ ...local, socketPath }, path, settings.timeoutMs, `unix:${socketPath}`);
-          endpoint = { ...local, socketPath };
-          transport = 'unix';
-        } catch (err) {
-          debug(NAME, `not using the server's Unix socket ${socketPath}: ${(err as Error).message}`);
-        }
-      } else if (options.unixSocket) {
-        debug(
-          NAME,
-          options.unixSocket.startsWith('\0')
-            ? 'the server advertises an abstract Unix socket, which Node.js cannot reach: using TCP'
-            : `the advertised Unix socket ${options.unixSocket} is not on this host: using TCP`,
-        );
+      if (options.unixSocket) {
+        const problem = await socketProblem(options.unixSocket);
+        if (problem) debug(NAME, `not using the advertised Unix socket ${showSocket(options.unixSocket)}: ${problem}; using ${url.origin}`);
+        else local = await tryLocal(options.unixSocket, 'advertised');
       }
     } else if (settings.unixSocket !== 'never') {
-      const socketPath = settings.unixSocket;
-      await fetchOptions({ ...local, socketPath }, path, settings.timeoutMs, `unix:${socketPath}`);
-      endpoint = { ...local, socketPath };
-      transport = 'unix';
+      local = await tryLocal(settings.unixSocket, 'given');
+    }
+    const endpoint = local ?? tcp;
+    const transport: Session['transport'] = local ? 'unix' : 'tcp';
+    if (local) {
+      const how = isAbstract(endpoint.socketPath!) ? 'abstract socket' : 'socket file';
+      debug(NAME, `data goes over the local Unix socket ${showSocket(endpoint.socketPath!)} (${how}, plain HTTP, no TLS)`);
+    } else {
+      debug(NAME, `data goes over ${url.origin}${url.protocol === 'https:' ? ' (TLS)' : ''}`);
     }
 
     const pool = new ConnectionPool(poolSize(options, settings.connections), endpoint, settings.timeoutMs);
-    const extents = new ExtentCache(() => fetchExtents(pool, path));
+    const extents = new ExtentCache(() => fetchExtents(endpoint, path));
     session = { options, pool, path, size: 0, transport, endpoint, extents };
     try {
       session.size = await findSize(session);
@@ -161,7 +183,7 @@ export function createImageioPlugin() {
       await pool.close();
       throw err;
     }
-    debug(NAME, `size ${session.size}, ${pool.size} connection(s) over ${transport === 'unix' ? `unix:${endpoint.socketPath}` : url.origin}`);
+    debug(NAME, `size ${session.size}, ${pool.size} connection(s) over ${transport === 'unix' ? `unix:${showSocket(endpoint.socketPath!)}` : url.origin}`);
   }
 
   async function readCa(file: string): Promise<string> {
@@ -172,34 +194,60 @@ export function createImageioPlugin() {
     }
   }
 
-  async function fetchExtents(pool: ConnectionPool, path: string): Promise<ExtentMap> {
+  /**
+   * The extents, always on a connection of their own, closed afterwards. imageio's proxy mode
+   * (the http backend) fetches the extents from upstream once per client connection and never
+   * again, even after writes on that very connection; a new connection gets a new backend and a
+   * fresh list. The direct daemon asks its backend every time, so this costs it one connection
+   * set-up per fetch, and fetches happen only at the first block status and after writes.
+   */
+  async function fetchExtents(endpoint: Endpoint, path: string): Promise<ExtentMap> {
     const what = 'extents';
-    const r = await pool.use((c) => c.request({ method: 'GET', path: `${path}/extents`, maxBody: MAX_EXTENTS_BODY }, what));
-    expect(r, 200, 'extents', what);
-    return parseExtents(r.body.toString('utf8'));
+    const c = new Connection(-1, endpoint, settings.timeoutMs);
+    try {
+      const r = await c.request({ method: 'GET', path: `${path}/extents`, maxBody: MAX_EXTENTS_BODY }, what);
+      expect(r, 200, 'extents', what);
+      const map = parseExtents(r.body.toString('utf8'));
+      debug(NAME, `extents: ${map.count} extent(s) up to ${map.end}, fetched on a connection of their own`);
+      return map;
+    } finally {
+      await c.destroy();
+    }
   }
 
-  /** size=, else the end of the extents, else the total in a one-byte GET's Content-Range. */
+  /**
+   * size=, else the ticket's size: imageio ends the Content-Range of a ranged GET with it
+   * ("bytes 0-0/SIZE", "bytes STAR/SIZE" on a 416 for an empty ticket). The extents cover the
+   * whole backend, which may be bigger than the ticket, so their end is only the fallback for
+   * servers that send "/STAR".
+   */
   async function findSize(ss: Session): Promise<number> {
     if (settings.size !== null) return settings.size;
-    if (ss.options.extents) {
-      const map = await ss.extents.get();
-      return map.end;
-    }
     const one = new Uint8Array(1);
     const what = 'size probe (GET bytes=0-0)';
     const r = await ss.pool.use((c) =>
       c.request({ method: 'GET', path: ss.path, headers: { range: 'bytes=0-0' }, into: one, intoStatus: 206 }, what),
     );
-    const size = r.status === 206 || r.status === 416 ? sizeFromContentRange(r.headers['content-range']) : null;
-    if (size === null) {
-      if (r.status === 403) throw statusError('size', what, r.status, r.statusText, r.body);
+    if (r.status === 206 || r.status === 416) {
+      const size = sizeFromContentRange(r.headers['content-range']);
+      if (size !== null) return size;
+    } else if (r.status === 200) {
       throw new NbdError(
         Errno.EINVAL,
-        'size: this imageio server does not tell the image size (no extents, no size in Content-Range): give size=SIZE',
+        `url: ${settings.url!.origin}${ss.path} does not name an imageio ticket (a ranged GET answered 200, not 206); expected ${URL_SHAPE}`,
       );
+    } else {
+      throw statusError('size', what, r.status, r.statusText, r.body);
     }
-    return size;
+    if (ss.options.extents) {
+      const map = await ss.extents.get();
+      debug(NAME, 'the server does not tell the ticket size in Content-Range: using the end of its extents');
+      return map.end;
+    }
+    throw new NbdError(
+      Errno.EINVAL,
+      'size: this imageio server does not tell the image size (no size in Content-Range, no extents): give size=SIZE',
+    );
   }
 
   return definePlugin({
@@ -343,8 +391,17 @@ export function createImageioPlugin() {
     },
 
     async extents(_h, count, offset, flags) {
+      // The core keeps requests inside the export, whose size is the ticket's: extents past it
+      // (the rest of a bigger backend) are never looked at.
       const map = await s().extents.get();
-      return map.lookup(offset, count, (flags & FLAG_REQ_ONE) !== 0);
+      const one = (flags & FLAG_REQ_ONE) !== 0;
+      const list = map.lookup(offset, count, one);
+      // A list that stops short of the request (a backend smaller than the ticket, a server
+      // that left a gap at the end): the rest is reported as data, which is never wrong.
+      const last = list[list.length - 1];
+      const covered = last ? last.offset + last.length : offset;
+      if (covered < offset + count && (!one || list.length === 0)) list.push({ offset: covered, length: offset + count - covered, type: 0 });
+      return list;
     },
   });
 }

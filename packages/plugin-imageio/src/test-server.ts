@@ -18,8 +18,20 @@ import type { AddressInfo, Socket } from 'node:net';
 export type Op = 'read' | 'write';
 
 export interface TestServerOptions {
-  /** Ticket size in bytes. */
+  /** Ticket size in bytes: requests past it get 416, Content-Range totals say it. */
   size: number;
+  /**
+   * Size of the backend (the NBD export behind the ticket), default `size`. A real ticket may be
+   * smaller than its backend: the extents then cover the whole backend, past the ticket's end.
+   */
+  backendSize?: number;
+  /**
+   * Behave like imageio's proxy mode (the http backend): each client connection fetches the
+   * extents from "upstream" on its first extents request and answers every later one on that
+   * connection from that copy, writes or not. No Unix socket is advertised (the engine's proxy
+   * has no local service) unless `advertiseUnixSocket` says otherwise.
+   */
+  proxy?: boolean;
   ticket?: string;
   ops?: Op[];
   /** 'old-405': daemon < 1.3 (no OPTIONS); 'old-204': old proxy. Both: GET/PUT only, always flush. */
@@ -30,7 +42,7 @@ export interface TestServerOptions {
   maxWriters?: number;
   /** Leave max_readers/max_writers out of OPTIONS (an older server: clients assume 1). */
   omitMax?: boolean;
-  /** Also serve the local service on this Unix socket path. */
+  /** Also serve the local service on this Unix socket: a path, or an abstract name "\0…". */
   unixSocket?: string;
   /** What OPTIONS says in unix_socket (default: `unixSocket`, or nothing). */
   advertiseUnixSocket?: string | null;
@@ -64,6 +76,8 @@ export interface ConnectionStats {
   flushedPuts: number;
   closed: boolean;
   closedIdle: boolean;
+  /** Proxy mode: extents requests answered from this connection's copy. */
+  staleExtents?: number;
 }
 
 export interface RequestLog {
@@ -157,6 +171,8 @@ export class BlockStore {
 }
 
 interface ConnState extends ConnectionStats {
+  /** Proxy mode: the extents as fetched on this connection's first extents request. */
+  extentsCopy?: { start: number; length: number; zero: boolean; hole: boolean }[];
   socket: Socket;
   idleTimer: NodeJS.Timeout | null;
   busy: number;
@@ -174,7 +190,10 @@ class HttpError extends Error {
 
 export class TestImageioServer {
   readonly ticket: string;
+  /** The backend: `backendSize` (default `size`) bytes. */
   readonly store: BlockStore;
+  /** The ticket's size (≤ the backend's). */
+  readonly size: number;
   readonly options: TestServerOptions;
   ops: Op[];
   readonly connections: ConnectionStats[] = [];
@@ -194,7 +213,9 @@ export class TestImageioServer {
     this.options = options;
     this.ticket = options.ticket ?? randomUUID();
     this.ops = options.ops ?? ['read', 'write'];
-    this.store = new BlockStore(options.size, options.blockSize);
+    this.size = options.size;
+    this.store = new BlockStore(options.backendSize ?? options.size, options.blockSize);
+    if (this.store.size < this.size) throw new Error('backendSize must not be smaller than size');
     this.touch();
   }
 
@@ -216,9 +237,10 @@ export class TestImageioServer {
     this.port = (tcp.address() as AddressInfo).port;
     this.url = `${o.tls ? 'https' : 'http'}://${o.host ?? '127.0.0.1'}:${this.port}/images/${this.ticket}`;
     if (o.unixSocket) {
-      rmSync(o.unixSocket, { force: true });
       const local = http.createServer(handler('unix'));
       this.tune(local);
+      // An abstract name ("\0…") is bound with its real length on Node 22+, as Python binds it.
+      if (!o.unixSocket.startsWith('\0')) rmSync(o.unixSocket, { force: true });
       local.listen(o.unixSocket);
       await once(local, 'listening');
       this.servers.push(local);
@@ -257,6 +279,10 @@ export class TestImageioServer {
   failNext(status: number, body: string): void {
     this.failures.push({ status, body });
   }
+  /** How many requests came in on each listener ('tcp' or 'unix'). */
+  requestsOn(transport: 'tcp' | 'unix'): number {
+    return this.requests.filter((r) => r.transport === transport).length;
+  }
   /** Connections that wrote and were not flushed since. */
   dirtyConnections(): ConnectionStats[] {
     return this.connections.filter((c) => c.unflushed > 0);
@@ -281,7 +307,7 @@ export class TestImageioServer {
       c.socket.destroy();
     }
     await Promise.all(this.servers.map((s) => new Promise<void>((r) => s.close(() => r()))));
-    if (this.options.unixSocket) rmSync(this.options.unixSocket, { force: true });
+    if (this.options.unixSocket && !this.options.unixSocket.startsWith('\0')) rmSync(this.options.unixSocket, { force: true });
   }
 
   // ---- connections ---------------------------------------------------------------------------
@@ -385,7 +411,9 @@ export class TestImageioServer {
     if (path === '/images/*' && method === 'OPTIONS' && !old) {
       return this.json(res, log, { unix_socket: this.advertisedSocket(), features: ['checksum', 'extents', 'flush', 'zero'] });
     }
-    const m = /^\/images\/([^/]*)(\/extents)?$/.exec(path);
+    // imageio routes "/images/(.*)/extents" and "/images/(.*)": a trailing slash is part of the
+    // ticket id ("/images/T/" asks for the ticket "T/").
+    const m = /^\/images\/(.*?)(\/extents)?$/.exec(path);
     if (!m) throw new HttpError(404, `No handler for '${path}'`);
     if (m[1] === '') throw new HttpError(400, 'Ticket id is required');
     if (m[2] && old) throw new HttpError(404, `No handler for '${path}'`);
@@ -401,7 +429,7 @@ export class TestImageioServer {
     try {
       if (m[2]) {
         if (method !== 'GET') throw new HttpError(405, `Method '${method}' not defined for ${path}`);
-        return this.extents(u, res, log);
+        return this.extents(st, u, res, log);
       }
       switch (method) {
         case 'OPTIONS':
@@ -424,6 +452,7 @@ export class TestImageioServer {
   private advertisedSocket(): string | undefined {
     const a = this.options.advertiseUnixSocket;
     if (a === null) return undefined;
+    if (a === undefined && this.options.proxy) return undefined;
     return a ?? this.options.unixSocket;
   }
 
@@ -456,22 +485,27 @@ export class TestImageioServer {
     this.json(res, log, value, { allow: writable ? 'OPTIONS,GET,PUT,PATCH' : 'OPTIONS,GET' });
   }
 
-  private extents(u: URL, res: http.ServerResponse, log: RequestLog): void {
+  private extents(st: ConnState, u: URL, res: http.ServerResponse, log: RequestLog): void {
     const context = u.searchParams.get('context') ?? 'zero';
     if (context === 'dirty') throw new HttpError(404, 'Ticket does not support dirty extents');
     if (context !== 'zero') throw new HttpError(400, `Invalid context '${context}'`);
-    this.json(res, log, this.store.extents(!!this.options.reportHoles));
+    // Like imageio, the whole backend's extents, also past the end of a smaller ticket.
+    if (!this.options.proxy) return this.json(res, log, this.store.extents(!!this.options.reportHoles));
+    if (st.extentsCopy) st.staleExtents = (st.staleExtents ?? 0) + 1;
+    else st.extentsCopy = this.store.extents(!!this.options.reportHoles);
+    this.json(res, log, st.extentsCopy);
   }
 
   private async get(req: http.IncomingMessage, res: http.ServerResponse, log: RequestLog): Promise<void> {
-    const size = this.store.size;
+    // Ranges are checked against the ticket; without a Range the whole image is min(ticket, backend).
+    const size = Math.min(this.size, this.store.size);
     const range = req.headers.range;
     let first = 0;
     let last = size - 1;
     let status = 200;
     if (range !== undefined) {
       const m = /^bytes=(\d+)-(\d*)$/.exec(range);
-      const tooBig = () => new HttpError(416, 'Requested range not satisfiable', { 'content-range': `bytes */${size}` });
+      const tooBig = () => new HttpError(416, 'Requested range not satisfiable', { 'content-range': `bytes */${this.size}` });
       if (!m) throw tooBig();
       first = Number(m[1]);
       last = m[2] === '' ? size - 1 : Number(m[2]);
@@ -484,7 +518,7 @@ export class TestImageioServer {
       'content-type': 'application/octet-stream',
       'content-disposition': 'attachment',
     };
-    if (status === 206) headers['content-range'] = `bytes ${first}-${last}/${this.options.hideSize ? '*' : size}`;
+    if (status === 206) headers['content-range'] = `bytes ${first}-${last}/${this.options.hideSize ? '*' : this.size}`;
     log.status = status;
     res.writeHead(status, headers);
     const step = 1024 * 1024;
@@ -519,8 +553,8 @@ export class TestImageioServer {
       if (m[2] !== '*' && Number(m[2]) < offset) throw new HttpError(400, `Invalid Content-Range: ${cr}`);
       if (m[2] !== '*' && m[3] !== '*' && Number(m[2]) >= Number(m[3])) throw new HttpError(400, `Invalid Content-Range: ${cr}`);
     }
-    if (offset + length > this.store.size) {
-      throw new HttpError(416, 'Requested range not satisfiable', { 'content-range': `bytes */${this.store.size}` });
+    if (offset + length > this.size) {
+      throw new HttpError(416, 'Requested range not satisfiable', { 'content-range': `bytes */${this.size}` });
     }
     st.writes++;
     st.unflushed++;
@@ -579,8 +613,8 @@ export class TestImageioServer {
     const offset = int('offset', false, 0);
     const flush = msg.flush ?? false;
     if (typeof flush !== 'boolean') throw new HttpError(400, `Boolean required ${JSON.stringify(flush)}`);
-    if (offset + size > this.store.size) {
-      throw new HttpError(416, 'Requested range not satisfiable', { 'content-range': `bytes */${this.store.size}` });
+    if (offset + size > this.size) {
+      throw new HttpError(416, 'Requested range not satisfiable', { 'content-range': `bytes */${this.size}` });
     }
     st.writes++;
     st.unflushed++;

@@ -137,13 +137,29 @@ describe('configuration', () => {
     applyConfig(s, 'timeout', '30');
     expect(s).toMatchObject({ insecure: true, size: 10 * 2 ** 30, connections: 8, unixSocket: '/run/imageio.sock', timeoutMs: 30000 });
     expect(s.url!.pathname).toBe('/images/5f2c');
+    // a trailing slash (or several) is not part of the ticket
+    for (const u of ['https://h:54322/images/5f2c/', 'https://h:54322/images/5f2c//', 'https://h/prefix/images/5f2c/?x#y']) {
+      const t = defaultSettings();
+      applyConfig(t, 'url', u);
+      expect(t.url!.pathname).toMatch(/\/images\/5f2c$/);
+    }
+    // abstract socket names, written with NUL or with @ as ss(8) shows them
+    for (const name of ['\0/org/ovirt/imageio', '@/org/ovirt/imageio']) {
+      const t = defaultSettings();
+      applyConfig(t, 'unix-socket', name);
+      expect(t.unixSocket).toBe('\0/org/ovirt/imageio');
+    }
     const bad: [string, string, RegExp][] = [
       ['url', 'ftp://x/images/t', /not supported/],
-      ['url', 'https://host:54322/', /no ticket/],
+      ['url', 'https://host:54322/', /does not name an imageio ticket/],
+      ['url', 'https://host:54322/images/', /does not name an imageio ticket/],
+      ['url', 'https://host:54322/images/T/extents', /does not name an imageio ticket/],
+      ['url', 'https://host:54322/info/', /does not name an imageio ticket/],
+      ['url', 'https://host:54322/tickets/T', /does not name an imageio ticket/],
       ['url', 'not a url', /not a URL/],
       ['connections', '0', /1 to 64/],
       ['connections', '2.5', /whole number/],
-      ['unix-socket', '\0/org/ovirt/imageio', /abstract/],
+      ['unix-socket', '@', /at least one character/],
       ['unix-socket', 'relative.sock', /absolute path/],
       ['timeout', '-1', /seconds/],
       ['insecure', 'maybe', /boolean/],
@@ -165,7 +181,7 @@ describe('configuration', () => {
   });
 });
 
-describe('one pooled HTTP connection (undici Client) against a raw server', () => {
+describe('one pooled HTTP connection against a raw server', () => {
   let server: http.Server | null = null;
   const sockets = new Set<Socket>();
   afterEach(async () => {
@@ -232,6 +248,128 @@ describe('one pooled HTTP connection (undici Client) against a raw server', () =
     expect(err).toBeInstanceOf(NbdError);
     expect((err as NbdError).errno).toBe(Errno.EIO);
     await c.destroy();
+  });
+
+  it('parses answers split anywhere, chunked bodies, 100 Continue, bodies up to the close', async () => {
+    const { createServer } = await import('node:net');
+    // A raw server that answers each request with the next canned reply, byte by byte.
+    const replies: string[] = [
+      'HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 206 Partial Content\r\nContent-Length: 5\r\n\r\nhello',
+      'HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\n[1,\r\n2;ext=1\r\n2]\r\n0\r\nx-trailer: 1\r\n\r\n',
+      'HTTP/1.0 500 Oops\r\n\r\nuntil the close',
+    ];
+    const raw = createServer((sock) => {
+      sock.on('data', () => {
+        const reply = Buffer.from(replies.shift() ?? '', 'latin1');
+        let i = 0;
+        const step = () => {
+          if (i >= reply.length) {
+            if (reply.toString().startsWith('HTTP/1.0')) sock.end();
+            return;
+          }
+          sock.write(reply.subarray(i, i + 3));
+          i += 3;
+          setImmediate(step);
+        };
+        step();
+      });
+    });
+    raw.listen(0, '127.0.0.1');
+    await once(raw, 'listening');
+    try {
+      const c = new Connection(0, { origin: `http://127.0.0.1:${(raw.address() as AddressInfo).port}` }, 5000);
+      const buf = new Uint8Array(5);
+      expect((await c.request({ method: 'GET', path: '/', into: buf, intoStatus: 206 }, 'a')).status).toBe(206);
+      expect(Buffer.from(buf).toString()).toBe('hello');
+      const r = await c.request({ method: 'GET', path: '/x' }, 'b');
+      expect([r.status, r.body.toString()]).toEqual([200, '[1,2]']);
+      const r3 = await c.request({ method: 'GET', path: '/y' }, 'c');
+      expect([r3.status, r3.statusText, r3.body.toString()]).toEqual([500, 'Oops', 'until the close']);
+      await c.destroy();
+    } finally {
+      raw.close();
+    }
+  });
+
+  it('hostile answers end the connection with EIO and the next request works on a fresh one', async () => {
+    const { createServer } = await import('node:net');
+    const good = 'HTTP/1.1 206 Partial Content\r\ncontent-length: 4\r\n\r\ngood';
+    const replies: string[] = [
+      'SSH-2.0-OpenSSH_9.2\r\n\r\n', // not HTTP
+      good,
+      `HTTP/1.1 200 OK\r\nx-big: ${'a'.repeat(20000)}\r\n\r\n`, // headers too large
+      good,
+      'HTTP/1.1 206 Partial Content\r\ncontent-length: 4\r\n\r\ngoodEXTRA', // bytes nobody asked for
+      good,
+      'HTTP/1.1 206 Partial Content\r\ncontent-length: -4\r\n\r\n',
+      good,
+      'HTTP/1.1 206 Partial Content\r\ntransfer-encoding: gzip\r\n\r\n',
+      good,
+    ];
+    const conns: number[] = [];
+    let n = 0;
+    const raw = createServer((sock) => {
+      const id = n++;
+      sock.on('data', () => {
+        conns.push(id);
+        sock.write(replies.shift() ?? '');
+      });
+      sock.on('error', () => {});
+    });
+    raw.listen(0, '127.0.0.1');
+    await once(raw, 'listening');
+    try {
+      const c = new Connection(0, { origin: `http://127.0.0.1:${(raw.address() as AddressInfo).port}` }, 5000);
+      const read = async () => {
+        const buf = new Uint8Array(4);
+        await c.request({ method: 'GET', path: '/', into: buf, intoStatus: 206 }, 'read');
+        return Buffer.from(buf).toString();
+      };
+      for (const bad of [/not HTTP/, /headers/, null, /content-length/, /transfer-encoding/]) {
+        if (bad) {
+          const err = await read().catch((e: unknown) => e);
+          expect(err).toBeInstanceOf(NbdError);
+          expect((err as NbdError).errno).toBe(Errno.EIO);
+          expect((err as Error).message).toMatch(bad);
+        } else {
+          // the answer itself is fine; the extra bytes only cost the connection
+          expect(await read()).toBe('good');
+          await new Promise((r) => setTimeout(r, 20));
+        }
+        expect(await read()).toBe('good');
+      }
+      // every bad answer cost its connection: the first one plus a new one after each of the 5
+      expect(new Set(conns).size).toBe(6);
+      await c.destroy();
+    } finally {
+      raw.close();
+    }
+  });
+
+  it('a server that closes right after each answer (keep-alive race) costs no request', async () => {
+    const { createServer } = await import('node:net');
+    let served = 0;
+    const raw = createServer((sock) => {
+      sock.once('data', () => {
+        served++;
+        // answer as keep-alive, then close at once: the client may already be sending the next one
+        sock.end('HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok');
+      });
+      sock.on('error', () => {});
+    });
+    raw.listen(0, '127.0.0.1');
+    await once(raw, 'listening');
+    try {
+      const c = new Connection(0, { origin: `http://127.0.0.1:${(raw.address() as AddressInfo).port}` }, 5000);
+      for (let i = 0; i < 30; i++) {
+        const r = await c.request({ method: 'PUT', path: '/', body: 'xy' }, `put ${i}`);
+        expect([r.status, r.body.toString()]).toEqual([200, 'ok']);
+      }
+      expect(served).toBe(30);
+      await c.destroy();
+    } finally {
+      raw.close();
+    }
   });
 
   it('does not retry a request that was answered, retries once one that was not', async () => {

@@ -11,6 +11,7 @@ import { DEFAULT_SETTINGS, type ProtocolSettings, type TlsSettings } from './pro
 import { ServerStats } from './protocol/stats.js';
 import { bind, type BoundListener, type ListenTarget } from './listeners/listen.js';
 import { loadMetricsExporter, type MetricsEndpoint, type MetricsOptions } from './metrics.js';
+import { SEND_BUFFER, loadSocketHelper, type SocketHelper } from './native.js';
 
 export interface ServeOptions {
   plugin: Plugin;
@@ -61,6 +62,13 @@ export interface ServeOptions {
    * nothing is counted and prom-client is not loaded. See "Metrics" in the README.
    */
   metrics?: MetricsOptions;
+  /**
+   * Send buffer asked for each Unix-socket connection, in bytes (default 4 MiB; the kernel doubles
+   * it and caps it at net.core.wmem_max). The system default, about 208 KiB, holds less than one
+   * 256 KiB READ reply, which turns bulk reads into a lock-step exchange. 0 keeps the default.
+   * Needs the optional @nbdx/native helper; TCP sockets are left to the kernel's auto-tuning.
+   */
+  unixSendBuffer?: number;
   /** Called with debug lines (-v). */
   debug?: (message: string) => void;
   error?: (message: string) => void;
@@ -73,6 +81,8 @@ export interface ServerAddress {
   host?: string;
   path?: string;
 }
+
+const DEFAULT_UNIX_SEND_BUFFER = 4 * 1024 * 1024;
 
 /**
  * A running NBD server: the embedding API. Create with `serve()`, stop with `close()`, which lets
@@ -87,6 +97,15 @@ export class NbdServer {
   private connectionLock: Mutex | null;
   private closing: Promise<void> | null = null;
   private metricsEndpoint: MetricsEndpoint | null = null;
+  /** @nbdx/native, when installed (socket buffers; descriptor hand-over for worker threads). */
+  socketHelper: SocketHelper | null = null;
+  private readonly unixSendBuffer: number;
+  private sendBufferLogged = false;
+  /**
+   * Offered every accepted socket before it is served here (the CLI's worker threads): true when
+   * it was handed to another thread.
+   */
+  handOff: ((socket: net.Socket) => boolean) | null = null;
   exportName = '';
 
   private constructor(backend: Backend, options: ServeOptions) {
@@ -117,6 +136,7 @@ export class NbdServer {
       stats: options.metrics ? new ServerStats() : null,
     };
     this.exportName = options.exportName ?? '';
+    this.unixSendBuffer = options.unixSendBuffer ?? DEFAULT_UNIX_SEND_BUFFER;
   }
 
   /** Load, configure and get the backend ready, without listening (the CLI's first half). */
@@ -142,6 +162,9 @@ export class NbdServer {
       throw err;
     }
     const server = new NbdServer(backend, options);
+    const helper = await loadSocketHelper();
+    server.socketHelper = helper.ops;
+    server.settings.debug(helper.ops ? `native helper: ${helper.path}` : `native helper not used: ${helper.reason}`);
     if (options.metrics) {
       try {
         const { startMetrics } = await loadMetricsExporter();
@@ -190,7 +213,35 @@ export class NbdServer {
       return;
     }
     socket.setNoDelay(true);
+    this.raiseSendBuffer(socket);
+    if (this.handOff?.(socket)) return;
     void this.track(() => new Connection(this.settings, socket));
+  }
+
+  /** Serve a connection accepted elsewhere (handed over by another thread). */
+  adopt(socket: net.Socket): Promise<void> {
+    if (this.closing) {
+      socket.destroy();
+      return Promise.resolve();
+    }
+    return this.track(() => new Connection(this.settings, socket));
+  }
+
+  /** A Unix socket's send buffer, raised so that READ replies do not go out in lock-step. */
+  private raiseSendBuffer(socket: net.Socket): void {
+    const helper = this.socketHelper;
+    if (!helper || this.unixSendBuffer <= 0 || socket.remotePort !== undefined) return;
+    const fd = (socket as unknown as { _handle?: { fd?: number } })._handle?.fd;
+    if (typeof fd !== 'number' || fd < 0) return;
+    try {
+      const granted = helper.setBuffer(fd, SEND_BUFFER, this.unixSendBuffer);
+      if (!this.sendBufferLogged) {
+        this.sendBufferLogged = true;
+        this.settings.debug(`Unix socket send buffer: ${granted} bytes (asked for ${this.unixSendBuffer})`);
+      }
+    } catch (err) {
+      this.settings.debug(`cannot raise the send buffer: ${(err as Error).message}`);
+    }
   }
 
   private async track(make: () => Connection): Promise<void> {

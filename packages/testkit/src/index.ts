@@ -43,3 +43,5 @@ export {
   type CliServer,
 } from './tools.js';
 export { startCeph, hasCeph, needCeph, cephPrograms, cephDaemonPids, type CephCluster, type CephOptions } from './ceph.js';
+export { startRangeServer, type RangeServer, type RangeServerOptions, type RangeRequest } from './http-server.js';
+export { makeTestCerts, type TestCerts } from './certs.js';

@@ -9,6 +9,6 @@ export type { PluginV2 } from './plugin/v2.js';
 export type { FilterCommon, ConfigNext } from './filter/shared.js';
 export type { FilterV1 } from './filter/v1.js';
 export type { FilterV2 } from './filter/v2.js';
-export type { Next, OwnedContext, LayerBelow, NextOpener, OpenContextOptions } from './filter/next.js';
+export type { Next, OwnedContext, LayerBelow, NextOpener, OpenContextOptions, ReopenOptions } from './filter/next.js';
 export * from './define.js';
 export { windowDataCalls } from './window.js';

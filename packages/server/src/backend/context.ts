@@ -14,7 +14,7 @@ import {
   type FuaMode,
   type ReadResult,
 } from '../api/common.js';
-import type { OwnedContext } from '../api/filter/next.js';
+import type { Next, OwnedContext, ReopenOptions } from '../api/filter/next.js';
 import { checkBlockSize } from './block-size.js';
 import { normalizeExtents } from './extents.js';
 import { yieldIfBusy } from './fair-turns.js';
@@ -46,6 +46,11 @@ export abstract class Context implements OwnedContext {
   lock: Mutex | null = null;
   private caps = new Map<string, Promise<unknown>>();
   private closed = false;
+  /**
+   * Set by the filter context above when the core opened this context for it: replaces this
+   * context below that filter by a fresh one (see Next.reopen).
+   */
+  reopener: ((from: Context, options?: ReopenOptions) => Promise<Context>) | null = null;
 
   constructor(
     readonly who: string,
@@ -100,6 +105,15 @@ export abstract class Context implements OwnedContext {
   /** Set by prepare(): whether writes are allowed, and how FUA is done. */
   private writable = false;
   private fuaMode: FuaMode = 'none';
+
+  reopen(options?: ReopenOptions): Promise<Next> {
+    if (!this.reopener) {
+      return Promise.reject(
+        new NbdError(Errno.ENOTSUP, `${this.who}: only the context the core opened below a filter can be reopened`),
+      );
+    }
+    return this.reopener(this, options);
+  }
 
   async close(): Promise<void> {
     if (this.closed) return;

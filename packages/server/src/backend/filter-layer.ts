@@ -1,6 +1,6 @@
-import { Errno, NbdError, tagLayer, type ExportEntry } from '../api/common.js';
+import { Errno, NbdError, debug, logError, tagLayer, type ExportEntry } from '../api/common.js';
 import { unsupportedApiVersion, type Filter } from '../api/define.js';
-import type { LayerBelow, Next, NextOpener, OpenContextOptions, OwnedContext } from '../api/filter/next.js';
+import type { LayerBelow, Next, NextOpener, OpenContextOptions, OwnedContext, ReopenOptions } from '../api/filter/next.js';
 import type { FilterV2 } from '../api/filter/v2.js';
 import { Context, type ZeroMode } from './context.js';
 import { Mutex } from './mutex.js';
@@ -66,6 +66,8 @@ export class FilterLayer {
   async open(readonly: boolean, exportName: string, isTls: boolean, signal?: AbortSignal): Promise<Context> {
     let next: Context | Next | undefined;
     let owned = false;
+    // What the context below was opened with, for reopening it the same way (Next.reopen).
+    const belowArgs: BelowArgs = { readonly, exportName, isTls, signal };
     const opener: NextOpener = {
       ...this.belowApi,
       signal,
@@ -73,6 +75,8 @@ export class FilterLayer {
         if (next) throw new NbdError(Errno.EINVAL, `${this.name}: the layer below is already open`);
         next = await this.below.open(ro, name, isTls, signal);
         owned = true;
+        belowArgs.readonly = ro;
+        belowArgs.exportName = name;
       },
       use: (ctx: Next) => {
         if (next) throw new NbdError(Errno.EINVAL, `${this.name}: the layer below is already open`);
@@ -83,7 +87,7 @@ export class FilterLayer {
     try {
       if (this.filter.open) h = await this.filter.open(opener, readonly, exportName, isTls);
       if (!next) await opener.open();
-      const ctx = new FilterContext(this, h, next!, owned, readonly, exportName, signal);
+      const ctx = new FilterContext(this, h, next!, owned ? belowArgs : null, readonly, exportName, signal);
       try {
         await this.filter.prepare?.(next!, h, readonly);
         await ctx.prepare();
@@ -101,15 +105,29 @@ export class FilterLayer {
   }
 }
 
+/** The arguments the core opened a filter's context below with. */
+interface BelowArgs {
+  readonly: boolean;
+  exportName: string;
+  isTls: boolean;
+  signal: AbortSignal | undefined;
+}
+
 export class FilterContext extends Context {
   private readonly f: FilterV2;
   private readonly v2: boolean;
+  private readonly ownsNext: boolean;
+  /** The context below; replaced by Next.reopen, so every call reads it afresh. */
+  next: Next;
+  private reopening: Promise<Context> | null = null;
+  private shutting = false;
 
   constructor(
     private readonly layer: FilterLayer,
     private readonly h: unknown,
-    readonly next: Next,
-    private readonly ownsNext: boolean,
+    next: Next,
+    /** Set when the core opened `next` (then this context owns it and may reopen it). */
+    private readonly belowArgs: BelowArgs | null,
     readonly: boolean,
     exportName: string,
     signal?: AbortSignal,
@@ -117,7 +135,44 @@ export class FilterContext extends Context {
     super(layer.name, readonly, exportName, signal);
     this.f = layer.filter;
     this.v2 = layer.declaredVersion >= 2;
+    this.next = next;
+    this.ownsNext = belowArgs !== null;
+    if (belowArgs) (next as Context).reopener = this.replaceNext;
   }
+
+  /** Next.reopen for the context below this one (see the interface for the rules). */
+  private readonly replaceNext = async (from: Context, options?: ReopenOptions): Promise<Context> => {
+    if (this.reopening) return this.reopening;
+    if (this.shutting) throw new NbdError(Errno.ESHUTDOWN, `${this.who}: the connection is closing`);
+    if (from !== this.next) return this.next as Context;
+    const args = this.belowArgs!;
+    if (args.signal?.aborted) throw args.signal.reason;
+    this.reopening = (async () => {
+      const ro = options?.readonly ?? args.readonly;
+      const fresh = await this.layer.below.open(ro, args.exportName, args.isTls, args.signal);
+      if (fresh.size !== from.size) {
+        await fresh.close().catch(() => {});
+        throw tagLayer(
+          new NbdError(Errno.EIO, `${this.who}: reopened the layer below, but its size changed from ${from.size} to ${fresh.size}`),
+          this.who,
+        );
+      }
+      fresh.reopener = this.replaceNext;
+      args.readonly = ro;
+      this.next = fresh;
+      debug(this.who, `reopened the layer below${ro ? ' (read-only)' : ''}`);
+      // Requests still in flight on the old context fail as it closes; their callers retry too.
+      await from.close().catch((err: unknown) => {
+        logError(this.who, `closing the replaced context below: ${(err as Error).message}`);
+      });
+      return fresh;
+    })();
+    try {
+      return await this.reopening;
+    } finally {
+      this.reopening = null;
+    }
+  };
 
   protected implGetSize() {
     return this.f.getSize ? this.f.getSize(this.next, this.h) : this.next.getSize();
@@ -197,7 +252,12 @@ export class FilterContext extends Context {
       try {
         await this.f.close?.(this.h);
       } finally {
-        if (this.ownsNext) await (this.next as Context).close();
+        if (this.ownsNext) {
+          // A reopen under way finishes first, so the context it opens is the one closed here.
+          this.shutting = true;
+          await this.reopening?.catch(() => {});
+          await (this.next as Context).close();
+        }
       }
     }
   }

@@ -8,6 +8,9 @@ import { isIP } from 'node:net';
 
 export class UsageError extends Error {}
 
+/** More threads than this only add contention (and each holds a copy of the plugin). */
+export const MAX_WORKERS = 64;
+
 export interface CliOptions {
   port?: string;
   ipaddr?: string;
@@ -18,6 +21,8 @@ export interface CliOptions {
   foreground: boolean;
   pidfile?: string;
   threads?: number;
+  /** --workers: threads serving connections; 'auto' (the default) picks by cores and layers. */
+  workers?: number | 'auto';
   verbose: boolean;
   debugFlags: string[];
   run?: string;
@@ -98,6 +103,17 @@ const LONG: Record<string, Spec> = {
       const n = Number(v);
       if (!Number.isInteger(n) || n < 0) throw new UsageError(`--threads: '${v}' is not a number`);
       o.threads = n;
+    },
+  },
+  workers: {
+    takesValue: true,
+    set: (o, v) => {
+      if (v === 'auto') return void (o.workers = 'auto');
+      const n = Number(v);
+      if (!/^\d+$/.test(v) || !Number.isInteger(n) || n < 1 || n > MAX_WORKERS) {
+        throw new UsageError(`--workers: '${v}' is not 'auto' or a number of threads from 1 to ${MAX_WORKERS}`);
+      }
+      o.workers = n;
     },
   },
   verbose: { takesValue: false, set: (o) => (o.verbose = true) },
@@ -311,6 +327,8 @@ magic key (nbdx memory 1G = nbdx memory size=1G). Options may also follow the pl
   -f, --foreground          stay in the foreground (default: detach once listening)
   -P, --pidfile=FILE        write the server's PID here once listening
   -t, --threads=N           at most N requests of one connection worked on at once (-t 1: in order)
+      --workers=N|auto      threads serving connections (default auto: one per core, up to 4,
+                            when every layer supports it; see README "Worker threads")
   -v, --verbose             debug messages on stderr
   -D, --debug=NAME.FLAG=N   accepted for nbdkit compatibility; no debug flags are defined yet
       --run=CMD             serve while CMD runs ($uri $nbd $port $unixsocket $exportname set),

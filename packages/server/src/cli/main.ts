@@ -9,7 +9,10 @@ import { FILTER_API_VERSIONS, PLUGIN_API_VERSIONS } from '../api/define.js';
 import { socketActivationFds, type ListenTarget } from '../listeners/listen.js';
 import { formatList } from '../loader/names.js';
 import { LoadError, load, searchBases } from '../loader/resolve.js';
-import { NbdServer, type ServerAddress } from '../server.js';
+import { loadSocketHelper } from '../native.js';
+import { DEFAULT_SETTINGS } from '../protocol/settings.js';
+import { NbdServer, type ServeOptions, type ServerAddress } from '../server.js';
+import { WorkerPool, chooseWorkers, type WorkerHost } from './workers.js';
 import { openSyslog } from './syslog.js';
 import { USAGE, UsageError, applyMagicKey, checkCombination, longOptions, parseArgs, shortOptions, type CliOptions } from './args.js';
 import { dumpPlugin } from './dump.js';
@@ -82,16 +85,7 @@ async function run(o: CliOptions): Promise<number> {
   const { ensureInstalled } = await import('./install.js');
   await ensureInstalled(o, argv());
 
-  const bases = searchBases();
-  const pluginMod = await load(o.plugin, 'plugin', bases);
-  const plugin = pluginMod.value as Plugin;
-  const filters: Filter[] = [];
-  const loaded = [{ kind: 'plugin', name: plugin.name, version: plugin.version, file: pluginMod.file }];
-  for (const name of o.filters) {
-    const m = await load(name, 'filter', bases);
-    filters.push(m.value as Filter);
-    loaded.push({ kind: 'filter', name: m.value.name, version: m.value.version, file: m.file });
-  }
+  const { plugin, filters, loaded } = await loadLayers(o);
 
   if (o.help) {
     process.stdout.write(pluginHelp(plugin, filters));
@@ -120,38 +114,17 @@ async function run(o: CliOptions): Promise<number> {
   const logTo = o.log ?? (process.env[DAEMON_ENV] ? 'syslog' : 'stderr');
   const log = openLog(logTo);
   const verbose = o.verbose && logTo !== 'null';
-  const server = await NbdServer.prepare({
-    plugin,
-    filters,
-    config,
-    readonly: o.readonly,
-    exportName: o.exportName ?? '',
-    noStructuredReplies: o.noSr,
-    handshakeMask: o.maskHandshake,
-    maxPayload: o.maxPayload ? checkMaxPayload(parseSize(o.maxPayload, '--max-payload'), '--max-payload') : undefined,
-    maxConnectionMemory: memoryLimit(o.maxConnectionMemory, '--max-connection-memory'),
-    maxServerMemory: memoryLimit(o.maxServerMemory, '--max-server-memory'),
-    maxOptions: o.maxOptions,
-    handshakeTimeout: o.timeout,
-    pollMicroseconds: o.poll,
-    metrics: o.metrics,
-    threads: o.threads,
-    traceRequests: verbose,
-    tls: tlsSettings(o),
-    debug: verbose ? (m) => log(7, `debug: ${m}`) : () => {},
-    // nbdkit's shape: "nbdx: LAYER: error: ..." (messages that name no layer get "error:" here);
-    // warnings (logWarning) keep their own word.
-    error: (m) => (/(^|: )warning: /.test(m) ? log(4, m) : log(3, /(^|: )error: /.test(m) ? m : `error: ${m}`)),
-  });
+  const server = await NbdServer.prepare(serveOptions(o, plugin, filters, config, log, verbose));
 
   for (const m of loaded) server.settings.debug(`loaded ${m.kind} ${m.name} ${m.version ?? ''} from ${m.file}`);
 
   let shuttingDown = false;
+  let pool: WorkerPool | null = null;
   const cleanups: Array<() => void> = [];
   const shutdown = async (status: number): Promise<number> => {
     if (!shuttingDown) {
       shuttingDown = true;
-      await server.close();
+      await Promise.all([server.close(), pool?.close()]);
       for (const c of cleanups) c();
     }
     return status;
@@ -172,6 +145,7 @@ async function run(o: CliOptions): Promise<number> {
   }
   try {
     await server.afterStart();
+    pool = await startWorkers(o, server, plugin, filters, log);
   } catch (err) {
     await server.close(); // removes the socket, so the next start on the same path works
     throw err;
@@ -213,6 +187,107 @@ async function run(o: CliOptions): Promise<number> {
   }
   return done;
 }
+
+/** The plugin and filters the command line names, found and imported. */
+async function loadLayers(o: CliOptions) {
+  const bases = searchBases();
+  const pluginMod = await load(o.plugin!, 'plugin', bases);
+  const plugin = pluginMod.value as Plugin;
+  const filters: Filter[] = [];
+  const loaded = [{ kind: 'plugin', name: plugin.name, version: plugin.version, file: pluginMod.file }];
+  for (const name of o.filters) {
+    const m = await load(name, 'filter', bases);
+    filters.push(m.value as Filter);
+    loaded.push({ kind: 'filter', name: m.value.name, version: m.value.version, file: m.file });
+  }
+  return { plugin, filters, loaded };
+}
+
+type Log = (severity: 3 | 4 | 6 | 7, message: string) => void;
+
+/** The server's options from the command line (the main thread's and every worker's). */
+function serveOptions(
+  o: CliOptions,
+  plugin: Plugin,
+  filters: Filter[],
+  config: Array<[string, string]>,
+  log: Log,
+  verbose: boolean,
+  maxServerMemory = memoryLimit(o.maxServerMemory, '--max-server-memory'),
+): ServeOptions {
+  return {
+    plugin,
+    filters,
+    config,
+    readonly: o.readonly,
+    exportName: o.exportName ?? '',
+    noStructuredReplies: o.noSr,
+    handshakeMask: o.maskHandshake,
+    maxPayload: o.maxPayload ? checkMaxPayload(parseSize(o.maxPayload, '--max-payload'), '--max-payload') : undefined,
+    maxConnectionMemory: memoryLimit(o.maxConnectionMemory, '--max-connection-memory'),
+    maxServerMemory,
+    maxOptions: o.maxOptions,
+    handshakeTimeout: o.timeout,
+    pollMicroseconds: o.poll,
+    metrics: o.metrics,
+    threads: o.threads,
+    traceRequests: verbose,
+    tls: tlsSettings(o),
+    debug: verbose ? (m) => log(7, `debug: ${m}`) : () => {},
+    // nbdkit's shape: "nbdx: LAYER: error: ..." (messages that name no layer get "error:" here);
+    // warnings (logWarning) keep their own word.
+    error: (m) => (/(^|: )warning: /.test(m) ? log(4, m) : log(3, /(^|: )error: /.test(m) ? m : `error: ${m}`)),
+  };
+}
+
+/**
+ * --workers: start the worker threads when every layer allows it (cli/workers.ts), and say how
+ * many threads serve, or why one does; a warning when more were asked for than can be had.
+ */
+async function startWorkers(o: CliOptions, server: NbdServer, plugin: Plugin, filters: Filter[], log: Log): Promise<WorkerPool | null> {
+  const helper = server.socketHelper ? { ops: server.socketHelper } : await loadSocketHelper();
+  const choice = chooseWorkers({
+    requested: o.workers,
+    single: o.single,
+    layers: [...filters.map((f) => ({ kind: 'filter' as const, name: f.name, workerThreads: f.workerThreads })), { kind: 'plugin', name: plugin.name, workerThreads: plugin.workerThreads }],
+    threadModel: server.threadModel,
+    helper: helper.ops,
+    helperReason: 'reason' in helper ? helper.reason : undefined,
+    metrics: o.metrics !== undefined,
+  });
+  if (choice.count <= 1) {
+    if (typeof o.workers === 'number' && o.workers > 1) log(4, `warning: --workers=${o.workers}: serving on one thread: ${choice.reason}`);
+    server.settings.debug(`serving connections on one thread: ${choice.reason}`);
+    return null;
+  }
+  const entry = new URL('./worker-thread.js', import.meta.resolve('@nbdx/server/cli'));
+  const pool = await WorkerPool.start({
+    count: choice.count,
+    entry,
+    argv: argv(),
+    maxServerMemory: memoryLimit(o.maxServerMemory, '--max-server-memory') ?? DEFAULT_SETTINGS.maxServerMemory,
+    server,
+    helper: helper.ops!,
+    log,
+  });
+  server.handOff = (socket) => pool.offer(socket);
+  server.settings.debug(`serving connections on ${choice.count} threads (this one and ${choice.count - 1} worker${choice.count > 2 ? "s" : ""})`);
+  return pool;
+}
+
+/** How a worker thread makes its server: the same command line, its share of the memory limit. */
+export const workerHost: WorkerHost = {
+  async prepare(args, maxServerMemory, log) {
+    const o = parseArgs(args);
+    const { plugin, filters } = await loadLayers(o);
+    const config = applyMagicKey(o.params, plugin.magicConfigKey, plugin.name);
+    return NbdServer.prepare(serveOptions(o, plugin, filters, config, log, o.verbose && o.log !== 'null', maxServerMemory));
+  },
+  describe: (err) => {
+    const layer = layerOf(err);
+    return `${layer ? `${layer}: ` : ''}${(err as Error)?.message ?? String(err)}`;
+  },
+};
 
 /** Why listening failed, in the user's terms (Node says EACCES for a socket in a missing directory). */
 function listenError(o: CliOptions, err: NodeJS.ErrnoException): string {

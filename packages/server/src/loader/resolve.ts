@@ -37,8 +37,8 @@ export function candidatePackages(name: string, kind: Kind): string[] {
  * (cli/install.ts); the packaging test checks this list against packages/.
  */
 export const FIRST_PARTY: Readonly<Record<Kind, readonly string[]>> = {
-  plugin: ['memory', 'file', 'nbd', 'imageio', 's3'],
-  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar', 'stats', 'log'],
+  plugin: ['memory', 'file', 'nbd', 'imageio', 'rbd', 'http', 's3'],
+  filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar', 'stats', 'log', 'retry', 'retry-request'],
 };
 
 /** The first-party package a name stands for (`memory` or `@nbdx/plugin-memory`), else null. */

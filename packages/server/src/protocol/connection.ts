@@ -9,6 +9,22 @@ import type { ExportStats } from './stats.js';
 import { Transmission } from './transmission.js';
 
 let nextId = 1;
+/** With worker threads, one counter in shared memory numbers the connections of every thread. */
+let sharedIds: Int32Array | null = null;
+
+/**
+ * Number connections from a counter shared between threads (logs then name each connection
+ * once, whichever thread serves it). The first call creates it, continuing from this thread's
+ * count; worker threads pass the one they were given.
+ */
+export function shareConnectionIds(counter?: Int32Array): Int32Array {
+  sharedIds = counter ?? new Int32Array(new SharedArrayBuffer(4)).fill(nextId - 1);
+  return sharedIds;
+}
+
+function newConnectionId(): number {
+  return sharedIds ? Atomics.add(sharedIds, 0, 1) + 1 : nextId++;
+}
 
 /**
  * How long the last replies may take to reach a client at the end of a connection before the
@@ -29,7 +45,7 @@ const SHUTDOWN_GRACE_MS = 300;
  * close has run.
  */
 export class Connection {
-  readonly id = nextId++;
+  readonly id = newConnectionId();
   private transmission: Transmission | null = null;
   private reader: SocketReader;
   private writer: ReplyWriter;

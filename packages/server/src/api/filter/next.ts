@@ -49,6 +49,28 @@ export interface Next {
    */
   extents(count: number, offset: number, flags?: number): Promise<Extent[]>;
   cache(count: number, offset: number, flags?: number): Promise<void>;
+  /**
+   * Replace the connection's context below this filter by a fresh one, opened with the same
+   * export name and TLS state (and the same read-only mode unless `options.readonly` says
+   * otherwise), and return it. The whole chain below is opened again, then the old context is
+   * closed; from then on the filter's callbacks receive the new context as `next`. This is how
+   * the retry filter recovers from a broken plugin (nbdkit's context_open + context_set_next).
+   *
+   * Calling it on a context that was already replaced returns the context that replaced it, and
+   * concurrent calls share one reopen, so requests that failed together reopen once. If opening
+   * fails, the old context stays in place and the error is thrown; if the new context has a
+   * different size, it is closed and EIO is thrown (the size was announced to the client).
+   *
+   * Only the per-connection context the core opened below a filter can be reopened: contexts
+   * from `openContext` or passed to `use` throw ENOTSUP. Optional here only so that hand-made
+   * `Next` objects need not provide it.
+   */
+  reopen?(options?: ReopenOptions): Promise<Next>;
+}
+
+export interface ReopenOptions {
+  /** Open the new context read-only (or writable) instead of as the old one was. */
+  readonly?: boolean;
 }
 
 /** A context a filter opened itself (see LayerBelow.openContext); close it when done. */

@@ -13,6 +13,13 @@ export interface FilterCommon<H> {
   description?: string;
   configHelp?: string;
   threadModel?: ThreadModel | (() => ThreadModel);
+  /**
+   * true: every worker thread may load its own copy of this filter (see the plugin's
+   * `workerThreads`). Declare it when the filter keeps no state shared between connections
+   * (offset, partition, delay); an overlay, a shared context or counters for the whole server
+   * keep it unset.
+   */
+  workerThreads?: boolean;
 
   load?(): MaybePromise<void>;
   unload?(): MaybePromise<void>;

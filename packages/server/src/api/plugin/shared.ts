@@ -26,6 +26,14 @@ export interface PluginCommon<H> {
   configHelp?: string;
   /** Defaults to 'parallel'. */
   threadModel?: ThreadModel | (() => ThreadModel);
+  /**
+   * true: the server may serve connections on several worker threads (`--workers`), each of which
+   * loads, configures and opens its own copy of this plugin. Declare it only when those copies
+   * behave as one disk because the data lives outside the JavaScript heap: a file, a device, a
+   * remote server. A plugin that keeps its disk in its own memory leaves it unset, and the server
+   * then serves every connection on one thread.
+   */
+  workerThreads?: boolean;
 
   load?(): MaybePromise<void>;
   unload?(): MaybePromise<void>;

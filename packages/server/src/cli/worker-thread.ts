@@ -1,0 +1,8 @@
+/**
+ * The module a worker thread of `nbdx --workers` runs (see workers.ts): it serves the connections
+ * the main thread hands over, with its own copy of the plugin and filters.
+ */
+import { workerHost } from './main.js';
+import { isNbdxWorker, runWorker } from './workers.js';
+
+if (isNbdxWorker()) void runWorker(workerHost);
