@@ -468,6 +468,33 @@ assert h.pread(4096, 2 * 1048576) == b"\\x32" * 4096  # buffered data still read
   }, 60_000);
 });
 
+describe.runIf(haveCeph && haveTools && haveCli)('s3 plugin under --filter=retry-request', () => {
+  it('a burst of 500s from the store is ridden out: the client sees no error', async () => {
+    const proxy = await startFaultyProxy(ceph.s3!.endpoint);
+    cleanups.push(() => proxy.close());
+    const prefix = freshPrefix('retry');
+    const args = (extra: Record<string, string>) => [
+      '--filter=retry-request',
+      's3',
+      ...params({ prefix, endpoint: proxy.url, ...extra }).map(([k, v]) => `${k}=${v}`),
+      'retry-request-retries=10',
+      'retry-request-delay=200ms',
+    ];
+    const srv = await startCli(args({ size: '4M' }), { env: { NODE_NO_WARNINGS: '1' } });
+    cleanups.push(() => srv.stop().then(() => undefined));
+    await qemuIo(srv.uri, 'write -P 0x61 0 1M', 'flush');
+    proxy.mode = '500';
+    const healed = new Promise<void>((r) =>
+      setTimeout(() => {
+        proxy.mode = 'pass';
+        r();
+      }, 700),
+    );
+    await Promise.all([qemuIo(srv.uri, 'read -P 0x61 0 1M', 'write -P 0x62 1M 64k', 'flush', 'read -P 0x62 1M 64k'), healed]);
+    expect(srv.stderr()).toMatch(/retry/i);
+  }, 60_000);
+});
+
 /** nbdkit's S3 plugin (Debian nbdkit-plugin-python + python3-boto3); under CI=true it must be there. */
 function needNbdkitS3(): boolean {
   const ok = haveTools && spawnSync('nbdkit', ['S3', '--dump-plugin'], { env: TOOL_ENV, stdio: 'ignore' }).status === 0;
