@@ -54,6 +54,7 @@ function report(label, seconds, bytes = size) {
 }
 
 let loadAtStart = '';
+const sockDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-s3-bench-'));
 const ceph = await startCeph({ rgw: true, memstoreBytes: 8 * 1024 ** 3 });
 const c = ceph.s3;
 const ENV = {
@@ -162,7 +163,8 @@ try {
     timed(`nbdx s3 prefix= object-size=64K: nbdcopy in ${small / MiB} MiB`, process.execPath, nbdx(nbdx64, `nbdcopy --flush -- ${smallSrc} "$uri"`), small);
     timed(`nbdx s3 prefix= object-size=64K: nbdcopy out ${small / MiB} MiB`, process.execPath, nbdx(nbdx64, 'nbdcopy "$uri" null:'), small);
     if (hasS3Plugin) {
-      const nk = (extra, run) => ['-U', '-', 'S3', `endpoint-url=${c.endpoint}`, `bucket=${BUCKET}`, ...extra, '--run', run];
+      // An explicit socket: with -U - the Python plugin's nbdkit leaves an empty /tmp/nbdkitXXXXXX.
+      const nk = (extra, run) => ['-U', path.join(sockDir, 'nbdkit.sock'), 'S3', `endpoint-url=${c.endpoint}`, `bucket=${BUCKET}`, ...extra, '--run', run];
       const nkDisk = ['key=nbdkit', `size=${small}`, 'object-size=65536'];
       timed(`nbdkit S3 size= object-size=64K: nbdcopy in ${small / MiB} MiB`, 'nbdkit', nk(nkDisk, `nbdcopy --flush -- ${smallSrc} "$uri"`), small);
       timed(`nbdkit S3 size= object-size=64K: nbdcopy out ${small / MiB} MiB`, 'nbdkit', nk(nkDisk, 'nbdcopy "$uri" null:'), small);
@@ -180,6 +182,7 @@ try {
 } finally {
   s3.destroy();
   await ceph.stop();
+  fs.rmSync(sockDir, { recursive: true, force: true });
 }
 const median = (xs) => [...xs].sort((a, b) => a - b)[Math.floor(xs.length / 2)];
 console.log(`\nMedian of ${rounds} rounds (MiB/s, range in brackets); load average at the start ${loadAtStart}, at the end ${load()}:`);

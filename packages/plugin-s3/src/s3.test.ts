@@ -507,8 +507,9 @@ describe.runIf(haveCeph && needNbdkitS3())('s3 plugin: the same objects as nbdki
     const name = freshPrefix('nbdkit').slice(0, -1);
     const c = ceph.s3!;
     const env = { AWS_ACCESS_KEY_ID: c.accessKey, AWS_SECRET_ACCESS_KEY: c.secretKey };
+    // an explicit socket: with -U - nbdkit 1.32 leaves an empty /tmp/nbdkitXXXXXX behind
     const nbdkitRun = (cmd: string) =>
-      runOk('nbdkit', ['-U', '-', 'S3', `endpoint-url=${c.endpoint}`, `bucket=${BUCKET}`, `key=${name}`, 'size=4M', 'object-size=64k', '--run', cmd], { env });
+      runOk('nbdkit', ['-U', path.join(dir, `nbdkit-${++seq}.sock`), 'S3', `endpoint-url=${c.endpoint}`, `bucket=${BUCKET}`, `key=${name}`, 'size=4M', 'object-size=64k', '--run', cmd], { env });
     await nbdkitRun(`qemu-io -f raw -c "write -P 0x5a 64k 128k" -c "write -P 0x3c 3M 64k" "$uri"`);
     // no manifest yet: size= and object-size= as nbdkit was given them create it
     const nbd = await startNbd({ prefix: `${name}/`, size: '4M', 'object-size': '64K' });
