@@ -54,6 +54,7 @@ function report(label, seconds, bytes = size) {
 }
 
 let loadAtStart = '';
+let sockSeq = 0;
 const sockDir = fs.mkdtempSync(path.join(os.tmpdir(), 'nbdx-s3-bench-'));
 const ceph = await startCeph({ rgw: true, memstoreBytes: 8 * 1024 ** 3 });
 const c = ceph.s3;
@@ -163,8 +164,9 @@ try {
     timed(`nbdx s3 prefix= object-size=64K: nbdcopy in ${small / MiB} MiB`, process.execPath, nbdx(nbdx64, `nbdcopy --flush -- ${smallSrc} "$uri"`), small);
     timed(`nbdx s3 prefix= object-size=64K: nbdcopy out ${small / MiB} MiB`, process.execPath, nbdx(nbdx64, 'nbdcopy "$uri" null:'), small);
     if (hasS3Plugin) {
-      // An explicit socket: with -U - the Python plugin's nbdkit leaves an empty /tmp/nbdkitXXXXXX.
-      const nk = (extra, run) => ['-U', path.join(sockDir, 'nbdkit.sock'), 'S3', `endpoint-url=${c.endpoint}`, `bucket=${BUCKET}`, ...extra, '--run', run];
+      // An explicit socket in our directory, a new one each time: nbdkit with the Python plugin
+      // exits without removing its socket (with -U -, an empty /tmp/nbdkitXXXXXX stays behind).
+      const nk = (extra, run) => ['-U', path.join(sockDir, `nbdkit-${++sockSeq}.sock`), 'S3', `endpoint-url=${c.endpoint}`, `bucket=${BUCKET}`, ...extra, '--run', run];
       const nkDisk = ['key=nbdkit', `size=${small}`, 'object-size=65536'];
       timed(`nbdkit S3 size= object-size=64K: nbdcopy in ${small / MiB} MiB`, 'nbdkit', nk(nkDisk, `nbdcopy --flush -- ${smallSrc} "$uri"`), small);
       timed(`nbdkit S3 size= object-size=64K: nbdcopy out ${small / MiB} MiB`, 'nbdkit', nk(nkDisk, 'nbdcopy "$uri" null:'), small);
