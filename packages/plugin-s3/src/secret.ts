@@ -6,7 +6,7 @@
  * Anything else is the secret itself (accepted, but the README says why not to).
  */
 import * as fs from 'node:fs';
-import { Errno, NbdError } from '@nbdx/server/api';
+import { Errno, NbdError, logWarning } from '@nbdx/server/api';
 
 function stripNewline(text: string): string {
   return text.replace(/\r?\n$/, '');
@@ -88,6 +88,9 @@ export async function readSecret(key: string, value: string, stdin: NodeJS.Reada
     }
   } else {
     secret = value;
+    if (secret !== '') {
+      logWarning('s3', `${key}= given in clear: other users can read it in the process list; use ${key}=+FILE, ${key}=- or ${key}=-FD`);
+    }
   }
   if (secret === '') throw new NbdError(Errno.EINVAL, `${key}: the secret is empty`);
   return secret;
