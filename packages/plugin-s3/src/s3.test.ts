@@ -360,6 +360,34 @@ describe.runIf(haveCeph && haveTools && haveCli)('s3 plugin: key= under --filter
   }, 60_000);
 });
 
+describe.runIf(haveCeph && haveTools && haveCli)('s3 plugin: credentials from the AWS environment and profiles', () => {
+  it('AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, and profile= from a shared credentials file', async () => {
+    const c = ceph.s3!;
+    const prefix = freshPrefix('creds');
+    const base = ['s3', `endpoint=${c.endpoint}`, `bucket=${BUCKET}`, `prefix=${prefix}`];
+    // nothing from the developer's own ~/.aws may leak in
+    const isolated = {
+      AWS_CONFIG_FILE: path.join(dir, 'no-config'),
+      AWS_SHARED_CREDENTIALS_FILE: path.join(dir, 'no-credentials'),
+      AWS_EC2_METADATA_DISABLED: 'true',
+      AWS_PROFILE: '',
+      AWS_REGION: '',
+    };
+    let srv = await startCli([...base, 'size=4M'], {
+      env: { ...isolated, AWS_ACCESS_KEY_ID: c.accessKey, AWS_SECRET_ACCESS_KEY: c.secretKey },
+    });
+    await qemuIo(srv.uri, 'write -P 0x21 0 64k', 'flush');
+    await srv.stop();
+
+    const credentials = path.join(dir, 'credentials');
+    fs.writeFileSync(credentials, `[nbdx-test]\naws_access_key_id = ${c.accessKey}\naws_secret_access_key = ${c.secretKey}\n`, { mode: 0o600 });
+    cleanups.push(() => fs.rmSync(credentials, { force: true }));
+    srv = await startCli([...base, 'profile=nbdx-test'], { env: { ...isolated, AWS_SHARED_CREDENTIALS_FILE: credentials } });
+    cleanups.push(() => srv.stop().then(() => undefined));
+    await qemuIo(srv.uri, 'read -P 0x21 0 64k');
+  }, 60_000);
+});
+
 describe.runIf(haveCeph && haveTools && haveCli)('s3 plugin: bad command lines and refused start-ups are one line, exit 1', () => {
   const cases: [string, Record<string, string>, RegExp][] = [
     ['no layout', {}, /exactly one of key= .* or prefix=/],

@@ -33,7 +33,8 @@ export function storeOptions(s: Settings): StoreOptions {
   return {
     bucket: s.bucket!,
     endpoint: s.endpoint,
-    region: s.region ?? process.env.AWS_REGION ?? process.env.AWS_DEFAULT_REGION ?? 'us-east-1',
+    // (an empty variable counts as unset, as in the AWS CLI)
+    region: s.region ?? (process.env.AWS_REGION || process.env.AWS_DEFAULT_REGION || 'us-east-1'),
     pathStyle: s.pathStyle ?? s.endpoint !== null,
     profile: s.profile,
     credentials:

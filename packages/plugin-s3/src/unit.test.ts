@@ -129,6 +129,8 @@ describe('parameters', () => {
     try {
       const o = storeOptions(await settings({ bucket: 'bk1', key: 'disk.img' }));
       expect(o).toMatchObject({ region: 'us-east-1', pathStyle: false, credentials: null, connections: 64 });
+      process.env.AWS_REGION = '';
+      expect(storeOptions(await settings({ bucket: 'bk1', key: 'disk.img' })).region).toBe('us-east-1');
       process.env.AWS_REGION = 'ap-south-1';
       expect(storeOptions(await settings({ bucket: 'bk1', key: 'disk.img', 'path-style': 'true' }))).toMatchObject({ region: 'ap-south-1', pathStyle: true });
     } finally {
