@@ -34,6 +34,9 @@ export const PACKAGES = {
   radosgw: ['radosgw', 'radosgw-admin'],
   'librbd-dev': ['file:/usr/include/rbd/librbd.h'],
   bsdutils: ['script'],
+  // nbdkit's S3 plugin (Python, boto3): plugin-s3 checks it reads and writes the same objects.
+  'nbdkit-plugin-python': ['file:/usr/lib/x86_64-linux-gnu/nbdkit/plugins/nbdkit-S3-plugin'],
+  'python3-boto3': ['python3:boto3'],
 };
 
 // nbdsh and the python module are the system python's: look in the system directories first

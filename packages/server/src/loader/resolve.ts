@@ -37,7 +37,7 @@ export function candidatePackages(name: string, kind: Kind): string[] {
  * (cli/install.ts); the packaging test checks this list against packages/.
  */
 export const FIRST_PARTY: Readonly<Record<Kind, readonly string[]>> = {
-  plugin: ['memory', 'file', 'nbd', 'imageio', 'rbd', 'http'],
+  plugin: ['memory', 'file', 'nbd', 'imageio', 'rbd', 'http', 's3'],
   filter: ['offset', 'partition', 'delay', 'cow', 'shared', 'tar', 'stats', 'log', 'retry', 'retry-request', 'readahead', 'cache'],
 };
 
