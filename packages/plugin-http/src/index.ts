@@ -116,8 +116,11 @@ export function createHttpPlugin() {
     magicConfigKey: 'url',
     configHelp: CONFIG_HELP,
     threadModel: 'parallel',
-    // Read-only, and the data lives on the web server: each worker thread may have its own copy.
-    workerThreads: true,
+    // Read-only, and the data lives on the web server: each worker thread may have its own copy,
+    // which reads its configuration again. Not when a secret is typed at the terminal or read
+    // from a descriptor: those can be read once only (the worker would ask again, or find the
+    // descriptor closed).
+    workerThreads: () => ![settings.password, settings.cookie].some((s) => s?.kind === 'prompt' || s?.kind === 'fd'),
 
     config(key, value) {
       applyConfig(settings, key, value);
