@@ -25,6 +25,11 @@ import { NbdClient } from '@nbdx/client';
 import { needTools } from '@nbdx/testkit';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+/**
+ * @nbdx/native, the core's optional dependency (a small prebuilt addon), comes with it wherever
+ * npm installs the core, except on a Node below its `engines` (npm skips such optional packages).
+ */
+const NATIVE = Number(process.versions.node.split('.')[0]) >= 22 ? ['@nbdx/native'] : [];
 const VERSION: string = JSON.parse(fs.readFileSync(path.join(root, 'packages/server/package.json'), 'utf8')).version;
 const have = needTools('nbdinfo', 'nbdcopy');
 
@@ -255,7 +260,7 @@ describe.runIf(have)('published to a registry on loopback, run with npx', () => 
 
       const sets = u.installed();
       expect(sets).toHaveLength(1);
-      expect(sets[0]).toEqual(['@nbdx/client', '@nbdx/filter-shared', '@nbdx/plugin-nbd', '@nbdx/server', 'nbdx']);
+      expect(sets[0]).toEqual(['@nbdx/client', '@nbdx/filter-shared', ...NATIVE, '@nbdx/plugin-nbd', '@nbdx/server', 'nbdx']);
       expect(fs.readdirSync(u.cwd)).toEqual(['copy.img']); // nothing installed in the working directory
     } finally {
       await upstream.close();
@@ -275,8 +280,8 @@ describe.runIf(have)('published to a registry on loopback, run with npx', () => 
     expect(r.stderr).toContain(`nbdx: installing @nbdx/plugin-memory@${VERSION} into ~/.cache/nbdx/${VERSION} (--no-install or NBDX_NO_INSTALL=1 turns this off)`);
     expect(r.stdout).toMatch(/export-size: 1048576\b/);
     // npx installed nbdx alone; nbdx put the plugin (and the core it takes as a peer) in its cache.
-    expect(u.installed()).toEqual([['@nbdx/server', 'nbdx']]);
-    expect(cached(u)).toEqual(['@nbdx/plugin-memory', '@nbdx/server']);
+    expect(u.installed()).toEqual([[...NATIVE, '@nbdx/server', 'nbdx']]);
+    expect(cached(u)).toEqual([...NATIVE, '@nbdx/plugin-memory', '@nbdx/server']);
     expect(fs.readdirSync(u.cwd)).toEqual([]);
 
     // The next start: nothing installed, nothing said, nothing spawned but the server.
@@ -294,7 +299,7 @@ describe.runIf(have)('published to a registry on loopback, run with npx', () => 
     expect(blocked.stderr).toContain('Not installing it (NBDX_NO_INSTALL=1).');
     expect(blocked.stderr).toContain(`Install it with: npm install @nbdx/filter-offset@${VERSION}`);
     expect(u.installed()).toHaveLength(1);
-    expect(cached(u)).toEqual(['@nbdx/plugin-memory', '@nbdx/server']);
+    expect(cached(u)).toEqual([...NATIVE, '@nbdx/plugin-memory', '@nbdx/server']);
   });
 
   it('inside a project that has nbdx installed: npx nbdx memory installs the plugin beside, not into, the project', async () => {
@@ -365,7 +370,7 @@ describe.runIf(have)('published to a registry on loopback, run with npx', () => 
     // No package name is invented for a name nobody checked exists (typosquatting bait).
     expect(r.stderr).toContain("nbdx: plugin 'nosuchdisk' not found. 'nbdx --list' shows the plugins and filters available");
     expect(r.stderr).not.toMatch(/npm install|npx -p/);
-    expect(u.installed()).toEqual([['@nbdx/server', 'nbdx']]);
+    expect(u.installed()).toEqual([[...NATIVE, '@nbdx/server', 'nbdx']]);
     expect(cached(u)).toEqual([]);
   });
 });
