@@ -245,7 +245,8 @@ function serveOptions(
  * many threads serve, or why one does; a warning when more were asked for than can be had.
  */
 async function startWorkers(o: CliOptions, server: NbdServer, plugin: Plugin, filters: Filter[], log: Log): Promise<WorkerPool | null> {
-  const helper = server.socketHelper ? { ops: server.socketHelper } : await loadSocketHelper();
+  // Loaded once per thread (NbdServer.prepare already did): this is the cached answer.
+  const helper = await loadSocketHelper();
   const choice = chooseWorkers({
     requested: o.workers,
     single: o.single,
@@ -254,8 +255,7 @@ async function startWorkers(o: CliOptions, server: NbdServer, plugin: Plugin, fi
       { kind: 'plugin', name: plugin.name, workerThreads: declared(plugin) },
     ],
     threadModel: server.threadModel,
-    helper: helper.ops,
-    helperReason: 'reason' in helper ? helper.reason : undefined,
+    helper,
     metrics: o.metrics !== undefined,
   });
   if (choice.count <= 1) {
@@ -270,7 +270,7 @@ async function startWorkers(o: CliOptions, server: NbdServer, plugin: Plugin, fi
     argv: argv(),
     maxServerMemory: memoryLimit(o.maxServerMemory, '--max-server-memory') ?? DEFAULT_SETTINGS.maxServerMemory,
     server,
-    helper: helper.ops!,
+    helper: helper.ops!, // chooseWorkers said more than one thread: the helper is there
     log,
   });
   server.handOff = (socket) => pool.offer(socket);

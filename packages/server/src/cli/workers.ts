@@ -18,7 +18,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import { Worker, parentPort, workerData } from 'node:worker_threads';
 import { sharedBuffers, type ThreadModel } from '../api/common.js';
-import type { SocketHelper } from '../native.js';
+import type { SocketHelper, SocketHelperLoad } from '../native.js';
 import { shareConnectionIds } from '../protocol/connection.js';
 import type { NbdServer } from '../server.js';
 
@@ -47,8 +47,8 @@ export function chooseWorkers(args: {
   single: boolean;
   layers: readonly LayerInfo[];
   threadModel: ThreadModel;
-  helper: SocketHelper | null;
-  helperReason?: string;
+  /** @nbdx/native as loaded (loadSocketHelper): the hand-over needs its dup(). */
+  helper: SocketHelperLoad;
   metrics: boolean;
   cores?: number;
 }): WorkerChoice {
@@ -63,7 +63,7 @@ export function chooseWorkers(args: {
     return { count: 1, reason: `the thread model is ${args.threadModel}` };
   }
   if (args.metrics) return { count: 1, reason: '--metrics counts on one thread' };
-  if (!args.helper) return { count: 1, reason: `handing connections to threads needs @nbdx/native (${args.helperReason ?? 'not loaded'})` };
+  if (!args.helper.ops) return { count: 1, reason: `handing connections to threads needs @nbdx/native (${args.helper.reason})` };
   return { count: want, reason: '' };
 }
 

@@ -18,7 +18,7 @@ const MiB = 1024 * 1024;
 describe('chooseWorkers', () => {
   const helper = { dup: () => 0, getBuffer: () => 0, setBuffer: () => 0 };
   const file = [{ kind: 'plugin' as const, name: 'file', workerThreads: true }];
-  const base = { single: false, layers: file, threadModel: 'parallel' as const, helper, metrics: false };
+  const base = { single: false, layers: file, threadModel: 'parallel' as const, helper: { ops: helper, path: 'x.node' }, metrics: false };
 
   it('auto: one thread per core, at most 4; one on a single core', () => {
     expect(chooseWorkers({ ...base, requested: undefined, cores: 2 }).count).toBe(2);
@@ -33,7 +33,7 @@ describe('chooseWorkers', () => {
     expect(chooseWorkers({ ...base, requested: 4, single: true }).reason).toBe('-s serves one connection');
     expect(chooseWorkers({ ...base, requested: 4, threadModel: 'serialize_all_requests' }).count).toBe(1);
     expect(chooseWorkers({ ...base, requested: 4, metrics: true }).reason).toBe('--metrics counts on one thread');
-    expect(chooseWorkers({ ...base, requested: 4, helper: null, helperReason: 'x' }).reason).toMatch(/@nbdx\/native \(x\)/);
+    expect(chooseWorkers({ ...base, requested: 4, helper: { ops: null, reason: 'x' } }).reason).toMatch(/@nbdx\/native \(x\)/);
     expect(chooseWorkers({ ...base, requested: 1 }).count).toBe(1);
   });
 });
