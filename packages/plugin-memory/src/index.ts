@@ -23,7 +23,9 @@ interface Disk {
   zero(count: number, offset: number): void;
   extents(count: number, offset: number, maxExtents?: number): Iterable<Extent>;
   /** The bytes at a fixed place in memory, for replies sent and payloads received without a copy. */
-  view?(count: number, offset: number): Buffer;
+  view?(count: number, offset: number, write: boolean): Buffer | undefined;
+  /** The core is done with a view (see PluginV2.releaseView). */
+  release?(view: Uint8Array, completed: boolean): void;
 }
 
 /**
@@ -126,9 +128,11 @@ export function createMemoryPlugin() {
     canCache: () => 'native',
 
     pread: (_h, buf, offset) => disk.read(buf, offset),
-    // allocator=malloc: replies sent from the disk itself and payloads received into it.
-    readView: (_h, count, offset) => disk.view?.(count, offset),
-    writeView: (_h, count, offset) => disk.view?.(count, offset),
+    // Replies sent from the disk itself and payloads received into it: always for
+    // allocator=malloc, for sparse where the range is one piece of memory (see SparseArray.view).
+    readView: (_h, count, offset) => disk.view?.(count, offset, false),
+    writeView: (_h, count, offset) => disk.view?.(count, offset, true),
+    releaseView: (_h, view, completed) => disk.release?.(view, completed),
     pwrite: (_h, buf, offset) => disk.write(buf, offset),
     // RAM is as durable as it gets: flush and FUA have nothing to do.
     flush: () => {},

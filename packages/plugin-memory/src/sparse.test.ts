@@ -504,7 +504,13 @@ describe('SparseArray sub-blocks', () => {
         const kind = r(10);
         if (kind < 5) {
           const buf = r(4) === 0 ? Buffer.alloc(len) : pattern(len, at, op);
-          a.write(buf, at);
+          // Now and then through a view, as the core does with payloads it receives in place.
+          const v = r(3) === 0 ? a.view(len, at, true) : undefined;
+          if (v) {
+            buf.copy(v);
+            a.write(v, at);
+            a.release(v, true);
+          } else a.write(buf, at);
           buf.copy(ref, at);
           for (let k = Math.floor(at / SUB_SIZE); k * SUB_SIZE < at + len; k++) held[k] = 1;
           for (let i = Math.floor(at / PAGE_SIZE); i * PAGE_SIZE < at + len; i++) exists[i] = 1;
@@ -519,6 +525,13 @@ describe('SparseArray sub-blocks', () => {
             if (!pageAll0(i)) continue;
             exists[i] = 0;
             held.fill(0, i * SUBS, (i + 1) * SUBS);
+          }
+        } else if (kind === 8) {
+          // A reply sent from the array's memory: where it is one piece, it holds the data.
+          const v = a.view(len, at, false);
+          if (v) {
+            expect(v.equals(ref.subarray(at, at + len))).toBe(true);
+            a.release(v, true);
           }
         } else {
           // Read twice with different garbage in the buffer: every byte not reported as a hole
@@ -647,3 +660,84 @@ describe('SparseArray sub-blocks', () => {
     expect(a.storedBytes).toBe(0);
   });
 });
+
+describe('SparseArray views (replies sent from its memory, payloads received into it)', () => {
+  const RUN = 8 * PAGE_SIZE;
+
+  it('full pages in consecutive chunks are one view, at any offset and length inside them', () => {
+    const a = new SparseArray(GiB);
+    const data = pattern(RUN, 0, 1);
+    a.write(data, 4 * RUN);
+    for (const [at, len] of [[0, RUN], [100, 100_000], [PAGE_SIZE - 1, 2], [RUN - 1, 1]] as const) {
+      const v = a.view(len, 4 * RUN + at, false)!;
+      expect(v.equals(data.subarray(at, at + len))).toBe(true);
+      a.release(v, true);
+    }
+    // Not one piece: a page never written, a page written in part, the edge of the run.
+    expect(a.view(RUN, 5 * RUN - PAGE_SIZE, false)).toBeUndefined();
+    a.write(Buffer.alloc(100, 7), 6 * RUN);
+    expect(a.view(100, 6 * RUN, false)).toBeUndefined();
+    expect(a.view(RUN, 0, false)).toBeUndefined();
+  });
+
+  it('a payload view over pages never written takes them whole; other shapes are copied', () => {
+    const a = new SparseArray(GiB);
+    const v = a.view(RUN, RUN, true)!;
+    expect(v.length).toBe(RUN);
+    expect(a.allocatedPages).toBe(8);
+    expect(a.storedBytes).toBe(RUN);
+    const data = pattern(RUN, RUN, 2);
+    data.copy(v);
+    a.write(v, RUN); // the core hands the view back as the payload: nothing to copy
+    a.release(v, true);
+    expect(readAll(a, RUN, RUN).data.equals(data)).toBe(true);
+    expect([...a.extents(3 * RUN, 0)].map((e) => e.type)).toEqual([3, 0, 3]);
+    // Overwriting what it now holds: the same memory.
+    const again = a.view(RUN, RUN, true)!;
+    expect(again.buffer).toBe(v.buffer);
+    expect(again.byteOffset).toBe(v.byteOffset);
+    a.release(again, true);
+    // Pages not covered whole, or part written and part not: no view.
+    expect(a.view(RUN - 1, 3 * RUN, true)).toBeUndefined();
+    expect(a.view(RUN, 3 * RUN + 1, true)).toBeUndefined();
+    expect(a.view(2 * RUN, 0, true)).toBeUndefined();
+    expect(a.allocatedPages).toBe(8);
+  });
+
+  it('chunks freed while a reply is sent from them are not reused until it is given back', () => {
+    const a = new SparseArray(GiB);
+    const old = pattern(RUN, 0, 3);
+    a.write(old, 0);
+    const reply = a.view(RUN, 0, false)!;
+    a.zero(RUN, 0); // a trim while the reply waits for the socket
+    expect(a.storedBytes).toBe(0);
+    expect(a.allocatedPages).toBe(0);
+    // New data elsewhere must not land in the chunks the reply is sent from.
+    for (let i = 1; i <= 64; i++) a.write(pattern(RUN, i * RUN, 4), i * RUN);
+    expect(reply.equals(old)).toBe(true);
+    a.release(reply, true);
+    // Given back, they are used again once the slab being filled is full.
+    let reused = false;
+    for (let i = 0; i < 200 && !reused; i++) {
+      const at = 100 * RUN + i * PAGE_SIZE;
+      a.write(pattern(PAGE_SIZE, at, 5), at);
+      const v = a.view(PAGE_SIZE, at, false)!;
+      reused = v.buffer === reply.buffer && v.byteOffset >= reply.byteOffset && v.byteOffset < reply.byteOffset + RUN;
+      a.release(v, true);
+    }
+    expect(reused).toBe(true);
+  });
+
+  it('a payload that stopped part way leaves zeroes, not what the chunks held before', () => {
+    const a = new SparseArray(GiB);
+    a.write(pattern(RUN, 0, 6), 0);
+    a.zero(RUN, 0); // the chunks go back to the allocator holding that pattern
+    const v = a.view(RUN, 2 * RUN, true)!;
+    v.fill(9, 0, 1000); // the first bytes of the payload arrived, then the client went away
+    a.release(v, false);
+    const back = readAll(a, RUN, 2 * RUN);
+    expect(back.data.equals(Buffer.alloc(RUN))).toBe(true);
+    expect([...a.extents(RUN, 2 * RUN)]).toEqual([{ offset: 2 * RUN, length: RUN, type: 2 }]);
+  });
+});
+

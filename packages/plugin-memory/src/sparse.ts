@@ -112,6 +112,28 @@ class ChunkAllocator {
   numberOfView(v: Buffer): number {
     return this.numberOf.get(v.buffer as ArrayBuffer)! * this.perSlab + v.byteOffset / this.chunk;
   }
+
+  /** The number of the chunk holding byte 0 of `v`, if `v` is a view of slab memory, else -1. */
+  chunkAt(v: Uint8Array): number {
+    const slab = this.numberOf.get(v.buffer as ArrayBuffer);
+    return slab === undefined ? -1 : slab * this.perSlab + Math.floor(v.byteOffset / this.chunk);
+  }
+
+  /**
+   * `n` chunks next to each other in one slab (h, h+1, ...), or -1 when the chunks that would come
+   * next are not (then nothing is taken). A slab's free chunks come out in ascending order until
+   * trims scatter them, so runs for sequential writes into empty space are the rule.
+   */
+  allocRun(n: number): number {
+    if (n > this.perSlab) return -1;
+    const taken: number[] = [];
+    for (let k = 0; k < n; k++) taken.push(this.alloc());
+    // Freed in ascending order (a trim), they come back out descending: any order will do.
+    taken.sort((x, y) => x - y);
+    if (taken[n - 1]! - taken[0]! === n - 1) return taken[0]!;
+    for (let j = n - 1; j >= 0; j--) this.release(taken[j]!);
+    return -1;
+  }
 }
 
 /**
@@ -255,8 +277,96 @@ export class SparseArray {
    * and write never touch it.
    */
   walkSteps = 0;
+  /**
+   * Views handed out (view()) and not yet given back (release()), per PAGE_SIZE chunk: a chunk
+   * freed while pinned (a trim during a READ reply sent from it) is only put back for reuse once
+   * its last view is released, so a reply never carries bytes written later at other offsets.
+   */
+  private pins = new Int32Array(256);
+  private readonly pinnedFreed = new Set<number>();
 
   constructor(readonly size: number) {}
+
+  /**
+   * The `count` bytes at `offset` as one piece of this array's memory, for a READ reply sent from
+   * it or a WRITE payload received into it; undefined when they are not one piece. That is when
+   * every page of the range is full (held as one chunk) and the chunks are consecutive in one
+   * slab, or, for `write`, when the range covers pages never written, whole, and a run of
+   * consecutive chunks is free for them (they are taken now, and hold data from now on). Bulk
+   * copies are the first kind or the second; scattered small writes are neither and are copied.
+   * Every view must be given back with release().
+   */
+  view(count: number, offset: number, write: boolean): Buffer | undefined {
+    if (count <= 0) return undefined;
+    const first = Math.floor(offset / PAGE_SIZE);
+    const last = Math.floor((offset + count - 1) / PAGE_SIZE);
+    const n = last - first + 1;
+    const start = this.page(first);
+    let h: number;
+    if (start === undefined) {
+      if (!write || offset !== first * PAGE_SIZE || (offset + count) % PAGE_SIZE !== 0) return undefined;
+      for (let i = first + 1; i <= last; i++) if (this.page(i) !== undefined) return undefined;
+      h = this.big.allocRun(n);
+      if (h < 0) return undefined;
+      for (let k = 0; k < n; k++) this.addFullPage(first + k, this.big.view(h + k));
+    } else {
+      if (start instanceof Page) return undefined;
+      h = this.big.numberOfView(start);
+      for (let k = 1; k < n; k++) {
+        const e = this.page(first + k);
+        if (e === undefined || e instanceof Page || e.buffer !== start.buffer || e.byteOffset !== start.byteOffset + k * PAGE_SIZE) {
+          return undefined;
+        }
+      }
+    }
+    if (h + n > this.pins.length) {
+      const grown = new Int32Array(Math.max(h + n, this.pins.length * 2));
+      grown.set(this.pins);
+      this.pins = grown;
+    }
+    for (let k = 0; k < n; k++) this.pins[h + k]!++;
+    const mem = this.big.memory(h);
+    return Buffer.from(mem.buffer, mem.byteOffset + this.big.offset(h) + (offset - first * PAGE_SIZE), count);
+  }
+
+  /**
+   * A view from view() is no longer used. `completed` false: a WRITE payload stopped part way
+   * (the client went away), so the view holds a part of it over whatever the chunks held before
+   * (possibly bytes of other offsets, for pages taken for it): it becomes zero, which is one of
+   * the things an unfinished write may leave behind.
+   */
+  release(view: Uint8Array, completed: boolean): void {
+    const h = this.big.chunkAt(view);
+    if (h < 0) return;
+    if (!completed) view.fill(0);
+    const within = view.byteOffset % PAGE_SIZE;
+    const n = Math.ceil((within + view.byteLength) / PAGE_SIZE);
+    for (let k = 0; k < n; k++) {
+      if (--this.pins[h + k]! === 0 && this.pinnedFreed.delete(h + k)) this.big.release(h + k);
+    }
+  }
+
+  /** Give a PAGE_SIZE chunk back for reuse, or, while a view of it is out, once that comes back. */
+  private releaseBig(h: number): void {
+    if (h < this.pins.length && this.pins[h]! > 0) this.pinnedFreed.add(h);
+    else this.big.release(h);
+  }
+
+  /** Page `index` is now `v`, a full page's chunk. */
+  private addFullPage(index: number, v: Buffer): void {
+    const d = Math.floor(index / DIR_PAGES);
+    let dir = this.dirs.get(d);
+    if (!dir) this.dirs.set(d, (dir = new Directory()));
+    dir.add(index % DIR_PAGES, v);
+    this.allocatedPages++;
+    this.storedBytes += PAGE_SIZE;
+  }
+
+  /** Whether `buf` is the view() for `offset` (a payload the core received into place). */
+  private isOwnView(buf: Uint8Array, offset: number): boolean {
+    const e = this.page(Math.floor(offset / PAGE_SIZE));
+    return e !== undefined && !(e instanceof Page) && buf.buffer === e.buffer && buf.byteOffset === e.byteOffset + (offset % PAGE_SIZE);
+  }
 
   /** Pages held as a Page, that is partly written (the others are full, held as a view): for tests,
    * O(pages). */
@@ -280,10 +390,10 @@ export class SparseArray {
 
   private releaseStorage(p: Entry): void {
     if (!(p instanceof Page)) {
-      this.big.release(this.big.numberOfView(p));
+      this.releaseBig(this.big.numberOfView(p));
       this.storedBytes -= PAGE_SIZE;
     } else if (p.whole >= 0) {
-      this.big.release(p.whole);
+      this.releaseBig(p.whole);
       this.storedBytes -= PAGE_SIZE;
       p.whole = -1;
       p.view = null;
@@ -337,6 +447,8 @@ export class SparseArray {
   }
 
   write(buf: Uint8Array, offset: number): void {
+    // The core received the payload straight into place (view()): nothing to copy.
+    if (this.isOwnView(buf, offset)) return;
     let done = 0;
     while (done < buf.length) {
       const pos = offset + done;
@@ -459,7 +571,7 @@ export class SparseArray {
       mem.copy(this.small.memory(c), this.small.offset(c), at + (k << SUB_SHIFT), at + ((k + 1) << SUB_SHIFT));
       this.storedBytes += SUB_SIZE;
     }
-    this.big.release(p.whole);
+    this.releaseBig(p.whole);
     this.storedBytes -= PAGE_SIZE;
     p.whole = -1;
     p.view = null;

@@ -83,6 +83,7 @@ export abstract class Context implements OwnedContext {
   protected implWriteView(_count: number, _offset: number): Uint8Array | undefined {
     return undefined;
   }
+  protected implReleaseView(_view: Uint8Array, _completed: boolean): void {}
   protected abstract implPwrite(buf: Uint8Array, offset: number, flags: number): Promise<void> | void;
   protected abstract implFlush(flags: number): Promise<void> | void;
   protected abstract implTrim(count: number, offset: number, flags: number): Promise<void> | void;
@@ -256,6 +257,15 @@ export abstract class Context implements OwnedContext {
     this.checkRange(count, offset, Errno.ENOSPC, 'write');
     const v = this.implWriteView(count, offset);
     return v && v.byteLength === count ? v : undefined;
+  }
+
+  /** The core is done with a view from readView/writeView (see PluginV2.releaseView). */
+  releaseView(view: Uint8Array, completed: boolean): void {
+    try {
+      this.implReleaseView(view, completed);
+    } catch (err) {
+      throw tagLayer(err, this.who);
+    }
   }
 
   pwriteNow(buf: Uint8Array, offset: number, flags = 0): void | Promise<void> {

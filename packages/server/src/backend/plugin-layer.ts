@@ -119,6 +119,9 @@ export class PluginContext extends Context {
   protected override implWriteView(count: number, offset: number) {
     return this.p.writeView?.(this.h, count, offset);
   }
+  protected override implReleaseView(view: Uint8Array, completed: boolean) {
+    this.p.releaseView?.(this.h, view, completed);
+  }
   protected implPwrite(buf: Uint8Array, offset: number, flags: number) {
     return this.p.pwrite!(this.h, buf, offset, flags);
   }

@@ -5,20 +5,28 @@
  */
 import { randomBytes } from 'node:crypto';
 import { describe, expect, it } from 'vitest';
-import { needTools, nbdshOk, servePlugin } from '@nbdx/testkit';
+import { needTools, nbdshOk, servePlugin, socketOf, waitFor } from '@nbdx/testkit';
 import { defineFilter, definePlugin } from '../api/define.js';
+import * as C from '../wire/constants.js';
+import { GO_REPLY_SIZE, GREETING_SIZE, RawSession, clientFlags, go, request } from './raw-session.js';
 
 const SIZE = 4 << 20;
 
-/** A flat RAM disk offering views, counting how each request was served. */
-function viewPlugin(offerViews = true) {
-  const disk = Buffer.alloc(SIZE);
+/** A flat RAM disk offering views, counting how each request was served and each view given back. */
+function viewPlugin(offerViews = true, size = SIZE) {
+  const disk = Buffer.alloc(size);
   const calls = { pread: 0, readView: 0, writeView: 0, pwriteCopied: 0, pwriteInPlace: 0 };
+  /** Views handed out and not given back yet; views given back, completed or not. */
+  const views = { out: 0, completed: 0, abandoned: 0 };
+  const give = (v: Buffer | undefined) => {
+    if (v) views.out++;
+    return v;
+  };
   const plugin = definePlugin({
     apiVersion: 2,
     name: 'views',
     open: () => ({}),
-    getSize: () => SIZE,
+    getSize: () => size,
     canWrite: () => true,
     pread: (_h, buf, offset) => {
       calls.pread++;
@@ -33,14 +41,29 @@ function viewPlugin(offerViews = true) {
     },
     readView: (_h, count, offset) => {
       calls.readView++;
-      return offerViews ? disk.subarray(offset, offset + count) : undefined;
+      return give(offerViews ? disk.subarray(offset, offset + count) : undefined);
     },
     writeView: (_h, count, offset) => {
       calls.writeView++;
-      return offerViews ? disk.subarray(offset, offset + count) : undefined;
+      return give(offerViews ? disk.subarray(offset, offset + count) : undefined);
+    },
+    releaseView: (_h, view, completed) => {
+      expect(view.buffer).toBe(disk.buffer);
+      views.out--;
+      if (completed) views.completed++;
+      else views.abandoned++;
     },
   });
-  return { plugin, disk, calls };
+  return { plugin, disk, calls, views };
+}
+
+/** A raw client that negotiated and sent a WRITE header plus `first` bytes of its payload. */
+async function startWrite(uri: string, offset: number, payload: Buffer, first: number) {
+  const r = await RawSession.open(socketOf(uri));
+  r.send(clientFlags(), go());
+  await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + GO_REPLY_SIZE, 3000);
+  r.send(request(C.CMD_WRITE, offset, payload.length, { cookie: 7n }), payload.subarray(0, first));
+  return r;
 }
 
 describe('plugin memory views (readView / writeView)', () => {
@@ -122,6 +145,75 @@ print("ok")
       expect(calls.pwriteCopied).toBe(0);
     } finally {
       await srv.close();
+    }
+  });
+
+  it('every view is given back once: replies once sent, payloads once written', async () => {
+    const { plugin, calls, views } = viewPlugin();
+    const srv = await servePlugin(plugin);
+    try {
+      const c = await srv.connect({ structuredReplies: true });
+      const data = randomBytes(256 * 1024);
+      await Promise.all(Array.from({ length: 8 }, (_, i) => c.pwrite(data, i * data.length)));
+      const back = await Promise.all(Array.from({ length: 8 }, (_, i) => c.pread(data.length, i * data.length)));
+      for (const b of back) expect(Buffer.from(b).equals(data)).toBe(true);
+      await c.disconnect();
+      expect(calls.readView + calls.writeView).toBe(16);
+      await waitFor(() => views.completed === 16, 3000);
+      expect(views).toEqual({ out: 0, completed: 16, abandoned: 0 });
+    } finally {
+      await srv.close();
+    }
+  });
+
+  it('a client gone in the middle of a payload received in place: the view comes back unfinished', async () => {
+    const { plugin, views, disk } = viewPlugin();
+    const srv = await servePlugin(plugin);
+    try {
+      const payload = randomBytes(1 << 20);
+      const r = await startWrite(srv.uri, 0, payload, 200_000);
+      await waitFor(() => disk.subarray(0, 100_000).equals(payload.subarray(0, 100_000)), 3000);
+      expect(views.out).toBe(1);
+      r.destroy();
+      await waitFor(() => views.abandoned === 1, 3000);
+      expect(views).toMatchObject({ out: 0, completed: 0, abandoned: 1 });
+      // Nobody else noticed.
+      const c = await srv.connect();
+      expect((await c.pread(4096, 0)).length).toBe(4096);
+      await c.disconnect();
+    } finally {
+      await srv.close();
+    }
+  });
+
+  // A payload received in place used to go into the buffer pool when the view was a whole
+  // buffer (byteOffset 0): the next WRITE to any export then landed in this plugin's disk.
+  it("the plugin's memory never goes into the core's buffer pool", async () => {
+    const LEN = 256 * 1024;
+    const viewed = viewPlugin(true, LEN);
+    const plain = viewPlugin(false, 1 << 20);
+    const a = await servePlugin(viewed.plugin);
+    const b = await servePlugin(plain.plugin);
+    try {
+      const mine = randomBytes(LEN);
+      const other = randomBytes(LEN);
+      // Header first, the payload later: the rest is read by the socket straight into place.
+      for (const [srv, data, done] of [
+        [a, mine, () => viewed.calls.pwriteInPlace === 1],
+        [b, other, () => plain.calls.pwriteCopied === 1],
+      ] as const) {
+        const r = await startWrite(srv.uri, 0, data, 1000);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        r.send(data.subarray(1000));
+        await waitFor(done, 3000);
+        await r.waitUntil(() => r.receivedLength >= GREETING_SIZE + GO_REPLY_SIZE + 16, 3000);
+        r.destroy();
+      }
+      expect(viewed.disk.equals(mine)).toBe(true);
+      expect(plain.disk.subarray(0, LEN).equals(other)).toBe(true);
+    } finally {
+      await a.close();
+      await b.close();
     }
   });
 });

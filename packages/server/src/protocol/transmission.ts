@@ -79,6 +79,19 @@ const VALID_FLAGS: Record<number, number> = {
   [C.CMD_BLOCK_STATUS]: C.CMD_FLAG_REQ_ONE | C.CMD_FLAG_FUA,
 };
 
+/** Whose buffer a WRITE payload is in, which says what happens to it once the write is done. */
+const enum Payload {
+  /** A view of bytes the reader handed over (or none): nothing to give back. */
+  Kept,
+  /** From the buffer pool: back into it. */
+  Pooled,
+  /** The plugin's own memory (writeView): the plugin is told the core is done with it. */
+  InPlace,
+}
+
+/** What a finished pending payload's buffer is. */
+const payloadKind = (p: PendingWrite): Payload => (p.inPlace ? Payload.InPlace : p.buf !== null ? Payload.Pooled : Payload.Kept);
+
 /** A WRITE (or other request with a payload) whose payload is still arriving. */
 interface PendingWrite {
   req: Request;
@@ -191,6 +204,12 @@ export class Transmission {
     const polled = this.poller ? ` (${this.reader.polledReads} of ${this.reader.reads} reads found by polling)` : '';
     this.settings.debug(`connection ending: ${reason}${polled}`);
     this.reader.discardInput();
+    // A payload that was arriving in the plugin's own memory never will now.
+    const p = this.pendingWrite;
+    if (p?.inPlace) {
+      this.pendingWrite = null;
+      this.giveBack(p.buf!, Payload.InPlace, false);
+    }
     this.budget.server.cancel(this.wakeFromServer);
     this.budget.onRelease = null;
     this.whenIdle(() => this.finished());
@@ -209,7 +228,7 @@ export class Transmission {
     this.writer.hold();
     this.parsing++;
     try {
-      if (completed) this.start(completed.req, completed.buf, null, true);
+      if (completed) this.start(completed.req, completed.buf, null, payloadKind(completed));
       this.parseHeld();
     } finally {
       this.parsing--;
@@ -305,7 +324,7 @@ export class Transmission {
           if (q.length >= length) {
             this.pendingWrite = null;
             q.copyInto(place, 0, length);
-            this.start(req, place, null);
+            this.start(req, place, null, Payload.InPlace);
           }
           return true;
         }
@@ -318,7 +337,7 @@ export class Transmission {
           } else {
             const payload = bufferPool.get(length);
             q.copyInto(payload, 0, length);
-            this.start(req, payload, null, true);
+            this.start(req, payload, null, Payload.Pooled);
           }
           return true;
         }
@@ -352,7 +371,7 @@ export class Transmission {
       return false;
     }
     this.pendingWrite = null;
-    this.start(p.req, p.buf, p.error ?? (p.req.type === C.CMD_WRITE ? null : this.unsupportedPayload()), p.buf !== null && !p.inPlace);
+    this.start(p.req, p.buf, p.error ?? (p.req.type === C.CMD_WRITE ? null : this.unsupportedPayload()), payloadKind(p));
     return true;
   }
 
@@ -446,11 +465,12 @@ export class Transmission {
     return null;
   }
 
-  /** `pooled`: the payload came from the buffer pool and goes back once the request is done. */
-  private start(req: Request, payload: Buffer | null, error: NbdError | null, pooled = false): void {
+  /** `kind`: whose memory the payload is in, so it goes back where it belongs once the request is done. */
+  private start(req: Request, payload: Buffer | null, error: NbdError | null, kind = Payload.Kept): void {
     const stats = this.stats;
     if (stats !== null) stats.requests[opIndex(req.type)]++;
     if (error) {
+      if (kind !== Payload.Kept) this.giveBack(payload!, kind);
       this.replyError(req, error, true);
       return;
     }
@@ -478,21 +498,32 @@ export class Transmission {
     }
     if (pending === undefined) {
       // Answered already (a synchronous plugin): no promise turn at all.
-      if (pooled) bufferPool.put(payload!);
+      if (kind !== Payload.Kept) this.giveBack(payload!, kind);
       this.finish(cost, req.type, t0);
       return;
     }
     pending.then(
       () => {
         // Plugins may not keep the buffer after pwrite returns, so it can be reused.
-        if (pooled) bufferPool.put(payload!);
+        if (kind !== Payload.Kept) this.giveBack(payload!, kind);
         this.finish(cost, req.type, t0);
       },
       (err) => {
         this.settings.error(`internal error: ${(err as Error).stack ?? err}`);
+        if (kind === Payload.InPlace) this.giveBack(payload!, kind);
         this.finish(cost, req.type, t0);
       },
     );
+  }
+
+  /** A payload buffer the request is done with: back to the pool, or the plugin told (releaseView). */
+  private giveBack(payload: Buffer, kind: Payload, completed = true): void {
+    if (kind === Payload.Pooled) return bufferPool.put(payload);
+    try {
+      this.ctx.releaseView(payload, completed);
+    } catch (err) {
+      this.settings.error(`releaseView: ${(err as Error).message}`);
+    }
   }
 
   /**
@@ -726,7 +757,14 @@ export class Transmission {
       writeChunkHeader(w.arena, at, this.extended, C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA, req.cookie, req.offset, 8 + req.length);
       writeU64(w.arena, req.offset, at + hs);
     }
-    w.push(view);
+    // The plugin learns when the socket is done with its memory (releaseView).
+    w.pushThen(view, () => {
+      try {
+        this.ctx.releaseView(view, true);
+      } catch (err) {
+        this.settings.error(`releaseView: ${(err as Error).message}`);
+      }
+    });
   }
 
   private readFailed(req: Request, b: Buffer, err: unknown): void {

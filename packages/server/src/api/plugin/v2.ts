@@ -27,8 +27,9 @@ export interface PluginV2<H = any> extends PluginCommon<H> {
    * disk): the `count` bytes at `offset` as a view of that memory, which the core sends as the
    * READ reply without copying them (the kernel copies straight from it). The view must stay
    * valid and in place while the reply is queued: memory that may be freed or reused for other
-   * offsets (a sparse allocator's chunks) must not be handed out. Return undefined to be asked
-   * through `pread` instead. Only used when no filter sits above the plugin.
+   * offsets (a sparse allocator's chunks) is held back until `releaseView` says the core is done
+   * with it. Return undefined to be asked through `pread` instead. Only used when no filter sits
+   * above the plugin.
    */
   readView?(h: H, count: number, offset: number): Uint8Array | undefined;
   /**
@@ -40,4 +41,13 @@ export interface PluginV2<H = any> extends PluginCommon<H> {
    * above the plugin, and only for requests that passed every check.
    */
   writeView?(h: H, count: number, offset: number): Uint8Array | undefined;
+  /**
+   * Optional: called once for every view readView or writeView handed out, when the core is
+   * done with it: a READ reply's bytes were taken by the kernel (or dropped with the
+   * connection); a WRITE's pwrite returned (`completed` true) or the client went away in the
+   * middle of its payload (`completed` false: the view holds a part of it at most). Until then
+   * the view's memory must stay where it is, for these offsets; a plugin whose memory moves
+   * (chunks freed by trim and reused elsewhere) holds such memory back until this call.
+   */
+  releaseView?(h: H, view: Uint8Array, completed: boolean): void;
 }
