@@ -704,6 +704,25 @@ describe('SparseArray views (replies sent from its memory, payloads received int
     expect(a.allocatedPages).toBe(8);
   });
 
+  it('a run of chunks for a payload never spans two slabs', () => {
+    const a = new SparseArray(GiB);
+    // 60 pages fill most of the first slab (64 chunks of 32 KiB): a run of 8 would cross into the next.
+    a.write(pattern(60 * PAGE_SIZE, 0, 7), 0);
+    const data = pattern(RUN, 64 * PAGE_SIZE, 8);
+    for (let i = 0; i < 4; i++) {
+      const at = 64 * PAGE_SIZE + i * RUN;
+      const v = a.view(RUN, at, true);
+      if (v) {
+        data.copy(v);
+        a.write(v, at);
+        a.release(v, true);
+      } else a.write(data, at);
+      expect(readAll(a, RUN, at).data.equals(data)).toBe(true);
+    }
+    a.zero(GiB, 0);
+    expect(a.storedBytes).toBe(0);
+  });
+
   it('chunks freed while a reply is sent from them are not reused until it is given back', () => {
     const a = new SparseArray(GiB);
     const old = pattern(RUN, 0, 3);

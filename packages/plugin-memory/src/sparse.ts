@@ -128,9 +128,10 @@ class ChunkAllocator {
     if (n > this.perSlab) return -1;
     const taken: number[] = [];
     for (let k = 0; k < n; k++) taken.push(this.alloc());
-    // Freed in ascending order (a trim), they come back out descending: any order will do.
+    // Freed in ascending order (a trim), they come back out descending: any order will do. Not
+    // across slabs: consecutive numbers there are not neighbours in memory.
     taken.sort((x, y) => x - y);
-    if (taken[n - 1]! - taken[0]! === n - 1) return taken[0]!;
+    if (taken[n - 1]! - taken[0]! === n - 1 && taken[0]! >>> this.shift === taken[n - 1]! >>> this.shift) return taken[0]!;
     for (let j = n - 1; j >= 0; j--) this.release(taken[j]!);
     return -1;
   }
