@@ -19,14 +19,33 @@ const DIR_PAGES = 32 * 1024; // 1 GiB of address space per directory
 const DIR_BYTES = PAGE_SIZE * DIR_PAGES;
 const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 
-/** Slabs are 2 MiB: the garbage collector tracks one ArrayBuffer per 64 pages or 512 sub-blocks
- * instead of one per chunk (many live ArrayBuffers make every GC slower). */
+/** Slabs are 2 MiB: the unit in which chunks are handed out and given back. */
 const SLAB_BYTES = 2 * 1024 * 1024;
+
+/**
+ * Slabs are carved out of arenas, ArrayBuffers that grow from 2 MiB to ARENA_MAX as the disk
+ * fills. The system backs an arena with memory only where it is touched, so an arena costs what
+ * its slabs hold; but V8 starts a full garbage collection for about every 64 MiB of new
+ * ArrayBuffer memory, however it is split: with a 2 MiB ArrayBuffer per slab, 1 GiB written into
+ * a fresh disk cost about 25 collections and twice the user CPU time of the same copy into a
+ * disk already written; with 256 MiB arenas, 5 or 6. An arena is freed once none of its slabs is
+ * in use.
+ */
+const ARENA_MAX = 256 * 1024 * 1024;
+
+interface Arena {
+  memory: Buffer;
+  /** The slab number in each slot of SLAB_BYTES, -1 where free. */
+  slabOf: Int32Array;
+  used: number;
+}
 
 interface Slab {
   number: number;
   free: number[];
   used: number;
+  arena: Arena;
+  slot: number;
 }
 
 /**
@@ -34,7 +53,7 @@ interface Slab {
  * memory(h). Numbers rather than a Buffer view per chunk: taking a chunk allocates nothing (a view
  * costs more than the copy of a 4 KiB write, and ~100 bytes of heap while it lives), and the few
  * slab Buffers stay in cache where a view per chunk would be one more object to fetch per request.
- * A slab whose chunks are all free again is released. Chunks are never cleared: slabs come from
+ * A slab whose chunks are all free again is released. Chunks are never cleared: arenas come from
  * Buffer.allocUnsafeSlow, and whoever takes a chunk writes (or zero-fills) every byte of it that
  * can later be read.
  */
@@ -42,7 +61,8 @@ class ChunkAllocator {
   /** Slab memory by slab number; null once released (the number is then reused). */
   private readonly slabMemory: (Buffer | null)[] = [];
   private readonly slabs: (Slab | null)[] = [];
-  private readonly numberOf = new Map<ArrayBuffer, number>();
+  private readonly arenas: Arena[] = [];
+  private readonly arenaOf = new Map<ArrayBuffer, Arena>();
   private readonly spareNumbers: number[] = [];
   private readonly withRoom = new Set<Slab>();
   /** Where chunks are taken from while it has room. */
@@ -67,13 +87,41 @@ class ChunkAllocator {
   private newSlab(): Slab {
     const n = this.perSlab;
     const number = this.spareNumbers.pop() ?? this.slabs.length;
-    const slab: Slab = { number, free: Array.from({ length: n }, (_, i) => n - 1 - i), used: 0 };
-    const memory = Buffer.allocUnsafeSlow(SLAB_BYTES);
+    // The oldest arena with room first, so that newer ones empty out and go when the disk shrinks.
+    let arena = this.arenas.find((a) => a.used < a.slabOf.length);
+    if (!arena) arena = this.newArena();
+    const slot = arena.slabOf.indexOf(-1);
+    arena.slabOf[slot] = number;
+    arena.used++;
+    const slab: Slab = { number, free: Array.from({ length: n }, (_, i) => n - 1 - i), used: 0, arena, slot };
     this.slabs[number] = slab;
-    this.slabMemory[number] = memory;
-    this.numberOf.set(memory.buffer as ArrayBuffer, number);
+    this.slabMemory[number] = arena.memory.subarray(slot * SLAB_BYTES, (slot + 1) * SLAB_BYTES);
     this.withRoom.add(slab);
     return slab;
+  }
+
+  /** Bytes of the slabs in use (the arenas around them are backed by memory only where touched). */
+  get slabBytes(): number {
+    let n = 0;
+    for (const a of this.arenas) n += a.used;
+    return n * SLAB_BYTES;
+  }
+
+  /** Bytes of the arenas: address space, backed by memory only where slabs were touched. */
+  get arenaBytes(): number {
+    let n = 0;
+    for (const a of this.arenas) n += a.memory.length;
+    return n;
+  }
+
+  /** Twice the size of the last one (2 MiB for the first), up to ARENA_MAX. */
+  private newArena(): Arena {
+    const last = this.arenas[this.arenas.length - 1];
+    const bytes = last ? Math.min(ARENA_MAX, last.memory.length * 2) : SLAB_BYTES;
+    const arena: Arena = { memory: Buffer.allocUnsafeSlow(bytes), slabOf: new Int32Array(bytes / SLAB_BYTES).fill(-1), used: 0 };
+    this.arenas.push(arena);
+    this.arenaOf.set(arena.memory.buffer as ArrayBuffer, arena);
+    return arena;
   }
 
   release(h: number): void {
@@ -84,7 +132,12 @@ class ChunkAllocator {
     // Give memory back once a slab is empty, keeping one spare so alternating write/trim doesn't churn.
     if (slab.used === 0 && this.withRoom.size > 1) {
       this.withRoom.delete(slab);
-      this.numberOf.delete(this.slabMemory[slab.number]!.buffer as ArrayBuffer);
+      const arena = slab.arena;
+      arena.slabOf[slab.slot] = -1;
+      if (--arena.used === 0) {
+        this.arenas.splice(this.arenas.indexOf(arena), 1);
+        this.arenaOf.delete(arena.memory.buffer as ArrayBuffer);
+      }
       this.slabs[slab.number] = null;
       this.slabMemory[slab.number] = null;
       this.spareNumbers.push(slab.number);
@@ -110,13 +163,21 @@ class ChunkAllocator {
 
   /** The number of the chunk a view() is of. */
   numberOfView(v: Buffer): number {
-    return this.numberOf.get(v.buffer as ArrayBuffer)! * this.perSlab + v.byteOffset / this.chunk;
+    return this.chunkAt(v);
   }
 
-  /** The number of the chunk holding byte 0 of `v`, if `v` is a view of slab memory, else -1. */
+  /** The number of the chunk holding byte 0 of `v`, if `v` is a view of a slab in use, else -1. */
   chunkAt(v: Uint8Array): number {
-    const slab = this.numberOf.get(v.buffer as ArrayBuffer);
-    return slab === undefined ? -1 : slab * this.perSlab + Math.floor(v.byteOffset / this.chunk);
+    const arena = this.arenaOf.get(v.buffer as ArrayBuffer);
+    if (arena === undefined) return -1;
+    const at = v.byteOffset - arena.memory.byteOffset;
+    const slab = arena.slabOf[Math.floor(at / SLAB_BYTES)]!;
+    return slab < 0 ? -1 : slab * this.perSlab + Math.floor((at % SLAB_BYTES) / this.chunk);
+  }
+
+  /** Whether chunks h .. h+n-1 are all in h's slab (so they are neighbours in memory). */
+  inOneSlab(h: number, n: number): boolean {
+    return (h & (this.perSlab - 1)) + n <= this.perSlab;
   }
 
   /**
@@ -131,7 +192,7 @@ class ChunkAllocator {
     // Freed in ascending order (a trim), they come back out descending: any order will do. Not
     // across slabs: consecutive numbers there are not neighbours in memory.
     taken.sort((x, y) => x - y);
-    if (taken[n - 1]! - taken[0]! === n - 1 && taken[0]! >>> this.shift === taken[n - 1]! >>> this.shift) return taken[0]!;
+    if (taken[n - 1]! - taken[0]! === n - 1 && this.inOneSlab(taken[0]!, n)) return taken[0]!;
     for (let j = n - 1; j >= 0; j--) this.release(taken[j]!);
     return -1;
   }
@@ -313,6 +374,8 @@ export class SparseArray {
     } else {
       if (start instanceof Page) return undefined;
       h = this.big.numberOfView(start);
+      // Neighbouring slabs of an arena are neighbours in memory too, but pins count chunks of one slab.
+      if (!this.big.inOneSlab(h, n)) return undefined;
       for (let k = 1; k < n; k++) {
         const e = this.page(first + k);
         if (e === undefined || e instanceof Page || e.buffer !== start.buffer || e.byteOffset !== start.byteOffset + k * PAGE_SIZE) {
@@ -367,6 +430,16 @@ export class SparseArray {
   private isOwnView(buf: Uint8Array, offset: number): boolean {
     const e = this.page(Math.floor(offset / PAGE_SIZE));
     return e !== undefined && !(e instanceof Page) && buf.buffer === e.buffer && buf.byteOffset === e.byteOffset + (offset % PAGE_SIZE);
+  }
+
+  /** Bytes of the slabs the chunks are taken from: what the storage costs, slack included. */
+  get slabBytes(): number {
+    return this.big.slabBytes + this.small.slabBytes;
+  }
+
+  /** Bytes of the arenas the slabs are carved from (address space; see ARENA_MAX). */
+  get arenaBytes(): number {
+    return this.big.arenaBytes + this.small.arenaBytes;
   }
 
   /** Pages held as a Page, that is partly written (the others are full, held as a view): for tests,
