@@ -19,6 +19,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
   let defaultExportName: string | undefined;
   let cacheNone = false;
   let fadvise: Fadvise = 'normal';
+  let mmap = true;
   let native: NativeOps | null = null;
 
   /**
@@ -56,6 +57,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
       'default-export=NAME  with dir=: the file served to clients that ask for the default export ""',
       'cache=default|none   none: drop pages from the page cache after each read and write',
       'fadvise=normal|random|sequential  access pattern hint given to the kernel (default normal)',
+      'mmap=auto|off        auto: files on tmpfs/ramfs are mapped, and replies and payloads go\n                     straight between the socket and the file (default auto)',
     ].join('\n'),
     threadModel: 'parallel',
     // Every copy opens the file itself, and the data lives in the file: worker threads are safe.
@@ -91,6 +93,12 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
             throw new NbdError(Errno.EINVAL, `fadvise: '${value}' is not one of ${FADVISE_VALUES.join(', ')}`);
           }
           fadvise = value as Fadvise;
+          break;
+        case 'mmap':
+          if (value !== 'auto' && value !== 'off') {
+            throw new NbdError(Errno.EINVAL, `mmap: '${value}' is not one of auto, off`);
+          }
+          mmap = value === 'auto';
           break;
         default:
           throw new NbdError(Errno.EINVAL, `unknown parameter '${key}' (see nbdx file --help)`);
@@ -155,7 +163,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
           'no default export in dir= mode: ask for a file by name (nbdinfo --list shows them) or set default-export=NAME',
         );
       } else path = exportPath(dir!, exportName);
-      return OpenFile.open(path, readonly, { cacheNone, fadvise, native });
+      return OpenFile.open(path, readonly, { cacheNone, fadvise, native, mmap });
     },
 
     close: (h) => h.close(),
@@ -175,6 +183,8 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
     canCache: (h) => (h.canNativeCache ? 'native' : 'emulate'),
 
     pread: (h, buf, offset) => h.pread(buf, offset),
+    readView: (h, count, offset) => h.readView(count, offset),
+    writeView: (h, count, offset) => h.writeView(count, offset),
     pwrite: (h, buf, offset, flags) => h.pwrite(buf, offset, flags),
     flush: (h) => h.flush(),
     trim: (h, count, offset, flags) => h.trim(count, offset, flags),
