@@ -554,12 +554,13 @@ static napi_value js_sector_size(napi_env env, napi_callback_info info) {
 
 
 /*
- * mapShared(fd, length, writable) → ArrayBuffer over mmap(MAP_SHARED) of the first `length`
+ * mapShared(fd, length) → ArrayBuffer over a read-only mmap(MAP_SHARED) of the first `length`
  * bytes of the file, or null when the kernel refuses the mapping (the caller then keeps using
- * pread/pwrite). The plugin maps only memory-backed files (tmpfs, ramfs), where a load or store
- * through the mapping is a copy to or from the very pages pread/pwrite would copy.
+ * pread). The plugin maps only memory-backed files (tmpfs, ramfs), where reading through the
+ * mapping reads the very pages pread would copy from; the core hands views of it to the socket,
+ * so only the kernel reads them (a READ reply's one copy, into the socket).
  *
- * One mapping per file (device, inode, length, access) serves the whole process: every worker
+ * One mapping per file (device, inode, length) serves the whole process: every worker
  * thread that maps the same file gets its own ArrayBuffer over the same addresses, so the page
  * faults that fill a new mapping's page tables are paid once per process, not once per thread.
  * `users` counts mapShared calls not yet ended by detach(); `holders` counts the ArrayBuffers the
@@ -572,7 +573,6 @@ typedef struct shared_map {
   dev_t dev;
   ino_t ino;
   size_t length;
-  int writable;
   void *addr;
   int users;
   int holders;
@@ -605,17 +605,15 @@ static void unmap_finalize(napi_env env, void *data, void *hint) {
 }
 
 static napi_value js_map_shared(napi_env env, napi_callback_info info) {
-  size_t argc = 3;
-  napi_value argv[3], result;
+  size_t argc = 2;
+  napi_value argv[2], result;
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t fd;
   double length;
-  bool writable;
-  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
-      napi_get_value_double(env, argv[1], &length) != napi_ok ||
-      napi_get_value_bool(env, argv[2], &writable) != napi_ok || !(length > 0) ||
+  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_double(env, argv[1], &length) != napi_ok || !(length > 0) ||
       length > 9007199254740991.0 || (double)(size_t)length != length) {
-    napi_throw_type_error(env, NULL, "nbdx file addon: expected (fd, length > 0, writable)");
+    napi_throw_type_error(env, NULL, "nbdx file addon: expected (fd, length > 0)");
     return NULL;
   }
   CHECK(napi_get_null(env, &result));
@@ -623,17 +621,16 @@ static napi_value js_map_shared(napi_env env, napi_callback_info info) {
   if (fstat(fd, &st) != 0) return result;
   pthread_mutex_lock(&maps_lock);
   shared_map_t *m = maps;
-  while (m && !(m->dev == st.st_dev && m->ino == st.st_ino && m->length == (size_t)length && m->writable == writable)) {
+  while (m && !(m->dev == st.st_dev && m->ino == st.st_ino && m->length == (size_t)length)) {
     m = m->next;
   }
   if (!m) {
-    void *addr = mmap(NULL, (size_t)length, writable ? PROT_READ | PROT_WRITE : PROT_READ, MAP_SHARED, fd, 0);
+    void *addr = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED, fd, 0);
     if (addr != MAP_FAILED && (m = calloc(1, sizeof *m)) == NULL) munmap(addr, (size_t)length);
     if (m) {
       m->dev = st.st_dev;
       m->ino = st.st_ino;
       m->length = (size_t)length;
-      m->writable = writable;
       m->addr = addr;
       m->attached = 1;
       m->next = maps;
@@ -686,7 +683,7 @@ static napi_value js_detach(napi_env env, napi_callback_info info) {
   if (last) {
     unlink_map(m);
     m->attached = 0;
-    void *r = mmap(base, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    void *r = mmap(base, size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
     if (r == MAP_FAILED) err = errno;
   }
   pthread_mutex_unlock(&maps_lock);

@@ -57,7 +57,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
       'default-export=NAME  with dir=: the file served to clients that ask for the default export ""',
       'cache=default|none   none: drop pages from the page cache after each read and write',
       'fadvise=normal|random|sequential  access pattern hint given to the kernel (default normal)',
-      'mmap=auto|off        auto: files on tmpfs/ramfs are mapped, and replies and payloads go\n                     straight between the socket and the file (default auto)',
+      'mmap=auto|off        auto: files on tmpfs/ramfs are mapped read-only and READ replies\n                     go to the socket straight from the file pages (default auto)',
     ].join('\n'),
     threadModel: 'parallel',
     // Every copy opens the file itself, and the data lives in the file: worker threads are safe.
@@ -184,7 +184,6 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
 
     pread: (h, buf, offset) => h.pread(buf, offset),
     readView: (h, count, offset) => h.readView(count, offset),
-    writeView: (h, count, offset) => h.writeView(count, offset),
     pwrite: (h, buf, offset, flags) => h.pwrite(buf, offset, flags),
     flush: (h) => h.flush(),
     trim: (h, count, offset, flags) => h.trim(count, offset, flags),

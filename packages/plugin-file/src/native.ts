@@ -22,10 +22,11 @@ export interface NativeOps {
   /** preadv2(RWF_NOWAIT), synchronous: bytes read, -1 if not cached, -2 if unsupported. */
   preadNowait(fd: number, buf: Uint8Array, position: number): number;
   /**
-   * mmap(MAP_SHARED) of the file's first `length` bytes as an ArrayBuffer, unmapped when the
-   * collector frees it; null when the kernel refuses. Missing in helpers built before it existed.
+   * Read-only mmap(MAP_SHARED) of the file's first `length` bytes as an ArrayBuffer, one mapping
+   * per file for the whole process; null when the kernel refuses. Missing in helpers built
+   * before it existed (a prebuild from an older release).
    */
-  mapShared?(fd: number, length: number, writable: boolean): ArrayBuffer | null;
+  mapShared?(fd: number, length: number): ArrayBuffer | null;
   /** Whether every page of that range of a mapShared buffer is in memory (mincore). */
   resident?(map: ArrayBuffer, offset: number, length: number): boolean;
   /** This user is done with a mapShared mapping; the last one lets the file go (late reads see zeroes). */

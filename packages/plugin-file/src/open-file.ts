@@ -21,7 +21,7 @@ export interface OpenOptions {
   cacheNone: boolean;
   fadvise: Fadvise;
   native: NativeOps | null;
-  /** mmap=auto: map memory-backed files and offer the core views of the mapping (readView/writeView). */
+  /** mmap=auto: map memory-backed files read-only and send READ replies from the mapping (readView). */
   mmap: boolean;
 }
 
@@ -56,8 +56,8 @@ async function isMemoryBacked(path: string): Promise<boolean> {
 
 /**
  * A mapping outlives the last handle using it by this long, so that a client reconnecting (nbdcopy
- * opens new connections for every copy) finds the file's pages mapped already: a first write to
- * each page of a new mapping costs a page fault, as much CPU as the copy it replaces.
+ * opens new connections for every copy) finds the file's pages mapped already: filling a new
+ * mapping's page tables costs page faults.
  */
 export const MAP_LINGER_MS = 5_000;
 
@@ -68,7 +68,10 @@ interface SharedMap {
   timer: NodeJS.Timeout | null;
 }
 
-/** Mappings of this thread by device, inode, size and access (each worker thread has its own). */
+/**
+ * This thread's mappings by device, inode and size. Each worker thread keeps its own ArrayBuffer,
+ * but the helper gives them all the same mapping (see native/file_ops.c).
+ */
 const mappings = new Map<string, SharedMap>();
 
 function acquireMap(key: string, make: () => ArrayBuffer | null): ArrayBuffer | null {
@@ -155,10 +158,9 @@ export class OpenFile {
   /** Requests up to this size are copied synchronously (memory-backed file systems only). */
   private readonly syncMax: number;
   /**
-   * The whole file mapped shared (mmap=auto on tmpfs/ramfs with the helper), or null. READ
-   * replies are sent from it and WRITE payloads received into it, so the kernel's copy between
-   * the socket and the file's pages is the only one (pread/pwrite make two: file to buffer,
-   * buffer to socket).
+   * The whole file mapped read-only (mmap=auto on tmpfs/ramfs with the helper), or null. READ
+   * replies are sent from it, so the kernel's copy from the file's pages into the socket is the
+   * only one (pread makes two: file to buffer, buffer to socket), and no reply buffer is used.
    */
   private map: ArrayBuffer | null = null;
   private mapKey = '';
@@ -248,18 +250,18 @@ export class OpenFile {
   }
 
   /**
-   * Map the file when that saves a copy: memory-backed (a load or store through the mapping is a
-   * copy to or from the same pages pread/pwrite would copy, never a wait for a disk), a regular
-   * file, not cache=none (nothing to evict through a mapping). A file another program shrinks
-   * while it is served makes the mapping's tail invalid (see the README, "mmap").
+   * Map the file when that saves a copy: memory-backed (reading through the mapping reads the
+   * pages pread would copy from, never waits for a disk), a regular file, not cache=none.
+   * Writes keep going through pwrite: see SYNC_WRITE_LIMIT and docs/performance.md (third pass)
+   * for why receiving payloads into a mapping cost more than it saved.
    */
   private mapIfUseful(): void {
     const native = this.options.native;
     if (!this.options.mmap || !this.memoryBacked || this.isBlockDevice || this.options.cacheNone) return;
     if (!native?.mapShared || !native.resident || this.size === 0) return;
-    const key = `${this.dev}:${this.ino}:${this.size}:${this.readonly ? 'r' : 'rw'}`;
+    const key = `${this.dev}:${this.ino}:${this.size}`;
     try {
-      this.map = acquireMap(key, () => native.mapShared!(this.fd, this.size, !this.readonly));
+      this.map = acquireMap(key, () => native.mapShared!(this.fd, this.size));
     } catch (err) {
       debug('file', `${this.path}: not mapped (${(err as Error).message}); pread/pwrite only`);
     }
@@ -279,17 +281,6 @@ export class OpenFile {
   readView(count: number, offset: number): Uint8Array | undefined {
     const map = this.map;
     if (map === null || !this.options.native!.resident!(map, offset, count)) return undefined;
-    return new Uint8Array(map, offset, count);
-  }
-
-  /**
-   * Where a WRITE's payload goes: straight into the file's pages through the mapping, where they
-   * exist. Into a hole pwrite is cheaper: it allocates the page as the mapping would, without
-   * the page fault.
-   */
-  writeView(count: number, offset: number): Uint8Array | undefined {
-    const map = this.map;
-    if (map === null || this.readonly || !this.options.native!.resident!(map, offset, count)) return undefined;
     return new Uint8Array(map, offset, count);
   }
 
@@ -360,11 +351,6 @@ export class OpenFile {
 
   /** As pread: a small plain write (no FUA, no cache=none) is done here and returns nothing. */
   pwrite(buf: Uint8Array, offset: number, flags: number): void | Promise<void> {
-    if (this.map !== null && buf.buffer === this.map && buf.byteOffset === offset) {
-      // A writeView: the payload is in the file already. FUA still asks for it to be durable.
-      if ((flags & FLAG_FUA) !== 0) return this.flush();
-      return;
-    }
     if ((flags & FLAG_FUA) !== 0 || this.options.cacheNone || !this.writesHere(buf.length)) {
       return this.pwriteLater(buf, offset, flags);
     }
