@@ -554,15 +554,17 @@ static napi_value js_sector_size(napi_env env, napi_callback_info info) {
 
 
 /*
- * mapShared(fd, length) → ArrayBuffer over a read-only mmap(MAP_SHARED) of the first `length`
- * bytes of the file, or null when the kernel refuses the mapping (the caller then keeps using
+ * mapShared(fd, length, key) → ArrayBuffer over a read-only mmap(MAP_SHARED) of the first
+ * `length` bytes of the file, or null when the kernel refuses the mapping (the caller then keeps using
  * pread). The plugin maps only memory-backed files (tmpfs, ramfs), where reading through the
  * mapping reads the very pages pread would copy from; the core hands views of it to the socket,
  * so only the kernel reads them (a READ reply's one copy, into the socket).
  *
- * One mapping per file (device, inode, length) serves the whole process: every worker
+ * One mapping per file serves the whole process: every worker
  * thread that maps the same file gets its own ArrayBuffer over the same addresses, so the page
  * faults that fill a new mapping's page tables are paid once per process, not once per thread.
+ * `key` names the file (the caller's device and inode numbers): finding them here with fstat
+ * would tie the helper to glibc 2.33, newer than the prebuilds may need.
  * `users` counts mapShared calls not yet ended by detach(); `holders` counts the ArrayBuffers the
  * collectors have not freed. detach() by the last user lets the file go at once (the range
  * becomes anonymous memory, reserved but not allocated, so a late access through a view still
@@ -570,8 +572,7 @@ static napi_value js_sector_size(napi_env env, napi_callback_info info) {
  * freed.
  */
 typedef struct shared_map {
-  dev_t dev;
-  ino_t ino;
+  char key[64];
   size_t length;
   void *addr;
   int users;
@@ -605,31 +606,32 @@ static void unmap_finalize(napi_env env, void *data, void *hint) {
 }
 
 static napi_value js_map_shared(napi_env env, napi_callback_info info) {
-  size_t argc = 2;
-  napi_value argv[2], result;
+  size_t argc = 3;
+  napi_value argv[3], result;
   CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
   int32_t fd;
   double length;
-  if (argc < 2 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+  char key[64];
+  size_t key_len = 0;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
       napi_get_value_double(env, argv[1], &length) != napi_ok || !(length > 0) ||
-      length > 9007199254740991.0 || (double)(size_t)length != length) {
-    napi_throw_type_error(env, NULL, "nbdx file addon: expected (fd, length > 0)");
+      length > 9007199254740991.0 || (double)(size_t)length != length ||
+      napi_get_value_string_utf8(env, argv[2], key, sizeof key, &key_len) != napi_ok || key_len == 0 ||
+      key_len >= sizeof key - 1) {
+    napi_throw_type_error(env, NULL, "nbdx file addon: expected (fd, length > 0, key of 1 to 62 bytes)");
     return NULL;
   }
   CHECK(napi_get_null(env, &result));
-  struct stat st;
-  if (fstat(fd, &st) != 0) return result;
   pthread_mutex_lock(&maps_lock);
   shared_map_t *m = maps;
-  while (m && !(m->dev == st.st_dev && m->ino == st.st_ino && m->length == (size_t)length)) {
+  while (m && !(strcmp(m->key, key) == 0 && m->length == (size_t)length)) {
     m = m->next;
   }
   if (!m) {
     void *addr = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED, fd, 0);
     if (addr != MAP_FAILED && (m = calloc(1, sizeof *m)) == NULL) munmap(addr, (size_t)length);
     if (m) {
-      m->dev = st.st_dev;
-      m->ino = st.st_ino;
+      memcpy(m->key, key, key_len + 1);
       m->length = (size_t)length;
       m->addr = addr;
       m->attached = 1;

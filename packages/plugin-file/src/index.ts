@@ -3,7 +3,7 @@ import { resolve } from 'node:path';
 import { Errno, FLAG_REQ_ONE, NbdError, debug, definePlugin, logWarning, packageVersion } from '@nbdx/server/api';
 import { exportPath, listDirExports, badExportName } from './export-dir.js';
 import { WITHOUT_NATIVE_HELPER, loadNative, type NativeOps } from './native.js';
-import { OpenFile, type Fadvise } from './open-file.js';
+import { Mappings, OpenFile, type Fadvise } from './open-file.js';
 
 export interface FilePluginOptions {
   /** false: do not load the addon, as if it had not been built (to exercise the fallbacks). */
@@ -20,6 +20,8 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
   let cacheNone = false;
   let fadvise: Fadvise = 'normal';
   let mmap = true;
+  /** This instance's mappings (mmap=auto with the helper), made in getReady. */
+  let mappings: Mappings | null = null;
   let native: NativeOps | null = null;
 
   /**
@@ -119,6 +121,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
 
     async getReady() {
       resolveNative();
+      mappings = mmap && native?.mapShared ? new Mappings(native) : null;
       if (file !== undefined) {
         const st = await stat(file).catch((err: Error) => {
           throw new NbdError(Errno.EINVAL, `file=${file}: ${err.message}`);
@@ -163,10 +166,13 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
           'no default export in dir= mode: ask for a file by name (nbdinfo --list shows them) or set default-export=NAME',
         );
       } else path = exportPath(dir!, exportName);
-      return OpenFile.open(path, readonly, { cacheNone, fadvise, native, mmap });
+      return OpenFile.open(path, readonly, { cacheNone, fadvise, native, mappings });
     },
 
     close: (h) => h.close(),
+
+    // Handles closed last may have left their mapping lingering (MAP_LINGER_MS).
+    unload: () => mappings?.releaseAll(),
 
     getSize: (h) => h.size,
     canWrite: (h) => !h.readonly,
@@ -194,6 +200,6 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
 }
 
 export default createFilePlugin();
-export { OpenFile, MAX_EXTENTS } from './open-file.js';
+export { OpenFile, Mappings, MAX_EXTENTS, MAP_LINGER_MS } from './open-file.js';
 export { loadNative, type NativeOps, type NativeLoad } from './native.js';
 export { badExportName, listDirExports } from './export-dir.js';

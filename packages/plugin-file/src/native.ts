@@ -23,10 +23,10 @@ export interface NativeOps {
   preadNowait(fd: number, buf: Uint8Array, position: number): number;
   /**
    * Read-only mmap(MAP_SHARED) of the file's first `length` bytes as an ArrayBuffer, one mapping
-   * per file for the whole process; null when the kernel refuses. Missing in helpers built
-   * before it existed (a prebuild from an older release).
+   * per `key` (the file's device and inode) and length for the whole process; null when the
+   * kernel refuses. Missing in helpers built before it existed (a prebuild from an older release).
    */
-  mapShared?(fd: number, length: number): ArrayBuffer | null;
+  mapShared?(fd: number, length: number, key: string): ArrayBuffer | null;
   /** Whether every page of that range of a mapShared buffer is in memory (mincore). */
   resident?(map: ArrayBuffer, offset: number, length: number): boolean;
   /** This user is done with a mapShared mapping; the last one lets the file go (late reads see zeroes). */

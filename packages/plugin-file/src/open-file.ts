@@ -21,8 +21,11 @@ export interface OpenOptions {
   cacheNone: boolean;
   fadvise: Fadvise;
   native: NativeOps | null;
-  /** mmap=auto: map memory-backed files read-only and send READ replies from the mapping (readView). */
-  mmap: boolean;
+  /**
+   * mmap=auto: where memory-backed files are mapped read-only, to send READ replies from the
+   * mapping (readView); null for mmap=off.
+   */
+  mappings: Mappings | null;
 }
 
 /**
@@ -61,7 +64,7 @@ async function isMemoryBacked(path: string): Promise<boolean> {
  */
 export const MAP_LINGER_MS = 5_000;
 
-/** One file's mapping, shared by the handles of this thread that serve it. */
+/** One file's mapping, shared by the handles of one plugin instance that serve it. */
 interface SharedMap {
   buffer: ArrayBuffer;
   users: number;
@@ -69,39 +72,57 @@ interface SharedMap {
 }
 
 /**
- * This thread's mappings by device, inode and size. Each worker thread keeps its own ArrayBuffer,
- * but the helper gives them all the same mapping (see native/file_ops.c).
+ * The mappings of one plugin instance (each worker thread loads its own), by device, inode and
+ * size. Each instance holds its own ArrayBuffer, but the helper gives them all the same mapping
+ * (see native/file_ops.c), so the page tables are filled once per process.
  */
-const mappings = new Map<string, SharedMap>();
+export class Mappings {
+  private readonly maps = new Map<string, SharedMap>();
 
-function acquireMap(key: string, make: () => ArrayBuffer | null): ArrayBuffer | null {
-  let m = mappings.get(key);
-  if (!m) {
-    const buffer = make();
-    if (!buffer) return null;
-    m = { buffer, users: 0, timer: null };
-    mappings.set(key, m);
+  constructor(private readonly native: NativeOps) {}
+
+  acquire(key: string, make: () => ArrayBuffer | null): ArrayBuffer | null {
+    let m = this.maps.get(key);
+    if (!m) {
+      const buffer = make();
+      if (!buffer) return null;
+      m = { buffer, users: 0, timer: null };
+      this.maps.set(key, m);
+    }
+    if (m.timer) clearTimeout(m.timer);
+    m.timer = null;
+    m.users++;
+    return m.buffer;
   }
-  if (m.timer) clearTimeout(m.timer);
-  m.timer = null;
-  m.users++;
-  return m.buffer;
-}
 
-function releaseMap(key: string, native: NativeOps): void {
-  const m = mappings.get(key);
-  if (!m || --m.users > 0) return;
-  m.timer = setTimeout(() => {
-    mappings.delete(key);
-    // Let the file go now (a deleted image's memory is freed), not whenever the collector runs.
-    native.detach?.(m.buffer);
-  }, MAP_LINGER_MS);
-  m.timer.unref();
-}
+  release(key: string): void {
+    const m = this.maps.get(key);
+    if (!m || --m.users > 0) return;
+    m.timer = setTimeout(() => {
+      this.maps.delete(key);
+      // Let the file go now (a deleted image's memory is freed), not whenever the collector runs.
+      this.native.detach?.(m.buffer);
+    }, MAP_LINGER_MS);
+    m.timer.unref();
+  }
 
-/** How many files this thread has mapped (tests). */
-export function mappedFiles(): number {
-  return mappings.size;
+  /**
+   * Let every mapping go now, lingering or not (the plugin's unload): a server stopped inside a
+   * longer-lived process must not keep its files mapped, which would keep a deleted file's memory,
+   * or a file system from being unmounted.
+   */
+  releaseAll(): void {
+    for (const m of this.maps.values()) {
+      if (m.timer) clearTimeout(m.timer);
+      this.native.detach?.(m.buffer);
+    }
+    this.maps.clear();
+  }
+
+  /** How many files are mapped (tests). */
+  get size(): number {
+    return this.maps.size;
+  }
 }
 
 /** At most this many extents per block-status reply; the rest of the range is then "data". */
@@ -174,7 +195,6 @@ export class OpenFile {
     /** Logical sector size of a block device (alignment of discard/zero ioctls); 1 for files. */
     readonly sectorSize: number,
     private readonly dev: number,
-    private readonly ino: number,
     /** tmpfs or ramfs: reads and writes are memory copies that never wait for a disk. */
     readonly memoryBacked: boolean,
     private readonly options: OpenOptions,
@@ -227,7 +247,7 @@ export class OpenFile {
       }
       const memoryBacked = st.isFile() && (await isMemoryBacked(path));
       const dev = st.isBlockDevice() ? st.rdev : st.dev;
-      const file = new OpenFile(path, fd, ro, st.isBlockDevice(), size, sectorSize, dev, st.ino, memoryBacked, options);
+      const file = new OpenFile(path, fd, ro, st.isBlockDevice(), size, sectorSize, dev, memoryBacked, options);
       await file.applyFadvise();
       file.mapIfUseful();
       return file;
@@ -257,11 +277,14 @@ export class OpenFile {
    */
   private mapIfUseful(): void {
     const native = this.options.native;
-    if (!this.options.mmap || !this.memoryBacked || this.isBlockDevice || this.options.cacheNone) return;
+    const mappings = this.options.mappings;
+    if (!mappings || !this.memoryBacked || this.isBlockDevice || this.options.cacheNone) return;
     if (!native?.mapShared || !native.resident || this.size === 0) return;
-    const key = `${this.dev}:${this.ino}:${this.size}`;
+    // Exact numbers (bigint): two files must never share a key.
+    const st = fs.fstatSync(this.fd, { bigint: true });
+    const key = `${st.dev}:${st.ino}:${this.size}`;
     try {
-      this.map = acquireMap(key, () => native.mapShared!(this.fd, this.size));
+      this.map = mappings.acquire(key, () => native.mapShared!(this.fd, this.size, key));
     } catch (err) {
       debug('file', `${this.path}: not mapped (${(err as Error).message}); pread/pwrite only`);
     }
@@ -288,7 +311,7 @@ export class OpenFile {
     if (this.map) {
       // Replies still queued may hold views: the mapping stays a while (MAP_LINGER_MS).
       this.map = null;
-      releaseMap(this.mapKey, this.options.native!);
+      this.options.mappings!.release(this.mapKey);
     }
     return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
   }
