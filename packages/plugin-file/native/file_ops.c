@@ -14,12 +14,14 @@
 #include <node_api.h>
 
 #include <errno.h>
+#include <pthread.h>
 #include <fcntl.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -550,6 +552,192 @@ static napi_value js_sector_size(napi_env env, napi_callback_info info) {
   return result;
 }
 
+
+/*
+ * mapShared(fd, length, key) → ArrayBuffer over a read-only mmap(MAP_SHARED) of the first
+ * `length` bytes of the file, or null when the kernel refuses the mapping (the caller then keeps using
+ * pread). The plugin maps only memory-backed files (tmpfs, ramfs), where reading through the
+ * mapping reads the very pages pread would copy from; the core hands views of it to the socket,
+ * so only the kernel reads them (a READ reply's one copy, into the socket).
+ *
+ * One mapping per file serves the whole process: every worker
+ * thread that maps the same file gets its own ArrayBuffer over the same addresses, so the page
+ * faults that fill a new mapping's page tables are paid once per process, not once per thread.
+ * `key` names the file (the caller's device and inode numbers): finding them here with fstat
+ * would tie the helper to glibc 2.33, newer than the prebuilds may need.
+ * `users` counts mapShared calls not yet ended by detach(); `holders` counts the ArrayBuffers the
+ * collectors have not freed. detach() by the last user lets the file go at once (the range
+ * becomes anonymous memory, reserved but not allocated, so a late access through a view still
+ * queued reads zeroes instead of faulting); the range is unmapped when the last ArrayBuffer is
+ * freed.
+ */
+typedef struct shared_map {
+  char key[64];
+  size_t length;
+  void *addr;
+  int users;
+  int holders;
+  int attached; /* still the file's mapping, found by mapShared */
+  struct shared_map *next;
+} shared_map_t;
+
+static pthread_mutex_t maps_lock = PTHREAD_MUTEX_INITIALIZER;
+static shared_map_t *maps;
+
+static void unlink_map(shared_map_t *m) {
+  for (shared_map_t **p = &maps; *p; p = &(*p)->next) {
+    if (*p == m) {
+      *p = m->next;
+      return;
+    }
+  }
+}
+
+static void unmap_finalize(napi_env env, void *data, void *hint) {
+  shared_map_t *m = hint;
+  pthread_mutex_lock(&maps_lock);
+  int last = --m->holders == 0;
+  if (last && m->attached) unlink_map(m);
+  pthread_mutex_unlock(&maps_lock);
+  if (last) {
+    munmap(m->addr, m->length);
+    free(m);
+  }
+}
+
+static napi_value js_map_shared(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], result;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  int32_t fd;
+  double length;
+  char key[64];
+  size_t key_len = 0;
+  if (argc < 3 || napi_get_value_int32(env, argv[0], &fd) != napi_ok ||
+      napi_get_value_double(env, argv[1], &length) != napi_ok || !(length > 0) ||
+      length > 9007199254740991.0 || (double)(size_t)length != length ||
+      napi_get_value_string_utf8(env, argv[2], key, sizeof key, &key_len) != napi_ok || key_len == 0 ||
+      key_len >= sizeof key - 1) {
+    napi_throw_type_error(env, NULL, "nbdx file addon: expected (fd, length > 0, key of 1 to 62 bytes)");
+    return NULL;
+  }
+  CHECK(napi_get_null(env, &result));
+  pthread_mutex_lock(&maps_lock);
+  shared_map_t *m = maps;
+  while (m && !(strcmp(m->key, key) == 0 && m->length == (size_t)length)) {
+    m = m->next;
+  }
+  if (!m) {
+    void *addr = mmap(NULL, (size_t)length, PROT_READ, MAP_SHARED, fd, 0);
+    if (addr != MAP_FAILED && (m = calloc(1, sizeof *m)) == NULL) munmap(addr, (size_t)length);
+    if (m) {
+      memcpy(m->key, key, key_len + 1);
+      m->length = (size_t)length;
+      m->addr = addr;
+      m->attached = 1;
+      m->next = maps;
+      maps = m;
+    }
+  }
+  if (m) {
+    m->users++;
+    m->holders++;
+  }
+  pthread_mutex_unlock(&maps_lock);
+  if (!m) return result;
+  if (napi_create_external_arraybuffer(env, m->addr, m->length, unmap_finalize, m, &result) != napi_ok) {
+    /* Runtimes that forbid external memory (a V8 sandbox) say so here: no mapping then. */
+    bool pending = false;
+    napi_is_exception_pending(env, &pending);
+    if (pending) {
+      napi_value ignored;
+      napi_get_and_clear_last_exception(env, &ignored);
+    }
+    pthread_mutex_lock(&maps_lock);
+    m->users--;
+    pthread_mutex_unlock(&maps_lock);
+    unmap_finalize(env, NULL, m);
+    CHECK(napi_get_null(env, &result));
+  }
+  return result;
+}
+
+/*
+ * detach(arrayBuffer): this user of a mapShared mapping is done with it (see above). The last
+ * user's detach replaces the range by anonymous memory now, without waiting for the collectors:
+ * a deleted image's memory is given back, and the next mapShared of the file maps it afresh.
+ */
+static napi_value js_detach(napi_env env, napi_callback_info info) {
+  size_t argc = 1;
+  napi_value argv[1];
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  void *base = NULL;
+  size_t size = 0;
+  if (argc < 1 || napi_get_arraybuffer_info(env, argv[0], &base, &size) != napi_ok || !base || !size) {
+    napi_throw_type_error(env, NULL, "nbdx file addon: expected (ArrayBuffer from mapShared)");
+    return NULL;
+  }
+  pthread_mutex_lock(&maps_lock);
+  shared_map_t *m = maps;
+  while (m && !(m->addr == base && m->length == size)) m = m->next;
+  int last = m && --m->users == 0;
+  int err = 0;
+  if (last) {
+    unlink_map(m);
+    m->attached = 0;
+    void *r = mmap(base, size, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+    if (r == MAP_FAILED) err = errno;
+  }
+  pthread_mutex_unlock(&maps_lock);
+  if (err) return throw_errno(env, "mmap(MAP_FIXED)", err);
+  return NULL;
+}
+
+/*
+ * resident(arrayBuffer, offset, length) → whether every page of that range of a mapShared
+ * mapping is in memory (mincore). Reading a tmpfs hole through a shared mapping would allocate
+ * a page for it, so the plugin reads through the mapping only where the data is there already,
+ * and uses pread (which reads holes as zeroes without allocating) elsewhere.
+ */
+static napi_value js_resident(napi_env env, napi_callback_info info) {
+  size_t argc = 3;
+  napi_value argv[3], result;
+  CHECK(napi_get_cb_info(env, info, &argc, argv, NULL, NULL));
+  void *base = NULL;
+  size_t size = 0;
+  double offset, length;
+  if (argc < 3 || napi_get_arraybuffer_info(env, argv[0], &base, &size) != napi_ok ||
+      napi_get_value_double(env, argv[1], &offset) != napi_ok ||
+      napi_get_value_double(env, argv[2], &length) != napi_ok || !(offset >= 0) || !(length >= 0) ||
+      offset + length > (double)size) {
+    napi_throw_type_error(env, NULL, "nbdx file addon: expected (ArrayBuffer, offset, length) within it");
+    return NULL;
+  }
+  static long page;
+  if (!page) page = sysconf(_SC_PAGESIZE);
+  uintptr_t start = ((uintptr_t)base + (size_t)offset) & ~(uintptr_t)(page - 1);
+  uintptr_t end = (uintptr_t)base + (size_t)offset + (size_t)length;
+  int all = 1;
+  unsigned char vec[256];
+  while (all && start < end) {
+    size_t pages = (end - start + page - 1) / page;
+    if (pages > sizeof vec) pages = sizeof vec;
+    if (mincore((void *)start, pages * page, vec) != 0) {
+      all = 0;
+      break;
+    }
+    for (size_t i = 0; i < pages; i++) {
+      if (!(vec[i] & 1)) {
+        all = 0;
+        break;
+      }
+    }
+    start += pages * page;
+  }
+  CHECK(napi_get_boolean(env, all, &result));
+  return result;
+}
+
 static void set_int(napi_env env, napi_value obj, const char *name, int value) {
   napi_value v;
   napi_create_int32(env, value, &v);
@@ -574,6 +762,9 @@ static napi_value init(napi_env env, napi_value exports) {
     {"blockDeviceSize", NULL, js_device_size, NULL, NULL, NULL, napi_default, NULL},
     {"sectorSize", NULL, js_sector_size, NULL, NULL, NULL, napi_default, NULL},
     {"preadNowait", NULL, js_pread_nowait, NULL, NULL, NULL, napi_default, NULL},
+    {"mapShared", NULL, js_map_shared, NULL, NULL, NULL, napi_default, NULL},
+    {"resident", NULL, js_resident, NULL, NULL, NULL, napi_default, NULL},
+    {"detach", NULL, js_detach, NULL, NULL, NULL, napi_default, NULL},
   };
   CHECK(napi_define_properties(env, exports, sizeof fns / sizeof fns[0], fns));
 

@@ -3,7 +3,7 @@ import { resolve } from 'node:path';
 import { Errno, FLAG_REQ_ONE, NbdError, debug, definePlugin, logWarning, packageVersion } from '@nbdx/server/api';
 import { exportPath, listDirExports, badExportName } from './export-dir.js';
 import { WITHOUT_NATIVE_HELPER, loadNative, type NativeOps } from './native.js';
-import { OpenFile, type Fadvise } from './open-file.js';
+import { Mappings, OpenFile, type Fadvise } from './open-file.js';
 
 export interface FilePluginOptions {
   /** false: do not load the addon, as if it had not been built (to exercise the fallbacks). */
@@ -19,6 +19,9 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
   let defaultExportName: string | undefined;
   let cacheNone = false;
   let fadvise: Fadvise = 'normal';
+  let mmap = true;
+  /** This instance's mappings (mmap=auto with the helper), made in getReady. */
+  let mappings: Mappings | null = null;
   let native: NativeOps | null = null;
 
   /**
@@ -56,6 +59,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
       'default-export=NAME  with dir=: the file served to clients that ask for the default export ""',
       'cache=default|none   none: drop pages from the page cache after each read and write',
       'fadvise=normal|random|sequential  access pattern hint given to the kernel (default normal)',
+      'mmap=auto|off        auto: files on tmpfs/ramfs are mapped read-only and READ replies\n                     go to the socket straight from the file pages (default auto)',
     ].join('\n'),
     threadModel: 'parallel',
     // Every copy opens the file itself, and the data lives in the file: worker threads are safe.
@@ -92,6 +96,12 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
           }
           fadvise = value as Fadvise;
           break;
+        case 'mmap':
+          if (value !== 'auto' && value !== 'off') {
+            throw new NbdError(Errno.EINVAL, `mmap: '${value}' is not one of auto, off`);
+          }
+          mmap = value === 'auto';
+          break;
         default:
           throw new NbdError(Errno.EINVAL, `unknown parameter '${key}' (see nbdx file --help)`);
       }
@@ -111,6 +121,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
 
     async getReady() {
       resolveNative();
+      mappings = mmap && native?.mapShared ? new Mappings(native) : null;
       if (file !== undefined) {
         const st = await stat(file).catch((err: Error) => {
           throw new NbdError(Errno.EINVAL, `file=${file}: ${err.message}`);
@@ -155,10 +166,13 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
           'no default export in dir= mode: ask for a file by name (nbdinfo --list shows them) or set default-export=NAME',
         );
       } else path = exportPath(dir!, exportName);
-      return OpenFile.open(path, readonly, { cacheNone, fadvise, native });
+      return OpenFile.open(path, readonly, { cacheNone, fadvise, native, mappings });
     },
 
     close: (h) => h.close(),
+
+    // Handles closed last may have left their mapping lingering (MAP_LINGER_MS).
+    unload: () => mappings?.releaseAll(),
 
     getSize: (h) => h.size,
     canWrite: (h) => !h.readonly,
@@ -175,6 +189,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
     canCache: (h) => (h.canNativeCache ? 'native' : 'emulate'),
 
     pread: (h, buf, offset) => h.pread(buf, offset),
+    readView: (h, count, offset) => h.readView(count, offset),
     pwrite: (h, buf, offset, flags) => h.pwrite(buf, offset, flags),
     flush: (h) => h.flush(),
     trim: (h, count, offset, flags) => h.trim(count, offset, flags),
@@ -185,6 +200,6 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
 }
 
 export default createFilePlugin();
-export { OpenFile, MAX_EXTENTS } from './open-file.js';
+export { OpenFile, Mappings, MAX_EXTENTS, MAP_LINGER_MS } from './open-file.js';
 export { loadNative, type NativeOps, type NativeLoad } from './native.js';
 export { badExportName, listDirExports } from './export-dir.js';

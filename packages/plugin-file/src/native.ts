@@ -21,6 +21,16 @@ export interface NativeOps {
   pwriteDsync(fd: number, buf: Uint8Array, offset: number): Promise<number>;
   /** preadv2(RWF_NOWAIT), synchronous: bytes read, -1 if not cached, -2 if unsupported. */
   preadNowait(fd: number, buf: Uint8Array, position: number): number;
+  /**
+   * Read-only mmap(MAP_SHARED) of the file's first `length` bytes as an ArrayBuffer, one mapping
+   * per `key` (the file's device and inode) and length for the whole process; null when the
+   * kernel refuses. Missing in helpers built before it existed (a prebuild from an older release).
+   */
+  mapShared?(fd: number, length: number, key: string): ArrayBuffer | null;
+  /** Whether every page of that range of a mapShared buffer is in memory (mincore). */
+  resident?(map: ArrayBuffer, offset: number, length: number): boolean;
+  /** This user is done with a mapShared mapping; the last one lets the file go (late reads see zeroes). */
+  detach?(map: ArrayBuffer): void;
   blockDeviceSize(fd: number): number;
   sectorSize(fd: number): number;
   constants: {

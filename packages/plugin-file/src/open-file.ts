@@ -21,6 +21,11 @@ export interface OpenOptions {
   cacheNone: boolean;
   fadvise: Fadvise;
   native: NativeOps | null;
+  /**
+   * mmap=auto: where memory-backed files are mapped read-only, to send READ replies from the
+   * mapping (readView); null for mmap=off.
+   */
+  mappings: Mappings | null;
 }
 
 /**
@@ -31,11 +36,14 @@ export interface OpenOptions {
 export const SYNC_LIMIT = 1024 * 1024;
 
 /**
- * Writes above this go to the thread pool even on tmpfs: the copy then overlaps with the event
- * loop receiving the next payload, which for big sequential writes is worth more than the
- * thread-pool round trip.
+ * Writes are copied on the event loop up to SYNC_LIMIT too (memory-backed files only). Handing
+ * big ones to the thread pool was meant to overlap the copy with receiving the next payload, but
+ * the round trip (a futex wake of a pool thread, its wake-up of the loop, context switches, and
+ * pool threads contending for the inode lock) cost more CPU than the copy: nbdcopy into a tmpfs
+ * file took 0.82-0.84 server CPU-seconds per GiB that way and 0.63-0.69 copied here. On a machine
+ * where the client needs a core of its own, CPU per byte is what decides the copy's speed.
  */
-export const SYNC_WRITE_LIMIT = 64 * 1024;
+export const SYNC_WRITE_LIMIT = SYNC_LIMIT;
 
 const TMPFS_MAGIC = 0x01021994;
 const RAMFS_MAGIC = 0x858458f6;
@@ -46,6 +54,74 @@ async function isMemoryBacked(path: string): Promise<boolean> {
     return type === TMPFS_MAGIC || type === RAMFS_MAGIC;
   } catch {
     return false;
+  }
+}
+
+/**
+ * A mapping outlives the last handle using it by this long, so that a client reconnecting (nbdcopy
+ * opens new connections for every copy) finds the file's pages mapped already: filling a new
+ * mapping's page tables costs page faults.
+ */
+export const MAP_LINGER_MS = 5_000;
+
+/** One file's mapping, shared by the handles of one plugin instance that serve it. */
+interface SharedMap {
+  buffer: ArrayBuffer;
+  users: number;
+  timer: NodeJS.Timeout | null;
+}
+
+/**
+ * The mappings of one plugin instance (each worker thread loads its own), by device, inode and
+ * size. Each instance holds its own ArrayBuffer, but the helper gives them all the same mapping
+ * (see native/file_ops.c), so the page tables are filled once per process.
+ */
+export class Mappings {
+  private readonly maps = new Map<string, SharedMap>();
+
+  constructor(private readonly native: NativeOps) {}
+
+  acquire(key: string, make: () => ArrayBuffer | null): ArrayBuffer | null {
+    let m = this.maps.get(key);
+    if (!m) {
+      const buffer = make();
+      if (!buffer) return null;
+      m = { buffer, users: 0, timer: null };
+      this.maps.set(key, m);
+    }
+    if (m.timer) clearTimeout(m.timer);
+    m.timer = null;
+    m.users++;
+    return m.buffer;
+  }
+
+  release(key: string): void {
+    const m = this.maps.get(key);
+    if (!m || --m.users > 0) return;
+    m.timer = setTimeout(() => {
+      this.maps.delete(key);
+      // Let the file go now (a deleted image's memory is freed), not whenever the collector runs.
+      this.native.detach?.(m.buffer);
+    }, MAP_LINGER_MS);
+    m.timer.unref();
+  }
+
+  /**
+   * Let every mapping go now, lingering or not (the plugin's unload): a server stopped inside a
+   * longer-lived process must not keep its files mapped, which would keep a deleted file's memory,
+   * or a file system from being unmounted.
+   */
+  releaseAll(): void {
+    for (const m of this.maps.values()) {
+      if (m.timer) clearTimeout(m.timer);
+      this.native.detach?.(m.buffer);
+    }
+    this.maps.clear();
+  }
+
+  /** How many files are mapped (tests). */
+  get size(): number {
+    return this.maps.size;
   }
 }
 
@@ -102,6 +178,13 @@ export class OpenFile {
   private canNowait: boolean;
   /** Requests up to this size are copied synchronously (memory-backed file systems only). */
   private readonly syncMax: number;
+  /**
+   * The whole file mapped read-only (mmap=auto on tmpfs/ramfs with the helper), or null. READ
+   * replies are sent from it, so the kernel's copy from the file's pages into the socket is the
+   * only one (pread makes two: file to buffer, buffer to socket), and no reply buffer is used.
+   */
+  private map: ArrayBuffer | null = null;
+  private mapKey = '';
 
   private constructor(
     readonly path: string,
@@ -166,6 +249,7 @@ export class OpenFile {
       const dev = st.isBlockDevice() ? st.rdev : st.dev;
       const file = new OpenFile(path, fd, ro, st.isBlockDevice(), size, sectorSize, dev, memoryBacked, options);
       await file.applyFadvise();
+      file.mapIfUseful();
       return file;
     } catch (err) {
       fs.close(fd, () => {});
@@ -185,7 +269,50 @@ export class OpenFile {
     await native.fadvise(this.fd, 0, 0, advice);
   }
 
+  /**
+   * Map the file when that saves a copy: memory-backed (reading through the mapping reads the
+   * pages pread would copy from, never waits for a disk), a regular file, not cache=none.
+   * Writes keep going through pwrite: see SYNC_WRITE_LIMIT and docs/performance.md (third pass)
+   * for why receiving payloads into a mapping cost more than it saved.
+   */
+  private mapIfUseful(): void {
+    const native = this.options.native;
+    const mappings = this.options.mappings;
+    if (!mappings || !this.memoryBacked || this.isBlockDevice || this.options.cacheNone) return;
+    if (!native?.mapShared || !native.resident || this.size === 0) return;
+    // Exact numbers (bigint): two files must never share a key.
+    const st = fs.fstatSync(this.fd, { bigint: true });
+    const key = `${st.dev}:${st.ino}:${this.size}`;
+    try {
+      this.map = mappings.acquire(key, () => native.mapShared!(this.fd, this.size, key));
+    } catch (err) {
+      debug('file', `${this.path}: not mapped (${(err as Error).message}); pread/pwrite only`);
+    }
+    if (this.map) this.mapKey = key;
+    else debug('file', `${this.path}: the kernel refused to map it; pread/pwrite only`);
+  }
+
+  get mapped(): boolean {
+    return this.map !== null;
+  }
+
+  /**
+   * The bytes of a READ as a view of the mapping, when every page of them is in memory already:
+   * touching a tmpfs hole through a shared mapping would allocate a page for it, where pread
+   * reads zeroes and allocates nothing. undefined sends the core to pread.
+   */
+  readView(count: number, offset: number): Uint8Array | undefined {
+    const map = this.map;
+    if (map === null || !this.options.native!.resident!(map, offset, count)) return undefined;
+    return new Uint8Array(map, offset, count);
+  }
+
   close(): Promise<void> {
+    if (this.map) {
+      // Replies still queued may hold views: the mapping stays a while (MAP_LINGER_MS).
+      this.map = null;
+      this.options.mappings!.release(this.mapKey);
+    }
     return new Promise((resolve, reject) => fs.close(this.fd, (err) => (err ? reject(err) : resolve())));
   }
 

@@ -49,6 +49,27 @@ describe.skipIf(!ready)('polling an idle connection', () => {
     expect(Number(m![1])).toBeGreaterThan(0);
   });
 
+  it('does not poll around big requests: one-at-a-time 256 KiB writes and reads are found by the event loop', async () => {
+    const big = await startCli(['-v', '-U', path.join(dir, 'b.sock'), 'memory', '16M']);
+    try {
+      const script = [
+        'data = bytes(range(256)) * 1024',
+        'for i in range(200):',
+        '    h.pwrite(data, (i % 60) * 262144)',
+        '    assert h.pread(262144, (i % 60) * 262144) == data',
+        'print("ok")',
+      ].join('\n');
+      expect((await nbdshOk(big.uri, script)).trim()).toBe('ok');
+      await waitFor(() => /connection ending/.test(big.stderr()), 5000, 'the end of the connection');
+      const m = /\((\d+) of (\d+) reads found by polling\)/.exec(big.stderr());
+      expect(m, big.stderr().slice(-2000)).not.toBeNull();
+      expect(Number(m![2])).toBeGreaterThan(400);
+      expect(Number(m![1])).toBe(0);
+    } finally {
+      await big.stop();
+    }
+  });
+
   it('--poll=0 turns it off', async () => {
     const off = await startCli(['-v', '--poll=0', '-U', path.join(dir, 'q.sock'), 'memory', '16M']);
     try {

@@ -134,6 +134,8 @@ export class Transmission {
   /** A turn was yielded (see TURN_REQUESTS); parsing goes on from setImmediate. */
   private yielded = false;
   private startedAtIdle = 0;
+  /** The last READ or WRITE started was BIG_PAYLOAD or more (then no polling, see idleIfDone). */
+  private lastBig = false;
   private readsAtIdle = 0;
   /** Inside parse(): requests answered there wait for its end before the connection counts as idle. */
   private parsing = 0;
@@ -246,9 +248,16 @@ export class Transmission {
    */
   private idleIfDone(): void {
     if (!this.poller || this.inFlight !== 0 || this.paused || this.yielded || this.stopping || this.parsing > 0) return;
+    // Never around big requests: serving one takes longer than the wake-up a poll saves, and a
+    // bulk copy's client (nbdcopy) needs the CPU the poll burns waiting for the rest of its next
+    // payload (docs/performance.md, third pass: 0.06-0.09 CPU-s/GiB of nbdcopy into a file).
+    const p = this.pendingWrite;
     const oneByOne =
+      !this.lastBig &&
       this.reader.stream.writableLength === 0 &&
-      (this.pendingWrite !== null || (this.started - this.startedAtIdle === 1 && this.reader.reads - this.readsAtIdle === 1));
+      (p !== null
+        ? p.req.length < BIG_PAYLOAD
+        : this.started - this.startedAtIdle === 1 && this.reader.reads - this.readsAtIdle === 1);
     this.startedAtIdle = this.started;
     this.readsAtIdle = this.reader.reads;
     this.poller.idle(oneByOne);
@@ -479,7 +488,10 @@ export class Transmission {
     }
     const cost = this.costOf(req);
     this.started++;
-    if (req.type === C.CMD_READ || req.type === C.CMD_WRITE) this.startedBytes += req.length;
+    if (req.type === C.CMD_READ || req.type === C.CMD_WRITE) {
+      this.startedBytes += req.length;
+      this.lastBig = req.length >= BIG_PAYLOAD;
+    }
     this.inFlight++;
     let t0 = 0;
     if (stats !== null) {
