@@ -4,8 +4,10 @@
  * client and real ones; with a filter above, or a view the plugin declines, the ordinary path.
  */
 import { randomBytes } from 'node:crypto';
+import * as fs from 'node:fs';
+import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { needTools, nbdshOk, servePlugin, socketOf, waitFor } from '@nbdx/testkit';
+import { needTools, nbdshOk, runOk, servePlugin, socketOf, tmpDir, waitFor } from '@nbdx/testkit';
 import { defineFilter, definePlugin } from '../api/define.js';
 import * as C from '../wire/constants.js';
 import { GO_REPLY_SIZE, GREETING_SIZE, RawSession, clientFlags, go, request } from './raw-session.js';
@@ -216,4 +218,48 @@ print("ok")
       await b.close();
     }
   });
+
+  it.skipIf(!needTools('nbdsh'))('over TLS, READ replies are read through pread, never sent from a view', async () => {
+    const dir = tmpDir();
+    const keys = path.join(dir, 'keys.psk');
+    const PSK = '0123456789abcdef0123456789abcdef';
+    fs.writeFileSync(keys, `alice:${PSK}\n`);
+    const { plugin, calls, views } = viewPlugin();
+    const srv = await servePlugin(plugin, {
+      serve: {
+        tls: {
+          mode: 'require',
+          socketOptions: {
+            ciphers: 'PSK',
+            minVersion: 'TLSv1.2',
+            maxVersion: 'TLSv1.2',
+            pskCallback: (_sock, id) => (id === 'alice' ? Buffer.from(PSK, 'hex') : null),
+          },
+        },
+      },
+    });
+    try {
+      const uri = `nbds+unix://alice@/?socket=${socketOf(srv.uri)}&tls-psk-file=${keys}`;
+      const out = await runOk('nbdsh', [
+        '-c',
+        `
+h.set_uri_allow_local_file(True)
+h.connect_uri(${JSON.stringify(uri)})
+import os
+d = os.urandom(1 << 20)
+h.pwrite(d, 65536)
+assert h.pread(1 << 20, 65536) == d
+print("ok")
+`,
+      ]);
+      expect(out.trim()).toBe('ok');
+      expect(calls.readView).toBe(0);
+      expect(calls.pread).toBeGreaterThan(0);
+      await waitFor(() => views.out === 0, 3000);
+    } finally {
+      await srv.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
 });
+

@@ -111,6 +111,12 @@ export class Transmission {
   private readonly ctx: Context;
   private readonly extended: boolean;
   private readonly structured: boolean;
+  /**
+   * TLS: no READ replies from views. The encryption reads every byte in this process, where a view
+   * of a mapped file that another program shrank is a SIGBUS for the whole server (a plain socket
+   * write only fails with EFAULT); and TLS copies the bytes anyway, so a view saves little.
+   */
+  private readonly tls: boolean;
   private readonly headerSize: number;
   private readonly maxBlockStatusReply: number;
   /** Requests of this connection worked on at once: one (thread model) or -t N; null = any number. */
@@ -155,6 +161,7 @@ export class Transmission {
     this.ctx = n.ctx;
     this.extended = n.extended;
     this.structured = n.structured;
+    this.tls = n.isTls;
     this.headerSize = requestSize(n.extended);
     this.maxBlockStatusReply = C.EXTENDED_REPLY_SIZE + 8 + MAX_EXTENTS * (n.extended ? 16 : 8);
     this.connLock = settings.perConnectionLock
@@ -736,7 +743,7 @@ export class Transmission {
   private read(req: Request): void | Promise<void> {
     let view: Uint8Array | undefined;
     try {
-      view = this.ctx.readView(req.length, req.offset);
+      view = this.tls ? undefined : this.ctx.readView(req.length, req.offset);
     } catch {
       view = undefined; // the ordinary path reports whatever is wrong
     }
