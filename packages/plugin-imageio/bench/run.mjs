@@ -10,15 +10,24 @@
  * Each over the URL's HTTPS (nbdx unix-socket=never, v2v is_ovirt_host=false) and over the
  * local socket (nbdx unix-socket=auto, v2v is_ovirt_host=true).
  *
- * Workloads, in this order on one image: random-in (nbdkit random → imageio), random-out
- * (imageio → null:), sparse-in (nbdkit sparse-random, 10% data), sparse-out.
+ * Workloads, in this order on one image: random-in (random data → imageio), random-out
+ * (imageio → null:), sparse-in (sparse random data, 10% data), sparse-out.
+ *
+ * The data for the "-in" workloads comes from files made once, before the first round, from
+ * nbdkit's random and sparse-random plugins (--source file, the default). Generating the data
+ * while copying (--source nbdkit) costs nbdkit about 4.5 CPU-s per GiB of random data, more than
+ * the NBD server and the imageio server together: on a 2-core machine that generator, shared by
+ * every implementation, was what limited the writes. Before the first round the image is also
+ * written once, untimed, so that no measured run pays for the test server's first touch of its
+ * memory.
  *
  * Measured per run: wall time, CPU seconds of the NBD server process (nbdx's node or nbdkit;
  * utime+stime from /proc) and of the test imageio server, both per GiB copied; the load average.
  *
  *   node packages/plugin-imageio/bench/run.mjs [--size 1G] [--rounds N] [--before REF]
  *        [--v2v /path/ovirt-upload-plugin.py] [--transports https,unix]
- *        [--workloads random-in,random-out,sparse-in,sparse-out] [--json FILE]
+ *        [--workloads random-in,random-out,sparse-in,sparse-out] [--source file|nbdkit]
+ *        [--json FILE]
  *
  * Needs: the built CLI and this package built (pnpm build), nbdcopy, nbdkit (random,
  * sparse-random), openssl; Node.js 22+ for the abstract socket.
@@ -61,6 +70,8 @@ for (const w of workloads) {
   }
 }
 const jsonOut = opt('--json');
+const source = opt('--source', 'file');
+if (source !== 'file' && source !== 'nbdkit') throw new Error(`--source must be file or nbdkit, not ${source}`);
 
 function parseBytes(s) {
   const m = /^(\d+)([KMGT]?)$/i.exec(s);
@@ -162,10 +173,31 @@ async function startNbd(impl, transport) {
   return { child, uri: `nbd+unix:///?socket=${sock}` };
 }
 
+const generator = (workload) => (workload.startsWith('random') ? ['random', size] : ['sparse-random', size, 'seed=1']);
+const sourceFile = (workload) => f(`${workload.replace(/-(in|out)$/, '')}.img`);
+
 function copyArgs(workload, uri) {
-  const source = workload.startsWith('random') ? ['random', size] : ['sparse-random', size, 'seed=1'];
-  if (workload.endsWith('-in')) return ['--flush', '--', '[', 'nbdkit', '-r', ...source, ']', uri];
+  if (workload.endsWith('-in')) {
+    if (source === 'file') return ['--flush', sourceFile(workload), uri];
+    return ['--flush', '--', '[', 'nbdkit', '-r', ...generator(workload), ']', uri];
+  }
   return [uri, 'null:'];
+}
+
+// The source files (sparse where the generator reports holes: nbdcopy punches them).
+if (source === 'file') {
+  for (const w of workloads.filter((x) => x.endsWith('-in'))) {
+    execFileSync('nbdcopy', ['--', '[', 'nbdkit', '-r', ...generator(w), ']', sourceFile(w)], { env: ENV, stdio: 'inherit' });
+  }
+}
+// Untimed warm-up: one write of the whole image through nbdx over HTTPS.
+{
+  const nbd = await startNbd('nbdx', 'https');
+  const from = fs.existsSync(sourceFile('random-in')) ? [sourceFile('random-in')] : ['--', '[', 'nbdkit', '-r', ...generator('random-in'), ']'];
+  execFileSync('nbdcopy', ['--flush', ...from, nbd.uri], { env: ENV, stdio: 'inherit' });
+  nbd.child.kill('SIGTERM');
+  await once(nbd.child, 'exit');
+  children.delete(nbd.child);
 }
 
 const impls = ['nbdx', ...(before ? ['before'] : []), ...(v2v ? ['v2v'] : [])];
