@@ -21,12 +21,17 @@
  * written once, untimed, so that no measured run pays for the test server's first touch of its
  * memory.
  *
+ * Each run also starts with an untimed copy of the first --warm bytes (default 64M; 0 turns it
+ * off) through the freshly started NBD server, the same data the run then copies: 1 GiB is
+ * short enough that compiling the hot paths (Node's JIT) would otherwise count in the figures,
+ * while a real conversion copies many GiB per process.
+ *
  * Measured per run: wall time, CPU seconds of the NBD server process (nbdx's node or nbdkit;
  * utime+stime from /proc) and of the test imageio server, both per GiB copied; the load average.
  *
  *   node packages/plugin-imageio/bench/run.mjs [--size 1G] [--rounds N] [--before REF]
  *        [--v2v /path/ovirt-upload-plugin.py] [--transports https,unix]
- *        [--workloads random-in,random-out,sparse-in,sparse-out] [--source file|nbdkit]
+ *        [--workloads random-in,random-out,sparse-in,sparse-out] [--source file|nbdkit] [--warm 64M]
  *        [--json FILE]
  *
  * Needs: the built CLI and this package built (pnpm build), nbdcopy, nbdkit (random,
@@ -72,6 +77,7 @@ for (const w of workloads) {
 const jsonOut = opt('--json');
 const source = opt('--source', 'file');
 if (source !== 'file' && source !== 'nbdkit') throw new Error(`--source must be file or nbdkit, not ${source}`);
+const warm = opt('--warm', '64M') === '0' ? 0 : parseBytes(opt('--warm', '64M'));
 
 function parseBytes(s) {
   const m = /^(\d+)([KMGT]?)$/i.exec(s);
@@ -121,6 +127,11 @@ async function cleanup() {
   fs.rmSync(tmp, { recursive: true, force: true });
 }
 process.on('SIGINT', () => void cleanup().then(() => process.exit(130)));
+// A failed step (an nbdcopy that exits non-zero) must not leave servers or files behind.
+process.on('exit', () => {
+  for (const c of children) c.kill('SIGKILL');
+  fs.rmSync(tmp, { recursive: true, force: true });
+});
 
 // A CA-signed certificate, as on a real host; the NBD servers skip verification (insecure).
 const f = (n) => path.join(tmp, n);
@@ -170,7 +181,7 @@ async function startNbd(impl, transport) {
   }
   children.add(child);
   await waitForSocket(sock, child);
-  return { child, uri: `nbd+unix:///?socket=${sock}` };
+  return { child, uri: `nbd+unix:///?socket=${sock}`, sock };
 }
 
 const generator = (workload) => (workload.startsWith('random') ? ['random', size] : ['sparse-random', size, 'seed=1']);
@@ -182,6 +193,13 @@ function copyArgs(workload, uri) {
     return ['--flush', '--', '[', 'nbdkit', '-r', ...generator(workload), ']', uri];
   }
   return [uri, 'null:'];
+}
+
+/** The untimed start of a run: the first `warm` bytes of what the run copies. */
+function warmArgs(workload, uri, socket) {
+  const cut = (plugin) => ['nbdkit', '-r', '--filter=truncate', ...plugin, `truncate=${warm}`];
+  if (workload.endsWith('-out')) return ['--', '[', ...cut(['nbd', `socket=${socket}`]), ']', 'null:'];
+  return ['--', '[', ...cut(source === 'file' ? ['file', sourceFile(workload)] : generator(workload)), ']', uri];
 }
 
 // The source files (sparse where the generator reports holes: nbdcopy punches them).
@@ -208,6 +226,7 @@ for (let round = 1; round <= rounds; round++) {
     for (const impl of impls) {
       for (const workload of workloads) {
         const nbd = await startNbd(impl, transport);
+        if (warm > 0) execFileSync('nbdcopy', warmArgs(workload, nbd.uri, nbd.sock), { env: ENV, stdio: 'inherit' });
         const cpu0 = cpuSeconds(nbd.child.pid);
         const srv0 = cpuSeconds(server.pid);
         const t0 = process.hrtime.bigint();

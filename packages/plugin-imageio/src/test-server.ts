@@ -60,6 +60,12 @@ export interface TestServerOptions {
   /** Content-Range of GET answers ends with `*` instead of the size (an old server). */
   hideSize?: boolean;
   host?: string;
+  /**
+   * Keep every request in `requests` (default true; the tests look at it). A long bench turns
+   * it off: tens of thousands of kept log objects made every garbage collection slower, a cost
+   * the real daemon does not have. `counts` is kept either way.
+   */
+  keepRequests?: boolean;
 }
 
 export interface ConnectionStats {
@@ -233,6 +239,8 @@ export class TestImageioServer {
   ops: Op[];
   readonly connections: ConnectionStats[] = [];
   readonly requests: RequestLog[] = [];
+  /** Requests per method, kept even when `requests` is not. */
+  readonly counts = new Map<string, number>();
   private states = new WeakMap<Socket, ConnState>();
   private servers: http.Server[] = [];
   private expired = false;
@@ -391,7 +399,8 @@ export class TestImageioServer {
     st.busy++;
     if (st.idleTimer) clearTimeout(st.idleTimer);
     const log: RequestLog = { conn: st.id, transport, method: req.method ?? '', url: req.url ?? '', status: 0 };
-    this.requests.push(log);
+    if (this.options.keepRequests !== false) this.requests.push(log);
+    this.counts.set(log.method, (this.counts.get(log.method) ?? 0) + 1);
     res.on('finish', () => {
       st.busy--;
       if (st.busy === 0) this.idle(st);
