@@ -10,15 +10,29 @@
  * Each over the URL's HTTPS (nbdx unix-socket=never, v2v is_ovirt_host=false) and over the
  * local socket (nbdx unix-socket=auto, v2v is_ovirt_host=true).
  *
- * Workloads, in this order on one image: random-in (nbdkit random → imageio), random-out
- * (imageio → null:), sparse-in (nbdkit sparse-random, 10% data), sparse-out.
+ * Workloads, in this order on one image: random-in (random data → imageio), random-out
+ * (imageio → null:), sparse-in (sparse random data, 10% data), sparse-out.
+ *
+ * The data for the "-in" workloads comes from files made once, before the first round, from
+ * nbdkit's random and sparse-random plugins (--source file, the default). Generating the data
+ * while copying (--source nbdkit) costs nbdkit about 4.5 CPU-s per GiB of random data, more than
+ * the NBD server and the imageio server together: on a 2-core machine that generator, shared by
+ * every implementation, was what limited the writes. Before the first round the image is also
+ * written once, untimed, so that no measured run pays for the test server's first touch of its
+ * memory.
+ *
+ * Each run also starts with an untimed copy of the first --warm bytes (default 64M; 0 turns it
+ * off) through the freshly started NBD server, the same data the run then copies: 1 GiB is
+ * short enough that compiling the hot paths (Node's JIT) would otherwise count in the figures,
+ * while a real conversion copies many GiB per process.
  *
  * Measured per run: wall time, CPU seconds of the NBD server process (nbdx's node or nbdkit;
  * utime+stime from /proc) and of the test imageio server, both per GiB copied; the load average.
  *
  *   node packages/plugin-imageio/bench/run.mjs [--size 1G] [--rounds N] [--before REF]
  *        [--v2v /path/ovirt-upload-plugin.py] [--transports https,unix]
- *        [--workloads random-in,random-out,sparse-in,sparse-out] [--json FILE]
+ *        [--workloads random-in,random-out,sparse-in,sparse-out] [--source file|nbdkit] [--warm 64M]
+ *        [--json FILE]
  *
  * Needs: the built CLI and this package built (pnpm build), nbdcopy, nbdkit (random,
  * sparse-random), openssl; Node.js 22+ for the abstract socket.
@@ -61,6 +75,9 @@ for (const w of workloads) {
   }
 }
 const jsonOut = opt('--json');
+const source = opt('--source', 'file');
+if (source !== 'file' && source !== 'nbdkit') throw new Error(`--source must be file or nbdkit, not ${source}`);
+const warm = opt('--warm', '64M') === '0' ? 0 : parseBytes(opt('--warm', '64M'));
 
 function parseBytes(s) {
   const m = /^(\d+)([KMGT]?)$/i.exec(s);
@@ -110,6 +127,11 @@ async function cleanup() {
   fs.rmSync(tmp, { recursive: true, force: true });
 }
 process.on('SIGINT', () => void cleanup().then(() => process.exit(130)));
+// A failed step (an nbdcopy that exits non-zero) must not leave servers or files behind.
+process.on('exit', () => {
+  for (const c of children) c.kill('SIGKILL');
+  fs.rmSync(tmp, { recursive: true, force: true });
+});
 
 // A CA-signed certificate, as on a real host; the NBD servers skip verification (insecure).
 const f = (n) => path.join(tmp, n);
@@ -159,13 +181,41 @@ async function startNbd(impl, transport) {
   }
   children.add(child);
   await waitForSocket(sock, child);
-  return { child, uri: `nbd+unix:///?socket=${sock}` };
+  return { child, uri: `nbd+unix:///?socket=${sock}`, sock };
 }
 
+const generator = (workload) => (workload.startsWith('random') ? ['random', size] : ['sparse-random', size, 'seed=1']);
+const sourceFile = (workload) => f(`${workload.replace(/-(in|out)$/, '')}.img`);
+
 function copyArgs(workload, uri) {
-  const source = workload.startsWith('random') ? ['random', size] : ['sparse-random', size, 'seed=1'];
-  if (workload.endsWith('-in')) return ['--flush', '--', '[', 'nbdkit', '-r', ...source, ']', uri];
+  if (workload.endsWith('-in')) {
+    if (source === 'file') return ['--flush', sourceFile(workload), uri];
+    return ['--flush', '--', '[', 'nbdkit', '-r', ...generator(workload), ']', uri];
+  }
   return [uri, 'null:'];
+}
+
+/** The untimed start of a run: the first `warm` bytes of what the run copies. */
+function warmArgs(workload, uri, socket) {
+  const cut = (plugin) => ['nbdkit', '-r', '--filter=truncate', ...plugin, `truncate=${warm}`];
+  if (workload.endsWith('-out')) return ['--', '[', ...cut(['nbd', `socket=${socket}`]), ']', 'null:'];
+  return ['--', '[', ...cut(source === 'file' ? ['file', sourceFile(workload)] : generator(workload)), ']', uri];
+}
+
+// The source files (sparse where the generator reports holes: nbdcopy punches them).
+if (source === 'file') {
+  for (const w of workloads.filter((x) => x.endsWith('-in'))) {
+    execFileSync('nbdcopy', ['--', '[', 'nbdkit', '-r', ...generator(w), ']', sourceFile(w)], { env: ENV, stdio: 'inherit' });
+  }
+}
+// Untimed warm-up: one write of the whole image through nbdx over HTTPS.
+{
+  const nbd = await startNbd('nbdx', 'https');
+  const from = fs.existsSync(sourceFile('random-in')) ? [sourceFile('random-in')] : ['--', '[', 'nbdkit', '-r', ...generator('random-in'), ']'];
+  execFileSync('nbdcopy', ['--flush', ...from, nbd.uri], { env: ENV, stdio: 'inherit' });
+  nbd.child.kill('SIGTERM');
+  await once(nbd.child, 'exit');
+  children.delete(nbd.child);
 }
 
 const impls = ['nbdx', ...(before ? ['before'] : []), ...(v2v ? ['v2v'] : [])];
@@ -176,6 +226,7 @@ for (let round = 1; round <= rounds; round++) {
     for (const impl of impls) {
       for (const workload of workloads) {
         const nbd = await startNbd(impl, transport);
+        if (warm > 0) execFileSync('nbdcopy', warmArgs(workload, nbd.uri, nbd.sock), { env: ENV, stdio: 'inherit' });
         const cpu0 = cpuSeconds(nbd.child.pid);
         const srv0 = cpuSeconds(server.pid);
         const t0 = process.hrtime.bigint();

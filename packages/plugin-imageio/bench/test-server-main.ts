@@ -21,11 +21,12 @@ const srv = await TestImageioServer.start({
   maxWriters: Number(opt('--max-writers') ?? 8),
   unixSocket: opt('--unix')?.replace(/^@/, '\0'),
   tls: tls ? { key: readFileSync(tls[0]!), cert: readFileSync(tls[1]!) } : undefined,
+  keepRequests: false,
 });
 process.stdout.write(`${srv.url}\n`);
 const stop = () => {
-  const puts = srv.requests.filter((r) => r.method === 'PUT').length;
-  const flushes = srv.requests.filter((r) => r.method === 'PATCH').length;
+  const puts = srv.counts.get('PUT') ?? 0;
+  const flushes = srv.counts.get('PATCH') ?? 0;
   const used = srv.connections.filter((c) => c.writes > 0).length;
   process.stderr.write(`test imageio server: ${puts} PUTs, ${flushes} PATCHes, ${used} connections wrote\n`);
   void srv.close().then(() => process.exit(0));

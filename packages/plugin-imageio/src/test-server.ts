@@ -60,6 +60,12 @@ export interface TestServerOptions {
   /** Content-Range of GET answers ends with `*` instead of the size (an old server). */
   hideSize?: boolean;
   host?: string;
+  /**
+   * Keep every request in `requests` (default true; the tests look at it). A long bench turns
+   * it off: tens of thousands of kept log objects made every garbage collection slower, a cost
+   * the real daemon does not have. `counts` is kept either way.
+   */
+  keepRequests?: boolean;
 }
 
 export interface ConnectionStats {
@@ -91,82 +97,117 @@ export interface RequestLog {
   dropped?: boolean;
 }
 
-/** Sparse in-memory image. */
+/**
+ * Sparse in-memory image, kept the way a real backend keeps it: a few large slabs of memory
+ * (allocated on first write) and one byte per block saying whether the block is allocated.
+ * Why not one Buffer per block: a 1 GiB image would be 16384 small heap objects, and every
+ * major garbage collection (frequent while request bodies come in as new Buffers) walked
+ * them all: a quarter of this server's CPU per GiB written, a cost the real daemon, which
+ * writes to a file or an NBD server, does not have.
+ */
 export class BlockStore {
-  private blocks = new Map<number, Buffer>();
+  private readonly slabs: (Buffer | undefined)[];
+  /** Bytes per slab: a whole number of blocks, at most SLAB bytes (less for small images). */
+  private readonly slabSize: number;
+  /** 1 for an allocated block (written, or zeroed without deallocation). */
+  private readonly map: Uint8Array;
+
   constructor(
     readonly size: number,
     readonly blockSize = 64 * 1024,
-  ) {}
+  ) {
+    const SLAB = 16 * 1024 * 1024;
+    this.slabSize = Math.max(blockSize, Math.floor(Math.min(SLAB, Math.max(size, 1)) / blockSize) * blockSize);
+    this.slabs = new Array<Buffer | undefined>(Math.ceil(size / this.slabSize));
+    this.map = new Uint8Array(Math.ceil(size / blockSize));
+  }
 
+  /** A copy of the bytes (unallocated ones read as zero). */
   read(offset: number, length: number): Buffer {
     const out = Buffer.alloc(length);
-    let pos = 0;
-    while (pos < length) {
-      const abs = offset + pos;
-      const b = Math.floor(abs / this.blockSize);
-      const inBlock = abs - b * this.blockSize;
-      const n = Math.min(this.blockSize - inBlock, length - pos);
-      const block = this.blocks.get(b);
-      if (block) block.copy(out, pos, inBlock, inBlock + n);
-      pos += n;
-    }
+    this.each(offset, length, (slab, inSlab, pos, n) => {
+      if (slab) slab.copy(out, pos, inSlab, inSlab + n);
+    });
     return out;
   }
 
+  /**
+   * The bytes without a copy when they lie in one allocated slab (what a server streaming from
+   * its backend sends), else a copy. Only valid until the next write or zero.
+   */
+  view(offset: number, length: number): Buffer {
+    const s = Math.floor(offset / this.slabSize);
+    const inSlab = offset - s * this.slabSize;
+    const slab = this.slabs[s];
+    if (slab && inSlab + length <= this.slabSize) return slab.subarray(inSlab, inSlab + length);
+    return this.read(offset, length);
+  }
+
   write(offset: number, data: Uint8Array): void {
-    let pos = 0;
-    while (pos < data.length) {
-      const abs = offset + pos;
-      const b = Math.floor(abs / this.blockSize);
-      const inBlock = abs - b * this.blockSize;
-      const n = Math.min(this.blockSize - inBlock, data.length - pos);
-      let block = this.blocks.get(b);
-      if (!block) {
-        block = Buffer.alloc(this.blockSize);
-        this.blocks.set(b, block);
-      }
-      block.set(data.subarray(pos, pos + n), inBlock);
-      pos += n;
-    }
+    this.each(offset, data.length, (slab, inSlab, pos, n, s) => {
+      const target = slab ?? (this.slabs[s] = Buffer.alloc(this.slabSize));
+      target.set(data.subarray(pos, pos + n), inSlab);
+    });
+    this.mark(offset, data.length, 1);
   }
 
   zero(offset: number, length: number, deallocate: boolean): void {
-    let pos = 0;
-    while (pos < length) {
-      const abs = offset + pos;
-      const b = Math.floor(abs / this.blockSize);
-      const inBlock = abs - b * this.blockSize;
-      const n = Math.min(this.blockSize - inBlock, length - pos);
-      const block = this.blocks.get(b);
-      if (block) {
-        if (deallocate && n === this.blockSize) this.blocks.delete(b);
-        else block.fill(0, inBlock, inBlock + n);
-      } else if (!deallocate) {
-        this.blocks.set(b, Buffer.alloc(this.blockSize));
-      }
-      pos += n;
+    this.each(offset, length, (slab, inSlab, _pos, n) => {
+      if (slab) slab.fill(0, inSlab, inSlab + n);
+    });
+    if (!deallocate) {
+      this.mark(offset, length, 1);
+      return;
     }
+    // Only whole blocks become unallocated (a hole punched in a file does the same).
+    const first = Math.ceil(offset / this.blockSize);
+    const end = Math.floor(Math.min(offset + length, this.size) / this.blockSize);
+    if (end > first) this.map.fill(0, first, end);
   }
 
   allocated(block: number): boolean {
-    return this.blocks.has(block);
+    return this.map[block] === 1;
   }
 
   /** The zero-context extents imageio would report, merged. */
   extents(reportHoles: boolean): { start: number; length: number; zero: boolean; hole: boolean }[] {
     const out: { start: number; length: number; zero: boolean; hole: boolean }[] = [];
-    const nblocks = Math.ceil(this.size / this.blockSize);
+    const nblocks = this.map.length;
     for (let b = 0; b < nblocks; b++) {
       const start = b * this.blockSize;
       const length = Math.min(this.blockSize, this.size - start);
-      const zero = !this.blocks.has(b);
+      const zero = this.map[b] !== 1;
       const hole = zero && reportHoles;
       const last = out[out.length - 1];
       if (last && last.zero === zero && last.hole === hole) last.length += length;
       else out.push({ start, length, zero, hole });
     }
     return out;
+  }
+
+  /** Mark the blocks touched by [offset, offset+length) (writes allocate partial blocks too). */
+  private mark(offset: number, length: number, value: 0 | 1): void {
+    if (length <= 0) return;
+    const first = Math.floor(offset / this.blockSize);
+    const last = Math.floor((Math.min(offset + length, this.size) - 1) / this.blockSize);
+    this.map.fill(value, first, last + 1);
+  }
+
+  /** Walk [offset, offset+length) slab by slab. */
+  private each(
+    offset: number,
+    length: number,
+    fn: (slab: Buffer | undefined, inSlab: number, pos: number, n: number, index: number) => void,
+  ): void {
+    let pos = 0;
+    while (pos < length) {
+      const abs = offset + pos;
+      const s = Math.floor(abs / this.slabSize);
+      const inSlab = abs - s * this.slabSize;
+      const n = Math.min(this.slabSize - inSlab, length - pos);
+      fn(this.slabs[s], inSlab, pos, n, s);
+      pos += n;
+    }
   }
 }
 
@@ -198,6 +239,8 @@ export class TestImageioServer {
   ops: Op[];
   readonly connections: ConnectionStats[] = [];
   readonly requests: RequestLog[] = [];
+  /** Requests per method, kept even when `requests` is not. */
+  readonly counts = new Map<string, number>();
   private states = new WeakMap<Socket, ConnState>();
   private servers: http.Server[] = [];
   private expired = false;
@@ -356,7 +399,8 @@ export class TestImageioServer {
     st.busy++;
     if (st.idleTimer) clearTimeout(st.idleTimer);
     const log: RequestLog = { conn: st.id, transport, method: req.method ?? '', url: req.url ?? '', status: 0 };
-    this.requests.push(log);
+    if (this.options.keepRequests !== false) this.requests.push(log);
+    this.counts.set(log.method, (this.counts.get(log.method) ?? 0) + 1);
     res.on('finish', () => {
       st.busy--;
       if (st.busy === 0) this.idle(st);
@@ -523,7 +567,7 @@ export class TestImageioServer {
     res.writeHead(status, headers);
     const step = 1024 * 1024;
     for (let pos = 0; pos < length; pos += step) {
-      const chunk = this.store.read(first + pos, Math.min(step, length - pos));
+      const chunk = this.store.view(first + pos, Math.min(step, length - pos));
       if (!res.write(chunk)) await once(res, 'drain');
     }
     res.end();

@@ -9,6 +9,7 @@ import { statusError } from './errors.js';
 import { ExtentCache, ExtentMap, parseExtents } from './extents.js';
 import { Connection, ConnectionPool } from './http.js';
 import { OLD_SERVER, parseOptions, poolSize } from './options.js';
+import { BlockStore } from './test-server.js';
 
 const logged: string[] = [];
 beforeAll(() => setLogSink((_level, source, message) => logged.push(`${source}: ${message}`)));
@@ -426,5 +427,55 @@ describe('the connection pool', () => {
     await c;
     await pool.close();
     await expect(pool.use(async () => 1)).rejects.toThrow(/closed/);
+  });
+});
+
+describe("the test server's image store", () => {
+  it('reads back what was written across slabs, zeroes and deallocates only whole blocks, reports merged extents', () => {
+    const MiB = 1024 * 1024;
+    const block = 64 * 1024;
+    // 40 MiB + half a block: three slabs (16 MiB each), a short last block.
+    const size = 40 * MiB + block / 2;
+    const st = new BlockStore(size, block);
+    expect(st.read(0, 4096).equals(Buffer.alloc(4096))).toBe(true);
+    expect(st.extents(true)).toEqual([{ start: 0, length: size, zero: true, hole: true }]);
+
+    // A write across the first slab boundary, not block aligned.
+    const data = Buffer.alloc(3 * block, 0);
+    for (let i = 0; i < data.length; i++) data[i] = (i * 7 + 1) & 0xff;
+    const at = 16 * MiB - block - 100;
+    st.write(at, data);
+    expect(st.read(at, data.length).equals(data)).toBe(true);
+    expect(st.read(at - 10, 10).equals(Buffer.alloc(10))).toBe(true);
+    const first = Math.floor(at / block);
+    const last = Math.floor((at + data.length - 1) / block);
+    for (let b = first - 1; b <= last + 1; b++) expect(st.allocated(b)).toBe(b >= first && b <= last);
+    // view: no copy inside one slab, a copy across slabs; same bytes either way.
+    expect(st.view(at, 1000).equals(data.subarray(0, 1000))).toBe(true);
+    expect(st.view(at, data.length).equals(data)).toBe(true);
+
+    // Zero with deallocation: the partly covered blocks stay allocated but read as zero.
+    st.zero(at + 10, 2 * block, true);
+    expect(st.read(at + 10, 2 * block).equals(Buffer.alloc(2 * block))).toBe(true);
+    expect(st.read(at, 10).equals(data.subarray(0, 10))).toBe(true);
+    expect(st.allocated(first)).toBe(true);
+    expect(st.allocated(first + 1)).toBe(false);
+    expect(st.allocated(last)).toBe(true);
+    // Zero without deallocation allocates.
+    st.zero(0, 100, false);
+    expect(st.allocated(0)).toBe(true);
+    // The short last block is never deallocated (a punched hole covers whole blocks).
+    st.write(size - 10, Buffer.alloc(10, 5));
+    st.zero(40 * MiB, block / 2, true);
+    expect(st.allocated(Math.floor(size / block))).toBe(true);
+    expect(st.read(size - 10, 10).equals(Buffer.alloc(10))).toBe(true);
+
+    const ext = st.extents(false);
+    expect(ext[0]).toEqual({ start: 0, length: block, zero: false, hole: false });
+    expect(ext.reduce((n, e) => n + e.length, 0)).toBe(size);
+    for (let i = 1; i < ext.length; i++) {
+      expect(ext[i]!.start).toBe(ext[i - 1]!.start + ext[i - 1]!.length);
+      expect(ext[i]!.zero).not.toBe(ext[i - 1]!.zero);
+    }
   });
 });
