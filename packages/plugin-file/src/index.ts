@@ -1,6 +1,6 @@
 import { stat } from 'node:fs/promises';
 import { resolve } from 'node:path';
-import { Errno, FLAG_REQ_ONE, NbdError, debug, definePlugin, logWarning, packageVersion } from '@nbdx/server/api';
+import { Errno, FLAG_REQ_ONE, NbdError, debug, definePlugin, logWarning, packageVersion, sharedBuffer } from '@nbdx/server/api';
 import { exportPath, listDirExports, badExportName } from './export-dir.js';
 import { WITHOUT_NATIVE_HELPER, loadNative, type NativeOps } from './native.js';
 import { Mappings, OpenFile, type Fadvise } from './open-file.js';
@@ -23,6 +23,8 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
   /** This instance's mappings (mmap=auto with the helper), made in getReady. */
   let mappings: Mappings | null = null;
   let native: NativeOps | null = null;
+  /** Handles open in the whole process (shared memory), made in getReady. */
+  let clients: Int32Array | undefined;
 
   /**
    * Pick the helper up and say how it went: a debug line when it loaded; when it did not, one
@@ -121,6 +123,8 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
 
     async getReady() {
       resolveNative();
+      // Handles open in the whole process, worker threads included (same buffer in every thread).
+      clients = new Int32Array(sharedBuffer('file plugin: open handles', 4));
       mappings = mmap && native?.mapShared ? new Mappings(native) : null;
       if (file !== undefined) {
         const st = await stat(file).catch((err: Error) => {
@@ -166,7 +170,7 @@ export function createFilePlugin(options: FilePluginOptions = {}) {
           'no default export in dir= mode: ask for a file by name (nbdinfo --list shows them) or set default-export=NAME',
         );
       } else path = exportPath(dir!, exportName);
-      return OpenFile.open(path, readonly, { cacheNone, fadvise, native, mappings });
+      return OpenFile.open(path, readonly, { cacheNone, fadvise, native, mappings, clients });
     },
 
     close: (h) => h.close(),

@@ -106,6 +106,36 @@ describe.skipIf(!canMap)('mmap=auto on tmpfs', () => {
     }
   });
 
+  it('a client alone has its big writes copied on the thread pool; with others, at once', async () => {
+    const clients = new Int32Array(new SharedArrayBuffer(4));
+    const options = { cacheNone: false, fadvise: 'normal' as const, native, mappings: null, clients };
+    const a = await OpenFile.open(file, false, options);
+    try {
+      expect(Atomics.load(clients, 0)).toBe(1);
+      // Alone: the copy overlaps with receiving the next payload on another core.
+      const pooled = a.pwrite(Buffer.alloc(256 * KiB, 4), 0, 0);
+      expect(pooled).toBeInstanceOf(Promise);
+      await pooled;
+      // Small writes are always copied at once.
+      expect(a.pwrite(Buffer.alloc(64 * KiB, 5), 256 * KiB, 0)).toBeUndefined();
+      const b = await OpenFile.open(file, false, options);
+      try {
+        expect(Atomics.load(clients, 0)).toBe(2);
+        expect(a.pwrite(Buffer.alloc(256 * KiB, 6), 0, 0)).toBeUndefined();
+      } finally {
+        await b.close();
+      }
+      expect(Atomics.load(clients, 0)).toBe(1);
+      const back = readFileSync(file);
+      expect(back[0]).toBe(6);
+      expect(back[256 * KiB]).toBe(5);
+    } finally {
+      await a.close();
+      sparseFile(file, 8 * MiB, [[0, data]]);
+    }
+    expect(Atomics.load(clients, 0)).toBe(0);
+  });
+
   it('mmap=off, cache=none and read-only files on a disk are not mapped; bad values are refused', async () => {
     for (const extra of [[['mmap', 'off']], [['cache', 'none']]] as [string, string][][]) {
       const p = await configure([['file', file], ...extra]);
