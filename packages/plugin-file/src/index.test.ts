@@ -1,18 +1,10 @@
 import { closeSync, mkdirSync, openSync, opendirSync, symlinkSync, writeFileSync, writeSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
-import plugin, { badExportName, createFilePlugin, listDirExports, loadNative, MAX_EXTENTS } from './index.js';
+import plugin, { badExportName, listDirExports, loadNative, MAX_EXTENTS } from './index.js';
 import { majorMinor } from './sysfs.js';
 import { removeDir, tmpDir } from '@nbdx/testkit';
-import { CI } from './test-support.js';
-
-async function configure(pairs: [string, string][]) {
-  const p = createFilePlugin();
-  for (const [k, v] of pairs) await p.config!(k, v);
-  await p.configComplete!();
-  await p.getReady!();
-  return p;
-}
+import { CI, configure } from './test-support.js';
 
 describe('configuration', () => {
   const tmp = tmpDir('nbdx-file-');

@@ -3,9 +3,9 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { needTools, removeDir, runOk, tmpDir } from '@nbdx/testkit';
-import { createFilePlugin, loadNative, Mappings, type NativeOps } from './index.js';
+import { loadNative, Mappings, type NativeOps } from './index.js';
 import { OpenFile } from './open-file.js';
-import { allocatedBlocks, serveFile } from './test-support.js';
+import { allocatedBlocks, configure, serveFile } from './test-support.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -27,14 +27,6 @@ if (process.env.CI === 'true' && (!native?.mapShared || !shmIsTmpfs)) {
   throw new Error(`mmap tests need the helper with mapShared (${!!native?.mapShared}) and /dev/shm on tmpfs (${shmIsTmpfs})`);
 }
 const canMap = !!native?.mapShared && shmIsTmpfs;
-
-async function configure(pairs: [string, string][]) {
-  const p = createFilePlugin();
-  for (const [k, v] of pairs) await p.config!(k, v);
-  await p.configComplete!();
-  await p.getReady!();
-  return p;
-}
 
 /** A file of `size` bytes, `data` written at each offset of `parts`, the rest a hole. */
 function sparseFile(path: string, size: number, parts: [number, Buffer][]): void {

@@ -12,6 +12,15 @@ import { createFilePlugin, type FilePluginOptions } from './index.js';
 
 export const CI = process.env.CI === 'true';
 
+/** A file plugin configured with `pairs` and made ready, as the CLI would (not opened). */
+export async function configure(pairs: [string, string][]) {
+  const p = createFilePlugin();
+  for (const [k, v] of pairs) await p.config!(k, v);
+  await p.configComplete!();
+  await p.getReady!();
+  return p;
+}
+
 export async function serveFile(
   config: [string, string][],
   options: { readonly?: boolean; plugin?: FilePluginOptions; debug?: (message: string) => void } = {},

@@ -23,6 +23,7 @@ import {
   go,
   option,
   optionReplies,
+  pskTls,
   request,
 } from './raw-session.js';
 
@@ -42,15 +43,7 @@ describe('STARTTLS: nothing sent in clear after it is ever read', () => {
       plugin: createMemoryPlugin(),
       config: { size: '1M' },
       handshakeTimeout: 2,
-      tls: {
-        mode: 'require',
-        socketOptions: {
-          ciphers: 'PSK',
-          minVersion: 'TLSv1.2',
-          maxVersion: 'TLSv1.2',
-          pskCallback: (_sock, id) => (id === PSK_IDENTITY ? PSK : null),
-        },
-      },
+      tls: pskTls(PSK_IDENTITY, PSK),
     });
   });
   afterAll(() => s.close());

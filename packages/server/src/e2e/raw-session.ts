@@ -132,3 +132,16 @@ export function optionReplies(data: Buffer, from = GREETING_SIZE): Array<{ optio
   }
   return out;
 }
+
+/** A server's TLS settings for tests: required, TLS-PSK over TLS 1.2, one identity with its key. */
+export function pskTls(identity: string, key: Buffer) {
+  return {
+    mode: 'require' as const,
+    socketOptions: {
+      ciphers: 'PSK',
+      minVersion: 'TLSv1.2' as const,
+      maxVersion: 'TLSv1.2' as const,
+      pskCallback: (_sock: unknown, id: string) => (id === identity ? key : null),
+    },
+  };
+}

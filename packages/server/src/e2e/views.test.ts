@@ -10,7 +10,7 @@ import { describe, expect, it } from 'vitest';
 import { needTools, nbdshOk, runOk, servePlugin, socketOf, tmpDir, waitFor } from '@nbdx/testkit';
 import { defineFilter, definePlugin } from '../api/define.js';
 import * as C from '../wire/constants.js';
-import { GO_REPLY_SIZE, GREETING_SIZE, RawSession, clientFlags, go, request } from './raw-session.js';
+import { GO_REPLY_SIZE, GREETING_SIZE, RawSession, clientFlags, go, pskTls, request } from './raw-session.js';
 
 const SIZE = 4 << 20;
 
@@ -226,17 +226,7 @@ print("ok")
     fs.writeFileSync(keys, `alice:${PSK}\n`);
     const { plugin, calls, views } = viewPlugin();
     const srv = await servePlugin(plugin, {
-      serve: {
-        tls: {
-          mode: 'require',
-          socketOptions: {
-            ciphers: 'PSK',
-            minVersion: 'TLSv1.2',
-            maxVersion: 'TLSv1.2',
-            pskCallback: (_sock, id) => (id === 'alice' ? Buffer.from(PSK, 'hex') : null),
-          },
-        },
-      },
+      serve: { tls: pskTls('alice', Buffer.from(PSK, 'hex')) },
     });
     try {
       const uri = `nbds+unix://alice@/?socket=${socketOf(srv.uri)}&tls-psk-file=${keys}`;
