@@ -125,6 +125,10 @@ export function createDelayFilter() {
       d.read ? h.waits.sleep(d.read).then(() => next.pread(buf, offset, flags)) : next.pread(buf, offset, flags),
     pwrite: (next, h, buf, offset, flags) =>
       d.write ? h.waits.sleep(d.write).then(() => next.pwrite(buf, offset, flags)) : next.pwrite(buf, offset, flags),
+    // Without a delay the plugin's views pass through (replies sent from its memory); with one,
+    // the request must wait, so it goes through pread/pwrite.
+    readView: (next, _h, count, offset) => (d.read ? undefined : next.readView?.(count, offset)),
+    writeView: (next, _h, count, offset) => (d.write ? undefined : next.writeView?.(count, offset)),
     trim: (next, h, count, offset, flags) =>
       d.trim ? h.waits.sleep(d.trim).then(() => next.trim(count, offset, flags)) : next.trim(count, offset, flags),
     extents: (next, h, count, offset, flags) =>

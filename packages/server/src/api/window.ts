@@ -1,7 +1,9 @@
 import type { Extent } from './common.js';
 import type { FilterV2 } from './filter/v2.js';
 
-type WindowCalls<H> = Required<Pick<FilterV2<H>, 'pread' | 'pwrite' | 'trim' | 'zero' | 'cache' | 'extents'>>;
+type WindowCalls<H> = Required<
+  Pick<FilterV2<H>, 'pread' | 'pwrite' | 'trim' | 'zero' | 'cache' | 'extents' | 'readView' | 'writeView'>
+>;
 
 /**
  * The data calls of a filter that serves a window of the layer below starting at a byte offset
@@ -16,6 +18,9 @@ export function windowDataCalls<H>(offsetOf: (h: H) => number): WindowCalls<H> {
     trim: (next, h, count, off, flags) => next.trim(count, off + offsetOf(h), flags),
     zero: (next, h, count, off, flags) => next.zero(count, off + offsetOf(h), flags),
     cache: (next, h, count, off, flags) => next.cache(count, off + offsetOf(h), flags),
+    // The plugin's views, shifted like everything else (replies sent from its memory).
+    readView: (next, h, count, off) => next.readView?.(count, off + offsetOf(h)),
+    writeView: (next, h, count, off) => next.writeView?.(count, off + offsetOf(h)),
     async extents(next, h, count, off, flags) {
       const shift = offsetOf(h);
       const list: Extent[] = await next.extents(count, off + shift, flags);

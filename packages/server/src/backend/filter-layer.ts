@@ -227,6 +227,16 @@ export class FilterContext extends Context {
   protected implPread(buf: Uint8Array, offset: number, flags: number) {
     return this.f.pread ? this.f.pread(this.next, this.h, buf, offset, flags) : this.next.pread(buf, offset, flags);
   }
+  // Views only where the filter passes them through on purpose (FilterV2.readView).
+  protected override implReadView(count: number, offset: number) {
+    return this.v2 && this.f.readView ? this.f.readView(this.next, this.h, count, offset) : undefined;
+  }
+  protected override implWriteView(count: number, offset: number) {
+    return this.v2 && this.f.writeView ? this.f.writeView(this.next, this.h, count, offset) : undefined;
+  }
+  protected override implReleaseView(view: Uint8Array, completed: boolean) {
+    this.next.releaseView?.(view, completed);
+  }
   protected implPwrite(buf: Uint8Array, offset: number, flags: number) {
     return this.f.pwrite ? this.f.pwrite(this.next, this.h, buf, offset, flags) : this.next.pwrite(buf, offset, flags);
   }

@@ -9,6 +9,7 @@ import * as path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { needTools, nbdshOk, runOk, servePlugin, socketOf, tmpDir, waitFor } from '@nbdx/testkit';
 import { defineFilter, definePlugin } from '../api/define.js';
+import { windowDataCalls } from '../api/window.js';
 import * as C from '../wire/constants.js';
 import { GO_REPLY_SIZE, GREETING_SIZE, RawSession, clientFlags, go, pskTls, request } from './raw-session.js';
 
@@ -125,6 +126,34 @@ describe('plugin memory views (readView / writeView)', () => {
       } finally {
         await srv.close();
       }
+    }
+  });
+
+  it('a filter that only shifts requests passes the views through, at the shifted offsets', async () => {
+    const { plugin, disk, calls, views } = viewPlugin();
+    const SHIFT = 1 << 20;
+    const window = defineFilter<{}>({
+      apiVersion: 2,
+      name: 'window',
+      open: () => ({}),
+      getSize: async (next) => (await next.getSize()) - SHIFT,
+      ...windowDataCalls<{}>(() => SHIFT),
+    });
+    const srv = await servePlugin(plugin, { filters: [window] });
+    try {
+      const c = await srv.connect({ structuredReplies: true });
+      const data = randomBytes(300_000);
+      await c.pwrite(data, 4096);
+      expect(disk.subarray(SHIFT + 4096, SHIFT + 4096 + data.length).equals(data)).toBe(true);
+      expect(Buffer.from(await c.pread(data.length, 4096)).equals(data)).toBe(true);
+      expect(calls).toMatchObject({ pread: 0, pwriteCopied: 0, pwriteInPlace: 1, readView: 1, writeView: 1 });
+      // Beyond the window's end: refused as usual, never a view.
+      await expect(c.pread(8192, SIZE - SHIFT - 4096)).rejects.toThrow();
+      await c.disconnect();
+      await waitFor(() => views.completed === 2, 3000);
+      expect(views).toEqual({ out: 0, completed: 2, abandoned: 0 });
+    } finally {
+      await srv.close();
     }
   });
 

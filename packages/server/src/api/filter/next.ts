@@ -66,6 +66,15 @@ export interface Next {
    * `Next` objects need not provide it.
    */
   reopen?(options?: ReopenOptions): Promise<Next>;
+  /**
+   * Synchronous, for filters that pass views through (FilterV2.readView / writeView): the bytes
+   * as a view of the plugin's own memory, when the layers below offer one, else undefined.
+   * Optional here only so that hand-made `Next` objects need not provide them.
+   */
+  readView?(count: number, offset: number): Uint8Array | undefined;
+  writeView?(count: number, offset: number): Uint8Array | undefined;
+  /** Give back a view got through readView or writeView (the core does this for the views it uses). */
+  releaseView?(view: Uint8Array, completed: boolean): void;
 }
 
 export interface ReopenOptions {

@@ -28,8 +28,9 @@ export interface PluginV2<H = any> extends PluginCommon<H> {
    * READ reply without copying them (the kernel copies straight from it). The view must stay
    * valid and in place while the reply is queued: memory that may be freed or reused for other
    * offsets (a sparse allocator's chunks) is held back until `releaseView` says the core is done
-   * with it. Return undefined to be asked through `pread` instead. Only used when no filter sits
-   * above the plugin.
+   * with it. Return undefined to be asked through `pread` instead. Not used over TLS, and only
+   * through filters that pass views on (FilterV2.readView: offset, partition, delay without a
+   * delay); any other filter above the plugin turns them off.
    */
   readView?(h: H, count: number, offset: number): Uint8Array | undefined;
   /**
@@ -37,8 +38,8 @@ export interface PluginV2<H = any> extends PluginCommon<H> {
    * payload straight into this view and then calls `pwrite` with it (recognise your own memory
    * and skip the copy). The bytes land before the write is acknowledged, and a client that
    * disconnects in the middle of a payload leaves part of it written: only for plugins where
-   * that is acceptable (a RAM disk, which a crash loses anyway). Only used when no filter sits
-   * above the plugin, and only for requests that passed every check.
+   * that is acceptable (a RAM disk, which a crash loses anyway). Only through filters that pass
+   * views on (FilterV2.writeView), and only for requests that passed every check.
    */
   writeView?(h: H, count: number, offset: number): Uint8Array | undefined;
   /**
