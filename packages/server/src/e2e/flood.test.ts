@@ -232,9 +232,13 @@ describe.skipIf(!have)('floods: clients that never read', () => {
         // Node 22 keeps more than Node 20 did for reuse after the 8-connection floods: up to 154 MiB
         // over idle was measured (it goes down again after later floods: no ratchet). Hence the
         // server budget plus 64 MiB of allocator slack; the hard bound is the peak check below.
+        // V8 gives a grown heap back when its memory reducer runs, after several seconds of a
+        // low allocation rate: a 10 s wait once saw none of an 8-connection BLOCK_STATUS flood's
+        // +56 MiB come back (325 MiB after, 269 before), and the next flood began at 242 MiB.
+        // So wait up to 30 s before calling it a ratchet.
         const settled = Math.max(before + 48 * MiB, idle + 192 * MiB);
         let after = rssOf(pid);
-        for (let i = 0; i < 50 && after > settled; i++) {
+        for (let i = 0; i < 150 && after > settled; i++) {
           await new Promise((r) => setTimeout(r, 200));
           after = rssOf(pid);
         }
@@ -245,7 +249,7 @@ describe.skipIf(!have)('floods: clients that never read', () => {
         expect(growth).toBeLessThanOrEqual(Math.min(conns * PER_CONNECTION, TOTAL));
         expect(Math.max(...served)).toBeLessThan(2000);
         expect(after).toBeLessThanOrEqual(settled);
-      }, (SECONDS + 30) * 1000);
+      }, (SECONDS + 60) * 1000);
     }
   }
 });
