@@ -537,9 +537,14 @@ export class Transmission {
 
   /** A payload buffer the request is done with: back to the pool, or the plugin told (releaseView). */
   private giveBack(payload: Buffer, kind: Payload, completed = true): void {
-    if (kind === Payload.Pooled) return bufferPool.put(payload);
+    if (kind === Payload.Pooled) bufferPool.put(payload);
+    else this.releaseView(payload, completed);
+  }
+
+  /** Tell the plugin the core is done with one of its views; its failure is logged, not thrown. */
+  private releaseView(view: Uint8Array, completed: boolean): void {
     try {
-      this.ctx.releaseView(payload, completed);
+      this.ctx.releaseView(view, completed);
     } catch (err) {
       this.settings.error(`releaseView: ${(err as Error).message}`);
     }
@@ -777,13 +782,7 @@ export class Transmission {
       writeU64(w.arena, req.offset, at + hs);
     }
     // The plugin learns when the socket is done with its memory (releaseView).
-    w.pushThen(view, () => {
-      try {
-        this.ctx.releaseView(view, true);
-      } catch (err) {
-        this.settings.error(`releaseView: ${(err as Error).message}`);
-      }
-    });
+    w.pushThen(view, () => this.releaseView(view, true));
   }
 
   private readFailed(req: Request, b: Buffer, err: unknown): void {
