@@ -161,12 +161,8 @@ class ChunkAllocator {
     return Buffer.from(m.buffer, m.byteOffset + this.offset(h), this.chunk);
   }
 
-  /** The number of the chunk a view() is of. */
-  numberOfView(v: Buffer): number {
-    return this.chunkAt(v);
-  }
-
-  /** The number of the chunk holding byte 0 of `v`, if `v` is a view of a slab in use, else -1. */
+  /** The number of the chunk holding byte 0 of `v` (a view() of a chunk, for one), if `v` is a
+   * view of a slab in use, else -1. */
   chunkAt(v: Uint8Array): number {
     const arena = this.arenaOf.get(v.buffer as ArrayBuffer);
     if (arena === undefined) return -1;
@@ -370,10 +366,10 @@ export class SparseArray {
       for (let i = first + 1; i <= last; i++) if (this.page(i) !== undefined) return undefined;
       h = this.big.allocRun(n);
       if (h < 0) return undefined;
-      for (let k = 0; k < n; k++) this.addFullPage(first + k, this.big.view(h + k));
+      for (let k = first; k <= last; k++) this.addFullPage(this.directory(Math.floor(k / DIR_PAGES)), k % DIR_PAGES, this.big.view(h + k - first));
     } else {
       if (start instanceof Page) return undefined;
-      h = this.big.numberOfView(start);
+      h = this.big.chunkAt(start);
       // Neighbouring slabs of an arena are neighbours in memory too, but pins count chunks of one slab.
       if (!this.big.inOneSlab(h, n)) return undefined;
       for (let k = 1; k < n; k++) {
@@ -416,12 +412,16 @@ export class SparseArray {
     else this.big.release(h);
   }
 
-  /** Page `index` is now `v`, a full page's chunk. */
-  private addFullPage(index: number, v: Buffer): void {
-    const d = Math.floor(index / DIR_PAGES);
+  /** Directory `d`, made if it does not exist yet. */
+  private directory(d: number): Directory {
     let dir = this.dirs.get(d);
     if (!dir) this.dirs.set(d, (dir = new Directory()));
-    dir.add(index % DIR_PAGES, v);
+    return dir;
+  }
+
+  /** Page `i` of `dir`, never written, is now `v`: a full page's chunk. */
+  private addFullPage(dir: Directory, i: number, v: Buffer): void {
+    dir.add(i, v);
     this.allocatedPages++;
     this.storedBytes += PAGE_SIZE;
   }
@@ -464,7 +464,7 @@ export class SparseArray {
 
   private releaseStorage(p: Entry): void {
     if (!(p instanceof Page)) {
-      this.releaseBig(this.big.numberOfView(p));
+      this.releaseBig(this.big.chunkAt(p));
       this.storedBytes -= PAGE_SIZE;
     } else if (p.whole >= 0) {
       this.releaseBig(p.whole);
@@ -531,8 +531,7 @@ export class SparseArray {
       const n = Math.min(PAGE_SIZE - inPage, buf.length - done);
       const d = Math.floor(index / DIR_PAGES);
       const i = index % DIR_PAGES;
-      let dir = this.dirs.get(d);
-      if (!dir) this.dirs.set(d, (dir = new Directory()));
+      const dir = this.directory(d);
       const e = dir.pages.get(i);
       if (e !== undefined && !(e instanceof Page)) {
         // A full page: just the copy.
@@ -541,9 +540,7 @@ export class SparseArray {
         // A new page written whole.
         const v = this.big.view(this.big.alloc());
         v.set(buf.subarray(done, done + n));
-        dir.add(i, v);
-        this.allocatedPages++;
-        this.storedBytes += PAGE_SIZE;
+        this.addFullPage(dir, i, v);
       } else {
         let p = e;
         if (p === undefined) {
@@ -688,7 +685,7 @@ export class SparseArray {
       // A full page: a Page while it is cleared (and again just its view if it is still full).
       p = new Page();
       p.mask = FULL;
-      p.whole = this.big.numberOfView(e);
+      p.whole = this.big.chunkAt(e);
       p.view = e;
       dir!.pages.set(i, p);
     }
