@@ -28,7 +28,7 @@ export interface OpenOptions {
   mappings: Mappings | null;
   /**
    * How many handles of this plugin are open in the whole process, every worker thread included
-   * (a counter in shared memory); decides where big writes are copied (see SYNC_WRITE_LIMIT).
+   * (a counter in shared memory); decides where big writes are copied (see SYNC_POOL_FROM).
    * Optional: without it, big writes are copied on the event loop.
    */
   clients?: Int32Array;
@@ -53,7 +53,6 @@ export const SYNC_LIMIT = 1024 * 1024;
  * 1925-1936 copied here. So writes above SYNC_POOL_FROM go to the pool while a single client is
  * connected to the whole server.
  */
-export const SYNC_WRITE_LIMIT = SYNC_LIMIT;
 export const SYNC_POOL_FROM = 64 * 1024;
 
 const TMPFS_MAGIC = 0x01021994;
@@ -284,7 +283,7 @@ export class OpenFile {
   /**
    * Map the file when that saves a copy: memory-backed (reading through the mapping reads the
    * pages pread would copy from, never waits for a disk), a regular file, not cache=none.
-   * Writes keep going through pwrite: see SYNC_WRITE_LIMIT and docs/performance.md (third pass)
+   * Writes keep going through pwrite: see SYNC_POOL_FROM and docs/performance.md (third pass)
    * for why receiving payloads into a mapping cost more than it saved.
    */
   private mapIfUseful(): void {
@@ -299,6 +298,7 @@ export class OpenFile {
       this.map = mappings.acquire(key, () => native.mapShared!(this.fd, this.size, key));
     } catch (err) {
       debug('file', `${this.path}: not mapped (${(err as Error).message}); pread/pwrite only`);
+      return;
     }
     if (this.map) this.mapKey = key;
     else debug('file', `${this.path}: the kernel refused to map it; pread/pwrite only`);
@@ -395,7 +395,7 @@ export class OpenFile {
 
   /** Whether a write this long is done on the event loop rather than on the thread pool. */
   private writesHere(length: number): boolean {
-    if (length > Math.min(this.syncMax, SYNC_WRITE_LIMIT)) return false;
+    if (length > this.syncMax) return false;
     const clients = this.options.clients;
     return length <= SYNC_POOL_FROM || clients === undefined || Atomics.load(clients, 0) > 1;
   }
