@@ -9,6 +9,7 @@ import {
   type Extent,
   packageVersion,
   sharedBuffer,
+  sharedBuffers,
 } from '@nbdx/server/api';
 import { constants } from 'node:buffer';
 import { SparseArray } from './sparse.js';
@@ -25,7 +26,7 @@ interface Disk {
   /** The bytes at a fixed place in memory, for replies sent and payloads received without a copy. */
   view?(count: number, offset: number, write: boolean): Buffer | undefined;
   /** The core is done with a view (see PluginV2.releaseView). */
-  release?(view: Uint8Array, completed: boolean): void;
+  releaseView?(view: Uint8Array, completed: boolean): void;
 }
 
 /**
@@ -61,13 +62,23 @@ class FlatDisk implements Disk {
 }
 
 /**
- * A RAM disk shared by every connection. Everything is in-process and synchronous, so requests
- * never interleave inside one call and the plugin can be fully parallel.
+ * Sparse disks made by this copy of the module so far. The server's main thread and each worker
+ * thread load the module once and make the command line's disk first, so the n-th disk has the
+ * same names in every thread (and disks of in-process test servers do not share memory).
+ */
+let sparseDisks = 0;
+
+/**
+ * A RAM disk shared by every connection. Every call is synchronous and, with worker threads, one
+ * step under the disk's lock (sparse) or a copy into a flat buffer (malloc), so requests never
+ * interleave inside one call and the plugin can be fully parallel.
  */
 export function createMemoryPlugin() {
   let size: number | undefined;
   let allocator: Allocator = 'sparse';
   let disk: Disk;
+  /** Names of the shared buffers of this plugin's sparse disk, forgotten at unload. */
+  const names: string[] = [];
 
   return definePlugin({
     apiVersion: 2,
@@ -82,9 +93,8 @@ export function createMemoryPlugin() {
       'allocator=malloc     one buffer of the whole size (shared memory: served on every --workers thread)',
     ].join('\n'),
     threadModel: 'parallel',
-    // allocator=malloc keeps the disk in shared memory, which every worker thread sees; the
-    // sparse allocator's pages live in this thread's heap.
-    workerThreads: () => allocator === 'malloc',
+    // Both allocators keep the disk in shared memory, which every worker thread sees.
+    workerThreads: true,
 
     config(key, value) {
       if (key === 'size') size = parseSize(value, 'size');
@@ -106,10 +116,21 @@ export function createMemoryPlugin() {
     },
     getReady() {
       try {
-        disk = allocator === 'sparse' ? new SparseArray(size!) : new FlatDisk(size!);
+        if (allocator === 'sparse') {
+          const prefix = `memory allocator=sparse #${sparseDisks++}: `;
+          disk = new SparseArray(size!, (role, bytes, max) => {
+            names.push(prefix + role);
+            return sharedBuffer(prefix + role, bytes, max);
+          });
+        } else disk = new FlatDisk(size!);
       } catch (err) {
+        if (allocator === 'sparse') throw err;
         throw new NbdError(Errno.ENOMEM, `allocator=malloc: cannot allocate ${size} bytes: ${(err as Error).message.replace(/^cannot allocate \d+ bytes of shared memory: /, '')}`);
       }
+    },
+    unload() {
+      // The memory goes once no thread holds the disk.
+      for (const n of names) sharedBuffers().delete(n);
     },
     dumpPlugin() {
       return { memory_allocators: 'sparse,malloc' };
@@ -132,7 +153,7 @@ export function createMemoryPlugin() {
     // allocator=malloc, for sparse where the range is one piece of memory (see SparseArray.view).
     readView: (_h, count, offset) => disk.view?.(count, offset, false),
     writeView: (_h, count, offset) => disk.view?.(count, offset, true),
-    releaseView: (_h, view, completed) => disk.release?.(view, completed),
+    releaseView: (_h, view, completed) => disk.releaseView?.(view, completed),
     pwrite: (_h, buf, offset) => disk.write(buf, offset),
     // RAM is as durable as it gets: flush and FUA have nothing to do.
     flush: () => {},

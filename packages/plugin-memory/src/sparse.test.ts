@@ -509,7 +509,7 @@ describe('SparseArray sub-blocks', () => {
           if (v) {
             buf.copy(v);
             a.write(v, at);
-            a.release(v, true);
+            a.releaseView(v, true);
           } else a.write(buf, at);
           buf.copy(ref, at);
           for (let k = Math.floor(at / SUB_SIZE); k * SUB_SIZE < at + len; k++) held[k] = 1;
@@ -531,7 +531,7 @@ describe('SparseArray sub-blocks', () => {
           const v = a.view(len, at, false);
           if (v) {
             expect(v.equals(ref.subarray(at, at + len))).toBe(true);
-            a.release(v, true);
+            a.releaseView(v, true);
           }
         } else {
           // Read twice with different garbage in the buffer: every byte not reported as a hole
@@ -625,20 +625,23 @@ describe('SparseArray sub-blocks', () => {
     expect(a.storedBytes).toBe(0);
   });
 
-  it('slabs come from arenas that double up to 256 MiB, and an arena goes once it is empty', () => {
+  it('slabs emptied by trims are reused, by either kind, before the data grows', () => {
     const a = new SparseArray(GiB);
     const MiB = 2 ** 20;
     a.write(pattern(300 * MiB, 0, 9), 0);
     expect(a.slabBytes).toBe(300 * MiB);
-    // 2 + 4 + ... + 256 MiB: nine arenas, the first address space for 510 MiB.
-    expect(a.arenaBytes).toBe(510 * MiB);
+    expect(a.dataBytes).toBe(300 * MiB);
     expect(readAll(a, 300 * MiB, 0).data.equals(pattern(300 * MiB, 0, 9))).toBe(true);
     a.zero(300 * MiB, 0);
-    // One empty slab is kept for the next write; the arena holding it is all that is left.
+    // One empty slab is kept for the next write; the others are free, but the data keeps its size.
     expect(a.slabBytes).toBe(2 * MiB);
-    expect(a.arenaBytes).toBeLessThanOrEqual(256 * MiB);
-    a.write(pattern(4 * MiB, 0, 10), 0);
-    expect(readAll(a, 4 * MiB, 0).data.equals(pattern(4 * MiB, 0, 10))).toBe(true);
+    expect(a.dataBytes).toBe(300 * MiB);
+    // Scattered 4 KiB writes (small chunks) take the freed slabs: nothing new is made.
+    for (let i = 0; i < 1000; i++) a.write(pattern(SUB_SIZE, i * 7 * PAGE_SIZE, 10), i * 7 * PAGE_SIZE);
+    a.write(pattern(4 * MiB, 500 * MiB, 11), 500 * MiB);
+    expect(a.dataBytes).toBe(300 * MiB);
+    for (let i = 0; i < 1000; i++) expect(readAll(a, SUB_SIZE, i * 7 * PAGE_SIZE).data.equals(pattern(SUB_SIZE, i * 7 * PAGE_SIZE, 10))).toBe(true);
+    expect(readAll(a, 4 * MiB, 500 * MiB).data.equals(pattern(4 * MiB, 500 * MiB, 11))).toBe(true);
   });
 
   it('a page written in order becomes dense correctly when its chunks straddle two slabs', () => {
@@ -685,7 +688,7 @@ describe('SparseArray views (replies sent from its memory, payloads received int
     for (const [at, len] of [[0, RUN], [100, 100_000], [PAGE_SIZE - 1, 2], [RUN - 1, 1]] as const) {
       const v = a.view(len, 4 * RUN + at, false)!;
       expect(v.equals(data.subarray(at, at + len))).toBe(true);
-      a.release(v, true);
+      a.releaseView(v, true);
     }
     // Not one piece: a page never written, a page written in part, the edge of the run.
     expect(a.view(RUN, 5 * RUN - PAGE_SIZE, false)).toBeUndefined();
@@ -703,14 +706,14 @@ describe('SparseArray views (replies sent from its memory, payloads received int
     const data = pattern(RUN, RUN, 2);
     data.copy(v);
     a.write(v, RUN); // the core hands the view back as the payload: nothing to copy
-    a.release(v, true);
+    a.releaseView(v, true);
     expect(readAll(a, RUN, RUN).data.equals(data)).toBe(true);
     expect([...a.extents(3 * RUN, 0)].map((e) => e.type)).toEqual([3, 0, 3]);
     // Overwriting what it now holds: the same memory.
     const again = a.view(RUN, RUN, true)!;
     expect(again.buffer).toBe(v.buffer);
     expect(again.byteOffset).toBe(v.byteOffset);
-    a.release(again, true);
+    a.releaseView(again, true);
     // Pages not covered whole, or part written and part not: no view.
     expect(a.view(RUN - 1, 3 * RUN, true)).toBeUndefined();
     expect(a.view(RUN, 3 * RUN + 1, true)).toBeUndefined();
@@ -729,7 +732,7 @@ describe('SparseArray views (replies sent from its memory, payloads received int
       if (v) {
         data.copy(v);
         a.write(v, at);
-        a.release(v, true);
+        a.releaseView(v, true);
       } else a.write(data, at);
       expect(readAll(a, RUN, at).data.equals(data)).toBe(true);
     }
@@ -748,7 +751,7 @@ describe('SparseArray views (replies sent from its memory, payloads received int
     // New data elsewhere must not land in the chunks the reply is sent from.
     for (let i = 1; i <= 64; i++) a.write(pattern(RUN, i * RUN, 4), i * RUN);
     expect(reply.equals(old)).toBe(true);
-    a.release(reply, true);
+    a.releaseView(reply, true);
     // Given back, they are used again once the slab being filled is full.
     let reused = false;
     for (let i = 0; i < 200 && !reused; i++) {
@@ -756,7 +759,7 @@ describe('SparseArray views (replies sent from its memory, payloads received int
       a.write(pattern(PAGE_SIZE, at, 5), at);
       const v = a.view(PAGE_SIZE, at, false)!;
       reused = v.buffer === reply.buffer && v.byteOffset >= reply.byteOffset && v.byteOffset < reply.byteOffset + RUN;
-      a.release(v, true);
+      a.releaseView(v, true);
     }
     expect(reused).toBe(true);
   });
@@ -767,7 +770,7 @@ describe('SparseArray views (replies sent from its memory, payloads received int
     a.zero(RUN, 0); // the chunks go back to the allocator holding that pattern
     const v = a.view(RUN, 2 * RUN, true)!;
     v.fill(9, 0, 1000); // the first bytes of the payload arrived, then the client went away
-    a.release(v, false);
+    a.releaseView(v, false);
     const back = readAll(a, RUN, 2 * RUN);
     expect(back.data.equals(Buffer.alloc(RUN))).toBe(true);
     expect([...a.extents(RUN, 2 * RUN)]).toEqual([{ offset: 2 * RUN, length: RUN, type: 2 }]);

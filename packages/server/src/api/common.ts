@@ -328,22 +328,31 @@ export function sharedBuffers(): Map<string, SharedArrayBuffer> {
  * zero-filled SharedArrayBuffer of `byteLength` bytes (the system commits pages only as they are
  * written); the worker threads, started after the main thread's layers are ready, get the same
  * buffer for the same name. A layer that keeps its disk in one can declare `workerThreads`.
- * Throws EINVAL when the name exists with another length, ENOMEM when it cannot be had.
+ *
+ * With `maxByteLength`, the buffer is growable up to that many bytes: only address space is
+ * reserved beyond `byteLength`, and `grow()` in any thread is seen by all of them. A later call
+ * with the name gets the buffer as it is now (it may have grown), whatever lengths it passes.
+ *
+ * Throws EINVAL when the name exists with another length (or growable where a fixed buffer was
+ * asked for, or the reverse), ENOMEM when it cannot be had.
  */
-export function sharedBuffer(name: string, byteLength: number): SharedArrayBuffer {
+export function sharedBuffer(name: string, byteLength: number, maxByteLength?: number): SharedArrayBuffer {
   const all = sharedBuffers();
   const had = all.get(name);
+  const growable = maxByteLength !== undefined;
   if (had) {
-    if (had.byteLength !== byteLength) {
-      throw new NbdError(Errno.EINVAL, `shared buffer '${name}' has ${had.byteLength} bytes, not ${byteLength}`);
+    if (had.growable !== growable || (!growable && had.byteLength !== byteLength)) {
+      const what = (b: boolean, n: number) => (b ? 'growable' : `${n} bytes`);
+      throw new NbdError(Errno.EINVAL, `shared buffer '${name}' is ${what(had.growable, had.byteLength)}, not ${what(growable, byteLength)}`);
     }
     return had;
   }
   let made: SharedArrayBuffer;
   try {
-    made = new SharedArrayBuffer(byteLength);
+    made = growable ? new SharedArrayBuffer(byteLength, { maxByteLength }) : new SharedArrayBuffer(byteLength);
   } catch (err) {
-    throw new NbdError(Errno.ENOMEM, `cannot allocate ${byteLength} bytes of shared memory: ${(err as Error).message}`);
+    const how = growable ? `${byteLength} bytes (growable to ${maxByteLength})` : `${byteLength} bytes`;
+    throw new NbdError(Errno.ENOMEM, `cannot allocate ${how} of shared memory: ${(err as Error).message}`);
   }
   all.set(name, made);
   return made;

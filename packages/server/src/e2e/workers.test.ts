@@ -169,16 +169,74 @@ print("ok")
   });
 });
 
-describe.skipIf(!have)('nbdx --workers where it cannot apply', () => {
-  it('memory keeps its disk in its own memory: one thread, one warning line, still served', async () => {
+describe.skipIf(!have)('nbdx --workers with the sparse memory disk (page table and chunks in shared memory)', () => {
+  it('every thread serves one disk: writes, zeroes, trims and extents agree across threads, and copies round-trip', async () => {
     const dir = tmpDir('nbdx-workers-');
     try {
-      const s = await startCli(['--workers=2', '-U', path.join(dir, 'm.sock'), 'memory', '16M']);
+      const s = await startCli(['-v', '--workers=2', '-U', path.join(dir, 's.sock'), 'memory', '1T']);
+      try {
+        expect(s.stderr()).toContain('serving connections on 2 threads');
+        // Scattered sub-block writes (sparse pages), whole pages, a page made dense and one
+        // trimmed back: each done on one thread and checked on the other.
+        const script = `
+import nbd
+a = nbd.NBD(); a.connect_uri(${JSON.stringify(s.uri)})
+b = nbd.NBD(); b.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION); b.connect_uri(${JSON.stringify(s.uri)})
+G = 1 << 30
+for i in range(64):
+    w, r = (a, b) if i % 2 == 0 else (b, a)
+    at = i * 7 * G + 5 * 4096 + 100
+    data = bytes([i + 1]) * 3000
+    w.pwrite(data, at)
+    assert r.pread(3000, at) == data, i
+    page = i * 7 * G + 1048576
+    w.pwrite(bytes([i + 2]) * 131072, page)
+    assert r.pread(131072, page) == bytes([i + 2]) * 131072, i
+    w.trim(32768, page)
+    assert r.pread(32768, page) == bytes(32768), i
+    w.zero(2000, at + 500)
+    assert r.pread(3000, at) == data[:500] + bytes(2000) + data[2500:], i
+seen = []
+b.block_status(2 * G, 0, lambda ctx, off, e, err: seen.append(list(e)) or 0)
+assert seen[0][:4] == [32768, 0, 1048576, 3], seen[0][:4]
+print("ok")
+`;
+        expect((await runOk('nbdsh', ['-c', script])).trim()).toBe('ok');
+        expect(s.stderr()).toMatch(/handed a connection to worker 1/);
+      } finally {
+        await s.stop();
+      }
+      expect(s.stderr()).not.toMatch(/error/i);
+      // nbdcopy's four connections over both threads, into a disk and back out (payloads
+      // received into pages taken for them, replies sent from the pages).
+      const c = await startCli(['--workers=2', '-U', path.join(dir, 'c.sock'), 'memory', '48M']);
+      try {
+        const src = path.join(dir, 'src');
+        fs.writeFileSync(src, randomBytes(48 * MiB));
+        await runOk('nbdcopy', ['--connections=4', src, c.uri]);
+        const out = path.join(dir, 'out');
+        await runOk('nbdcopy', ['--connections=4', c.uri, out]);
+        expect(fs.readFileSync(out).equals(fs.readFileSync(src))).toBe(true);
+      } finally {
+        await c.stop();
+      }
+      expect(c.stderr()).toBe('');
+    } finally {
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
+
+describe.skipIf(!have)('nbdx --workers where it cannot apply', () => {
+  it('a filter keeping its state in its own memory: one thread, one warning line, still served', async () => {
+    const dir = tmpDir('nbdx-workers-');
+    try {
+      const s = await startCli(['--workers=2', '-U', path.join(dir, 'm.sock'), '--filter=cow', 'memory', '16M']);
       expect((await runOk('nbdinfo', ['--size', s.uri])).trim()).toBe(String(16 * MiB));
       await s.stop();
       const lines = s.stderr().trim().split('\n');
       expect(lines).toEqual([
-        'nbdx: warning: --workers=2: serving on one thread: plugin memory keeps its state in its own memory (it does not declare workerThreads)',
+        'nbdx: warning: --workers=2: serving on one thread: filter cow keeps its state in its own memory (it does not declare workerThreads)',
       ]);
     } finally {
       fs.rmSync(dir, { recursive: true, force: true });
