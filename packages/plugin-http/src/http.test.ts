@@ -341,4 +341,16 @@ describe.skipIf(!haveCli)('http plugin: bad command lines', () => {
       expect(lines[0]).toMatch(message);
     });
   }
+
+  it('without -f, password=- and password=-FD are refused with a hint: the server in the background has no terminal or descriptor', async () => {
+    for (const form of ['-', '-3']) {
+      const r = await run(process.execPath, [nbdxBin(), '-U', path.join(dir, 'bg.sock'), 'http', 'https://example.com/x', 'user=u', `password=${form}`], {
+        cwd: path.resolve(__dirname, '../../..'),
+      });
+      expect(r.code).toBe(1);
+      expect(r.stderr.trim().split('\n')).toEqual([
+        `nbdx: password=${form}: nbdx reads its parameters after going into the background, where there is no terminal and no inherited descriptor: add -f (or use --run), or use password=+FILE`,
+      ]);
+    }
+  });
 });

@@ -184,6 +184,31 @@ describe('readSecret: - (typed at the terminal)', () => {
   });
 });
 
+describe('readSecret: in the server nbdx started in the background', () => {
+  it('refuses - and -FD (no terminal there, and fd 3 is the channel to the parent), but not +FILE', async () => {
+    const before = { env: process.env.NBDX_DAEMON_CHILD, send: process.send };
+    process.env.NBDX_DAEMON_CHILD = '1';
+    process.send = () => true;
+    try {
+      const fd = fs.openSync(file('bg', 'x\n'), 'r');
+      try {
+        expect((await failure(readSecret('password', `-${fd}`))).message).toBe(
+          `password=-${fd}: nbdx reads its parameters after going into the background, where there is no terminal and no inherited descriptor: add -f (or use --run), or use password=+FILE`,
+        );
+        expect(isOpen(fd)).toBe(true);
+      } finally {
+        fs.closeSync(fd);
+      }
+      expect((await failure(readSecret('password', '-'))).message).toMatch(/^password=-: nbdx reads its parameters after going into the background/);
+      expect(await readSecret('password', `+${file('bg2', 'fine\n')}`)).toBe('fine');
+    } finally {
+      if (before.env === undefined) delete process.env.NBDX_DAEMON_CHILD;
+      else process.env.NBDX_DAEMON_CHILD = before.env;
+      process.send = before.send;
+    }
+  });
+});
+
 describe('readSecret: a value in clear', () => {
   it('is the secret, with a warning naming the plugin and the key but not the value', async () => {
     expect(await readSecret('secret-key', 'in-clear', { plugin: 's3' })).toBe('in-clear');

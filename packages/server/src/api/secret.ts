@@ -48,11 +48,14 @@ export async function readSecret(key: string, value: string, opts: ReadSecretOpt
     if (file === '') throw invalid(`${key}: '+' must be followed by a file name`);
     secret = readFileLine(key, file);
   } else if (value === '-') {
+    if (!opts.stdin && inDetachedServer()) throw detached(key, '-');
     secret = await prompt(key, opts.stdin ?? process.stdin, opts.output ?? process.stderr);
   } else if (value.startsWith('-')) {
     // As nbdkit: anything else starting with '-' is a descriptor number, so a secret that
     // itself starts with '-' (or '+') has to come from a file.
-    secret = readFdLine(key, parseFd(key, value.slice(1)));
+    const fd = parseFd(key, value.slice(1));
+    if (inDetachedServer()) throw detached(key, `-${fd}`);
+    secret = readFdLine(key, fd);
   } else {
     secret = value;
     if (secret !== '') {
@@ -72,6 +75,21 @@ export async function readSecret(key: string, value: string, opts: ReadSecretOpt
  */
 export function secretReadsOnce(value: string): boolean {
   return value.startsWith('-');
+}
+
+/**
+ * True in the server process that `nbdx` (without -f, --run or -s) starts to go into the
+ * background: it reads the parameters itself, with standard input on /dev/null and no inherited
+ * descriptor but its IPC channel to the parent (fd 3, which `-3` must never read or close).
+ */
+function inDetachedServer(): boolean {
+  return process.env.NBDX_DAEMON_CHILD === '1' && typeof process.send === 'function';
+}
+
+function detached(key: string, form: string): NbdError {
+  return invalid(
+    `${key}=${form}: nbdx reads its parameters after going into the background, where there is no terminal and no inherited descriptor: add -f (or use --run), or use ${key}=+FILE`,
+  );
 }
 
 function parseFd(key: string, digits: string): number {
