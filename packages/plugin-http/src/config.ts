@@ -1,12 +1,5 @@
 import { Errno, NbdError, parseBool, parseSize } from '@nbdx/server/api';
 
-/** A secret given as `+FILE`, `-` (prompt), `-FD`, or (discouraged) in clear. */
-export type SecretSource =
-  | { kind: 'clear'; value: string }
-  | { kind: 'file'; path: string }
-  | { kind: 'prompt' }
-  | { kind: 'fd'; fd: number };
-
 export interface Settings {
   url: URL | null;
   /**
@@ -14,9 +7,12 @@ export interface Settings {
    * files of header lines (`headers=+FILE`), read at start-up in their place.
    */
   headers: ([string, string | null] | { file: string })[];
-  cookie: SecretSource | null;
+  /** cookie= and password= as given (`+FILE`, `-`, `-FD` or clear): readSecret reads them at start-up. */
+  cookie: string | null;
   user: string | null;
-  password: SecretSource | null;
+  password: string | null;
+  /** A password in url=: always the password itself, even when it starts with `+` or `-`. */
+  urlPassword: string | null;
   cafile: string | null;
   capath: string | null;
   sslverify: boolean;
@@ -40,6 +36,7 @@ export function defaultSettings(): Settings {
     cookie: null,
     user: null,
     password: null,
+    urlPassword: null,
     cafile: null,
     capath: null,
     sslverify: true,
@@ -90,22 +87,6 @@ export function parseHeaderLine(line: string, what = 'header'): [string, string 
   return [name, value];
 }
 
-/** `+FILE`, `-`, `-FD` or a value in clear, as nbdkit reads passwords and cookies. */
-export function parseSecret(value: string): SecretSource {
-  if (value.startsWith('+')) {
-    if (value.length === 1) throw invalid("'+' must be followed by a file name");
-    return { kind: 'file', path: value.slice(1) };
-  }
-  if (value === '-') return { kind: 'prompt' };
-  const fd = /^-(\d+)$/.exec(value);
-  if (fd) {
-    const n = Number(fd[1]);
-    if (n <= 2) throw invalid(`-${n}: file descriptors 0, 1 and 2 cannot be used for secrets (use - to be asked)`);
-    return { kind: 'fd', fd: n };
-  }
-  return { kind: 'clear', value };
-}
-
 /** Apply one key=value from the command line; throws EINVAL with a one-line explanation. */
 export function applyConfig(s: Settings, key: string, value: string): void {
   switch (key) {
@@ -119,9 +100,10 @@ export function applyConfig(s: Settings, key: string, value: string): void {
       if (url.protocol !== 'https:' && url.protocol !== 'http:') {
         throw invalid(`url: '${url.protocol}' is not supported, use https:// or http://`);
       }
-      // Credentials in the URL become user= and password= (never sent as part of the URL).
+      // Credentials in the URL are used as user= and password= (which win when also given), and
+      // are never sent as part of the URL.
       if (url.username) s.user ??= decodeURIComponent(url.username);
-      if (url.password) s.password ??= { kind: 'clear', value: decodeURIComponent(url.password) };
+      if (url.password) s.urlPassword = decodeURIComponent(url.password);
       url.username = '';
       url.password = '';
       url.hash = '';
@@ -142,14 +124,14 @@ export function applyConfig(s: Settings, key: string, value: string): void {
       for (const line of splitHeaderLines(value)) s.headers.push(parseHeaderLine(line, 'headers'));
       return;
     case 'cookie':
-      if (s.cookie) throw invalid('cookie: may be given only once (join several cookies with "; ")');
-      s.cookie = parseSecret(value);
+      if (s.cookie !== null) throw invalid('cookie: may be given only once (join several cookies with "; ")');
+      s.cookie = value;
       return;
     case 'user':
       s.user = value;
       return;
     case 'password':
-      s.password = parseSecret(value);
+      s.password = value;
       return;
     case 'cafile':
     case 'cainfo':

@@ -262,6 +262,34 @@ describe.skipIf(!have)('http plugin: credentials and headers', () => {
     expect(out).not.toContain('typed');
   });
 
+  it('password=-FD reads a descriptor the parent passed (a FIFO that never ends), and nbdx closes it', async () => {
+    if (!haveCli) return;
+    const srv = await startServer({ basicAuth: { user: 'carol', password: 'from a pipe' } });
+    const child = await import('node:child_process');
+    // Opened read-write, the FIFO has a writer as long as nbdx holds it: nbdx must stop at the
+    // newline instead of waiting for an end that never comes.
+    const fifo = path.join(dir, 'password.fifo');
+    child.execFileSync('mkfifo', [fifo]);
+    const fd = fs.openSync(fifo, 'r+');
+    fs.writeSync(fd, 'from a pipe\nnot the password\n');
+    // Once the server is up, nbdx (the --run command's parent) lists what its descriptors are:
+    // none may still be the FIFO (the number 3 itself is soon reused by Node).
+    const args = [nbdxBin(), '-U', path.join(dir, 'fd.sock'), 'http', srv.url, `cafile=${certs.caFile}`, 'user=carol', 'password=-3', '--run', 'nbdinfo --size "$uri"; for f in /proc/$PPID/fd/*; do readlink "$f"; done'];
+    const out = await new Promise<string>((resolve, reject) => {
+      const p = child.spawn(process.execPath, args, { cwd: path.resolve(__dirname, '../../..'), env: { ...process.env, PATH: `/usr/bin:/usr/sbin:${process.env.PATH}` }, stdio: ['ignore', 'pipe', 'pipe', fd] });
+      fs.closeSync(fd);
+      let text = '';
+      p.stdout!.on('data', (d: Buffer) => (text += d.toString()));
+      p.stderr!.on('data', (d: Buffer) => (text += d.toString()));
+      p.on('error', reject);
+      p.on('exit', (code) => (code === 0 ? resolve(text) : reject(new Error(`exit ${code}: ${text}`))));
+    });
+    const [size, ...links] = out.trim().split('\n');
+    expect(size).toBe(String(SIZE));
+    expect(links.length).toBeGreaterThan(3);
+    expect(links).not.toContain(fifo);
+  });
+
   it('header= is sent with every request and headers=+FILE adds more; without them the server refuses', async () => {
     const srv = await startServer({ requireHeaders: { 'X-Disk-Token': 'abc 123', Authorization: 'Bearer t0k3n' } });
     const hfile = path.join(dir, 'headers');
@@ -300,6 +328,9 @@ describe.skipIf(!haveCli)('http plugin: bad command lines', () => {
     [['http', 'https://example.com/x', 'connections=0'], /connections: '0' is not a whole number/],
     [['http', 'https://example.com/x', 'timeout=soon'], /timeout: 'soon'/],
     [['http', 'https://example.com/x', 'password=+/nonexistent/pw', 'user=u'], /password: cannot read '\/nonexistent\/pw'/],
+    [['http', 'https://example.com/x', 'user=u', 'password=-'], /password=-: standard input is not a terminal, so the secret cannot be typed/],
+    [['http', 'https://example.com/x', 'user=u', 'password=-1'], /password=-1: descriptors 0, 1 and 2 are standard input, output and error/],
+    [['http', 'https://example.com/x', 'cookie=-oops'], /cookie: a value starting with '-' must be '-' \(type it\) or '-FD'/],
     [['http', 'https://example.com/x', 'nonsense=1'], /unknown parameter 'nonsense'/],
   ] as const) {
     it(`${args.slice(1).join(' ') || '(no url)'}: one line, exit 1`, async () => {
@@ -310,4 +341,16 @@ describe.skipIf(!haveCli)('http plugin: bad command lines', () => {
       expect(lines[0]).toMatch(message);
     });
   }
+
+  it('without -f, password=- and password=-FD are refused with a hint: the server in the background has no terminal or descriptor', async () => {
+    for (const form of ['-', '-3']) {
+      const r = await run(process.execPath, [nbdxBin(), '-U', path.join(dir, 'bg.sock'), 'http', 'https://example.com/x', 'user=u', `password=${form}`], {
+        cwd: path.resolve(__dirname, '../../..'),
+      });
+      expect(r.code).toBe(1);
+      expect(r.stderr.trim().split('\n')).toEqual([
+        `nbdx: password=${form}: nbdx reads its parameters after going into the background, where there is no terminal and no inherited descriptor: add -f (or use --run), or use password=+FILE`,
+      ]);
+    }
+  });
 });

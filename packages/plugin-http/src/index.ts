@@ -1,9 +1,8 @@
 import { readdir, readFile } from 'node:fs/promises';
 import * as path from 'node:path';
-import { Errno, NbdError, debug, definePlugin, packageVersion } from '@nbdx/server/api';
+import { Errno, NbdError, debug, definePlugin, logWarning, packageVersion, readSecret, secretReadsOnce } from '@nbdx/server/api';
 import { CONFIG_HELP, applyConfig, defaultSettings, parseHeaderLine, splitHeaderLines, type Settings } from './config.js';
 import { Remote } from './remote.js';
-import { readSecret } from './secret.js';
 
 const NAME = 'http';
 const VERSION = packageVersion(import.meta.url);
@@ -52,13 +51,18 @@ async function buildHeaders(s: Settings): Promise<string[]> {
   const set = (name: string, value: string) => out.set(name.toLowerCase(), [name, value]);
   if (s.userAgent !== null) set('User-Agent', s.userAgent);
   if (s.user !== null) {
-    const password = s.password ? await readSecret(s.password, 'password', NAME) : '';
+    let password = '';
+    if (s.password !== null) password = await readSecret('password', s.password, { plugin: NAME });
+    else if (s.urlPassword !== null) {
+      password = s.urlPassword;
+      logWarning(NAME, 'the password in url= is on the command line in clear, where other users can read it in the process list: use password=+FILE, password=- or password=-FD');
+    }
     set('Authorization', `Basic ${Buffer.from(`${s.user}:${password}`).toString('base64')}`);
-  } else if (s.password) {
+  } else if (s.password !== null) {
     throw new NbdError(Errno.EINVAL, 'password: given without user=');
   }
-  if (s.cookie) {
-    const cookie = await readSecret(s.cookie, 'cookie', NAME);
+  if (s.cookie !== null) {
+    const cookie = await readSecret('cookie', s.cookie, { plugin: NAME });
     if (/[\r\n\0]/.test(cookie)) throw new NbdError(Errno.EINVAL, 'cookie: contains a line break or NUL');
     set('Cookie', cookie);
   }
@@ -120,7 +124,7 @@ export function createHttpPlugin() {
     // which reads its configuration again. Not when a secret is typed at the terminal or read
     // from a descriptor: those can be read once only (the worker would ask again, or find the
     // descriptor closed).
-    workerThreads: () => ![settings.password, settings.cookie].some((s) => s?.kind === 'prompt' || s?.kind === 'fd'),
+    workerThreads: () => ![settings.password, settings.cookie].some((v) => v !== null && secretReadsOnce(v)),
 
     config(key, value) {
       applyConfig(settings, key, value);
@@ -158,5 +162,5 @@ export function createHttpPlugin() {
 
 export default createHttpPlugin();
 export { parseContentRange } from './remote.js';
-export { parseHeaderLine, parseSecret } from './config.js';
+export { parseHeaderLine } from './config.js';
 export { statusError } from './errors.js';

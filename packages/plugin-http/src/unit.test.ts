@@ -1,7 +1,8 @@
 /** Parsing that needs no server: header lines, secrets, Content-Range, status → NBD error. */
 import { describe, expect, it } from 'vitest';
 import { Errno } from '@nbdx/server/api';
-import { applyConfig, defaultSettings, parseHeaderLine, parseSecret } from './config.js';
+import { applyConfig, defaultSettings, parseHeaderLine } from './config.js';
+import { createHttpPlugin } from './index.js';
 import { parseContentRange } from './remote.js';
 import { statusError } from './errors.js';
 
@@ -29,19 +30,30 @@ describe('header lines (curl conventions)', () => {
 });
 
 describe('secrets and URLs', () => {
-  it('reads +FILE, -, -FD like nbdkit, and refuses stdin/stdout/stderr as FD', () => {
-    expect(parseSecret('+/run/pw')).toEqual({ kind: 'file', path: '/run/pw' });
-    expect(parseSecret('-')).toEqual({ kind: 'prompt' });
-    expect(parseSecret('-7')).toEqual({ kind: 'fd', fd: 7 });
-    expect(parseSecret('clear')).toEqual({ kind: 'clear', value: 'clear' });
-    expect(() => parseSecret('-1')).toThrow(/cannot be used/);
+  it('keeps password= and cookie= as given, for readSecret at start-up; - and -FD keep the plugin on one thread', () => {
+    const s = defaultSettings();
+    applyConfig(s, 'password', '+/run/pw');
+    applyConfig(s, 'cookie', '-7');
+    expect(s).toMatchObject({ password: '+/run/pw', cookie: '-7' });
+    const readOnce = (config: [string, string][]) => {
+      const p = createHttpPlugin();
+      for (const [k, v] of config) p.config!(k, v);
+      return !(p.workerThreads as () => boolean)();
+    };
+    expect(readOnce([['url', 'https://h/d'], ['password', '+/run/pw'], ['cookie', 'a=1']])).toBe(false);
+    expect(readOnce([['url', 'https://h/d'], ['password', '-']])).toBe(true);
+    expect(readOnce([['url', 'https://h/d'], ['cookie', '-7']])).toBe(true);
   });
   it('moves credentials out of the URL', () => {
     const s = defaultSettings();
     applyConfig(s, 'url', 'https://al%40ice:p%3Ass@host/disk.img#frag');
     expect(s.url!.href).toBe('https://host/disk.img');
     expect(s.user).toBe('al@ice');
-    expect(s.password).toEqual({ kind: 'clear', value: 'p:ss' });
+    expect(s.urlPassword).toBe('p:ss');
+    expect(s.password).toBeNull();
+    // A password in the URL is the password, never a +FILE or -FD form.
+    applyConfig(s, 'url', 'https://u:-5@host/disk.img');
+    expect(s.urlPassword).toBe('-5');
   });
   it('takes nbdkit\'s cainfo= spelling and refuses bad values', () => {
     const s = defaultSettings();

@@ -1,5 +1,4 @@
-import { Errno, NbdError, parseBool, parseDuration, parseSize } from '@nbdx/server/api';
-import { readSecret } from './secret.js';
+import { Errno, NbdError, parseBool, parseDuration, parseSize, readSecret } from '@nbdx/server/api';
 
 export interface Settings {
   bucket: string | null;
@@ -123,10 +122,10 @@ export async function applyConfig(s: Settings, key: string, value: string): Prom
       s.accessKey = value;
       return;
     case 'secret-key':
-      s.secretKey = await readSecret('secret-key', value);
+      s.secretKey = await readSecret('secret-key', value, { plugin: 's3' });
       return;
     case 'session-token':
-      s.sessionToken = await readSecret('session-token', value);
+      s.sessionToken = await readSecret('session-token', value, { plugin: 's3' });
       return;
     case 'size':
       s.size = parseSize(value, 'size');
@@ -189,7 +188,7 @@ export const CONFIG_HELP = [
   'path-style=BOOL      force path-style (true) or virtual-hosted (false) bucket addressing',
   'profile=NAME         AWS shared config/credentials profile (default $AWS_PROFILE)',
   'access-key=ID        access key id (default: the AWS environment/profile chain)',
-  'secret-key=+FILE|-|-FD|SECRET   secret key from a file, a prompt/stdin, a descriptor',
+  'secret-key=+FILE|-|-FD|SECRET   secret key from a file, the terminal, a descriptor',
   'session-token=+FILE|-|-FD|TOKEN temporary credentials\' session token',
   `write-buffer=SIZE    dirty data held before writing back (default ${DEFAULT_WRITE_BUFFER / MiB}M)`,
   `connections=N        at most N HTTP connections (default ${DEFAULT_CONNECTIONS})`,

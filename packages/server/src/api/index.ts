@@ -12,3 +12,4 @@ export type { FilterV2 } from './filter/v2.js';
 export type { Next, OwnedContext, LayerBelow, NextOpener, OpenContextOptions, ReopenOptions } from './filter/next.js';
 export * from './define.js';
 export { windowDataCalls } from './window.js';
+export { readSecret, secretReadsOnce, type ReadSecretOptions, type SecretInput } from './secret.js';
