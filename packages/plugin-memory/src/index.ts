@@ -8,6 +8,7 @@ import {
   parseSize,
   type Extent,
   packageVersion,
+  isWorkerCopy,
   sharedBuffer,
   sharedBuffers,
 } from '@nbdx/server/api';
@@ -64,9 +65,17 @@ class FlatDisk implements Disk {
 /**
  * Sparse disks made by this copy of the module so far. The server's main thread and each worker
  * thread load the module once and make the command line's disk first, so the n-th disk has the
- * same names in every thread (and disks of in-process test servers do not share memory).
+ * same names in every thread. A main thread (or a program embedding servers) always makes a new
+ * disk, skipping names a server that was never unloaded still holds.
  */
 let sparseDisks = 0;
+
+/** The names of this copy's next sparse disk. */
+function sparseDiskNames(): string {
+  const prefix = (n: number) => `memory allocator=sparse #${n}: `;
+  if (!isWorkerCopy()) while (sharedBuffers().has(prefix(sparseDisks) + 'control')) sparseDisks++;
+  return prefix(sparseDisks++);
+}
 
 /**
  * A RAM disk shared by every connection. Every call is synchronous and, with worker threads, one
@@ -117,7 +126,7 @@ export function createMemoryPlugin() {
     getReady() {
       try {
         if (allocator === 'sparse') {
-          const prefix = `memory allocator=sparse #${sparseDisks++}: `;
+          const prefix = sparseDiskNames();
           disk = new SparseArray(size!, (role, bytes, max) => {
             names.push(prefix + role);
             return sharedBuffer(prefix + role, bytes, max);

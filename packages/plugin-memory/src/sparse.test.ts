@@ -1,4 +1,4 @@
-import { describe, expect, it } from 'vitest';
+import { describe, expect, it, vi } from 'vitest';
 import { FLAG_REQ_ONE, type Extent, type ZeroSpan } from '@nbdx/server/api';
 import { createMemoryPlugin } from './index.js';
 import { PAGE_SIZE, SUB_SIZE, SparseArray } from './sparse.js';
@@ -314,6 +314,41 @@ describe('SparseArray', () => {
       { offset: 3 * GiB, length: PAGE_SIZE, type: 0 },
       { offset: 3 * GiB + PAGE_SIZE, length: 5 * GiB - PAGE_SIZE, type: 3 },
     ]);
+  });
+
+  it('each plugin in a process gets its own disk in shared memory, also after one that was never unloaded', async () => {
+    const start = (size: string) => {
+      const p = createMemoryPlugin();
+      p.config!('size', size);
+      p.configComplete!();
+      p.getReady!();
+      return p;
+    };
+    const read = async (p: ReturnType<typeof start>, n: number, at: number) => {
+      const b = Buffer.alloc(n, 0xee);
+      for (const h of (await p.pread!({}, b, at, 0)) ?? []) b.fill(0, h.start, h.start + h.length);
+      return b;
+    };
+    const a = start('1G');
+    a.pwrite!({}, Buffer.alloc(4096, 1), 0, 0);
+    const b = start('1G'); // a is still up: b must not see its data
+    expect((await read(b, 4096, 0)).equals(Buffer.alloc(4096))).toBe(true);
+    b.pwrite!({}, Buffer.alloc(4096, 2), 0, 0);
+    expect((await read(a, 4096, 0)).equals(Buffer.alloc(4096, 1))).toBe(true);
+    await b.unload!();
+    const c = start('1G');
+    expect((await read(c, 4096, 0)).equals(Buffer.alloc(4096))).toBe(true);
+    // A second copy of the module (as a program reloading it would have) counts from 0 again:
+    // it must still not take a's buffers, which were never given up.
+    vi.resetModules();
+    const again = (await import('./index.js')).createMemoryPlugin();
+    again.config!('size', '1G');
+    again.configComplete!();
+    again.getReady!();
+    expect((await read(again as ReturnType<typeof start>, 4096, 0)).equals(Buffer.alloc(4096))).toBe(true);
+    await again.unload!();
+    await a.unload!();
+    await c.unload!();
   });
 });
 

@@ -17,7 +17,7 @@
 import * as net from 'node:net';
 import * as os from 'node:os';
 import { Worker, parentPort, workerData } from 'node:worker_threads';
-import { sharedBuffers, type ThreadModel } from '../api/common.js';
+import { WORKER_COPY, sharedBuffers, type ThreadModel } from '../api/common.js';
 import type { SocketHelper, SocketHelperLoad } from '../native.js';
 import { shareConnectionIds } from '../protocol/connection.js';
 import type { NbdServer } from '../server.js';
@@ -235,6 +235,7 @@ export async function runWorker(host: WorkerHost): Promise<void> {
   };
   shareConnectionIds(data.connectionIds);
   for (const [name, buffer] of data.sharedBuffers) sharedBuffers().set(name, buffer);
+  (globalThis as { [WORKER_COPY]?: boolean })[WORKER_COPY] = true;
   let server: NbdServer;
   try {
     server = await host.prepare(data.argv, data.maxServerMemory, log);
