@@ -1,7 +1,7 @@
 import { describe, expect, it, vi } from 'vitest';
-import { FLAG_REQ_ONE, type Extent, type ZeroSpan } from '@nbdx/server/api';
+import { Errno, FLAG_REQ_ONE, type Extent, type ZeroSpan } from '@nbdx/server/api';
 import { createMemoryPlugin } from './index.js';
-import { PAGE_SIZE, SUB_SIZE, SparseArray } from './sparse.js';
+import { PAGE_SIZE, SUB_SIZE, SparseArray, type SharedMemory } from './sparse.js';
 
 const GiB = 2 ** 30;
 const DIR_PAGES = 32 * 1024; // pages per directory, as in sparse.ts
@@ -677,6 +677,40 @@ describe('SparseArray sub-blocks', () => {
     expect(a.dataBytes).toBe(300 * MiB);
     for (let i = 0; i < 1000; i++) expect(readAll(a, SUB_SIZE, i * 7 * PAGE_SIZE).data.equals(pattern(SUB_SIZE, i * 7 * PAGE_SIZE, 10))).toBe(true);
     expect(readAll(a, 4 * MiB, 500 * MiB).data.equals(pattern(4 * MiB, 500 * MiB, 11))).toBe(true);
+  });
+
+  it('out of reserved memory: ENOMEM, and what was written before stays intact', () => {
+    // Data capped at two slabs (4 MiB): one for pages, one for sub-blocks.
+    const small: SharedMemory = (role, bytes, max) =>
+      max === undefined ? new SharedArrayBuffer(bytes) : new SharedArrayBuffer(bytes, { maxByteLength: role === 'data' ? 4 * 2 ** 20 : max });
+    const a = new SparseArray(GiB, small);
+    const MiB = 2 ** 20;
+    a.write(pattern(2 * MiB, 0, 1), 0); // the first slab, full
+    a.write(pattern(100, 5 * MiB + 10, 2), 5 * MiB + 10); // a sub-block: the second slab
+    let err: unknown;
+    try {
+      a.write(pattern(PAGE_SIZE, 10 * MiB, 3), 10 * MiB); // a page: no slab left for it
+    } catch (e) {
+      err = e;
+    }
+    expect(err).toMatchObject({ errno: Errno.ENOMEM });
+    expect(String((err as Error).message)).toMatch(/memory disk: out of room for data/);
+    // A sparse page whose first sub-block could not be had is not left behind either.
+    for (let i = 0; i < 600; i++) {
+      try {
+        a.write(pattern(100, 20 * MiB + i * PAGE_SIZE, 4), 20 * MiB + i * PAGE_SIZE);
+      } catch {
+        break;
+      }
+    }
+    const pages = a.allocatedPages;
+    expect([...a.extents(GiB, 0)].filter((e) => e.type === 0).reduce((n, e) => n + e.length / PAGE_SIZE, 0)).toBe(pages);
+    expect(readAll(a, 2 * MiB, 0).data.equals(pattern(2 * MiB, 0, 1))).toBe(true);
+    expect(readAll(a, 100, 5 * MiB + 10).data.equals(pattern(100, 5 * MiB + 10, 2))).toBe(true);
+    // Trimmed, the memory is there again.
+    a.zero(2 * MiB, 0);
+    a.write(pattern(PAGE_SIZE, 10 * MiB, 3), 10 * MiB);
+    expect(readAll(a, PAGE_SIZE, 10 * MiB).data.equals(pattern(PAGE_SIZE, 10 * MiB, 3))).toBe(true);
   });
 
   it('a page written in order becomes dense correctly when its chunks straddle two slabs', () => {

@@ -1033,13 +1033,14 @@ export class SparseArray {
 }
 
 /**
- * The data buffer of a new disk: address space for twice its size (a page costs at most twice
- * what it holds), but no more than twice the machine's memory and DATA_LIMIT; less if the system
- * will not reserve that much.
+ * The data buffer of a new disk: address space only, so be generous. A page costs at most twice
+ * what it holds, but slabs left with a few chunks in use by trims cost their whole 2 MiB, so
+ * eight times the disk's size (at least 1 GiB), no more than twice the machine's memory (what
+ * could ever be resident, with swap) and DATA_LIMIT; less if the system will not reserve it.
  */
 function reserveData(share: SharedMemory, size: number): SharedArrayBuffer {
   const round = (n: number) => Math.ceil(n / SLAB_BYTES) * SLAB_BYTES;
-  let want = round(Math.min(DATA_LIMIT, 2 * size + 64 * 2 ** 20, Math.max(2 * os.totalmem(), 2 ** 30)));
+  let want = round(Math.min(DATA_LIMIT, Math.max(8 * size, 2 ** 30), Math.max(2 * os.totalmem(), 2 ** 30)));
   for (;;) {
     try {
       return share('data', 0, want);
