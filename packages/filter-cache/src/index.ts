@@ -10,17 +10,20 @@ import {
   parseBool,
   parseSize,
   packageVersion,
+  TempFile,
   type Next,
 } from '@nbdx/server/api';
-import { SlotFile } from './slot-file.js';
 import { CacheStore, type CacheMode } from './store.js';
 
 export { CacheStore, type CacheMode, type Below, type StoreOptions, type StoreStats } from './store.js';
-export { SlotFile } from './slot-file.js';
+/** The cache's file: the server's TempFile (the name it had when it lived here). */
+export { TempFile as SlotFile } from '@nbdx/server/api';
 export { BlockLocks } from './block-locks.js';
 
 const NAME = 'cache';
 export const DEFAULT_BLOCK_SIZE = 64 * 1024;
+/** Pieces of the cache file up to this size are read and written synchronously (TempFile.syncLimit). */
+const SYNC_LIMIT = 64 * 1024;
 export const MIN_BLOCK_SIZE = 4096;
 export const MAX_BLOCK_SIZE = 64 * 1024 * 1024;
 
@@ -121,7 +124,9 @@ export function createCacheFilter() {
     }
     let entry = entries.get(key);
     if (!entry) {
-      const store = SlotFile.create(dir!).then((file) => {
+      const store = TempFile.create(dir!, 'nbdx-cache-').then((file) => {
+        // Cached blocks are recent: in the page cache, a synchronous copy beats the thread pool.
+        file.syncLimit = SYNC_LIMIT;
         debug(NAME, `cache for export '${key}': ${size} bytes, block size ${blockSize}, cache=${mode}, in ${dir}`);
         return new CacheStore(file, size, { blockSize, mode, maxSize, highThreshold: high, lowThreshold: low }, NAME);
       });
@@ -241,7 +246,7 @@ export function createCacheFilter() {
       // TMPDIR is read now (not at import) and checked, so a bad one stops the server at start-up.
       dir ??= os.tmpdir();
       try {
-        await (await SlotFile.create(dir)).close();
+        await (await TempFile.create(dir, 'nbdx-cache-')).close();
       } catch (err) {
         throw new NbdError(
           Errno.EIO,

@@ -1,6 +1,6 @@
 import { FLAG_FUA, debug, logError, type Extent, type Next, type ReadResult } from '@nbdx/server/api';
 import { BlockLocks } from './block-locks.js';
-import type { SlotFile } from './slot-file.js';
+import type { TempFile } from '@nbdx/server/api';
 
 export type CacheMode = 'writeback' | 'writethrough' | 'unsafe';
 
@@ -67,7 +67,7 @@ export class CacheStore {
   private readonly lowSlots: number;
 
   constructor(
-    readonly file: SlotFile,
+    readonly file: TempFile,
     /** The export's size in bytes. The last block may be short. */
     readonly size: number,
     options: StoreOptions,

@@ -11,16 +11,17 @@ import {
   parseBool,
   parseSize,
   packageVersion,
+  TempFile,
   type ExportEntry,
   type LayerBelow,
 } from '@nbdx/server/api';
 import { Overlay } from './overlay.js';
-import { TempFile } from './temp-file.js';
 
 export { Overlay, type Below } from './overlay.js';
 export { BlockMap, BELOW, BELOW_STALE, DATA, ZERO, ZERO_STALE, type BlockState } from './block-map.js';
 export { BlockLocks } from './block-locks.js';
-export { TempFile } from './temp-file.js';
+/** The overlay's file: the server's TempFile (re-exported where it used to live). */
+export { TempFile } from '@nbdx/server/api';
 
 const NAME = 'cow';
 export const DEFAULT_BLOCK_SIZE = 64 * 1024;
@@ -156,7 +157,7 @@ export function createCowFilter() {
           ),
         );
       }
-      p = TempFile.create(dir).then((file) => {
+      p = TempFile.create(dir, 'nbdx-cow-').then((file) => {
         file.syncLimit = syncLimitOf(io);
         debug(NAME, `overlay for export '${key}': block size ${blockSize}, in ${dir}, cow-io=${io}`);
         return new Overlay(file, blockSize);
@@ -224,7 +225,7 @@ export function createCowFilter() {
       // TMPDIR is read now (not at import) and checked, so a bad one stops the server at start-up.
       dir = os.tmpdir();
       try {
-        await (await TempFile.create(dir)).close();
+        await (await TempFile.create(dir, 'nbdx-cow-')).close();
       } catch (err) {
         throw new NbdError(
           Errno.EIO,

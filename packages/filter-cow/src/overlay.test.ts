@@ -3,7 +3,7 @@ import { EXTENT_HOLE, EXTENT_ZERO, normalizeExtents, type Extent, type ReadResul
 import { BlockLocks } from './block-locks.js';
 import { BELOW, BlockMap, DATA, ZERO, ZERO_STALE } from './block-map.js';
 import { Overlay, type Below } from './overlay.js';
-import { TempFile } from './temp-file.js';
+import { TempFile } from '@nbdx/server/api';
 import { tmpdir } from 'node:os';
 
 /** A deterministic random generator, so a failure can be replayed. */

@@ -9,7 +9,7 @@ import {
 } from '@nbdx/server/api';
 import { BlockLocks } from './block-locks.js';
 import { BELOW, BELOW_STALE, BlockMap, DATA, ZERO, ZERO_STALE, type BlockState } from './block-map.js';
-import type { TempFile } from './temp-file.js';
+import type { TempFile } from '@nbdx/server/api';
 
 type State = BlockState;
 

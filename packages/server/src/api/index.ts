@@ -12,4 +12,5 @@ export type { FilterV2 } from './filter/v2.js';
 export type { Next, OwnedContext, LayerBelow, NextOpener, OpenContextOptions, ReopenOptions } from './filter/next.js';
 export * from './define.js';
 export { windowDataCalls } from './window.js';
+export { TempFile } from './temp-file.js';
 export { readSecret, secretReadsOnce, type ReadSecretOptions, type SecretInput } from './secret.js';

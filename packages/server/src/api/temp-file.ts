@@ -3,22 +3,25 @@ import * as path from 'node:path';
 import { randomBytes } from 'node:crypto';
 
 /**
- * An anonymous temporary file: created in `dir` (TMPDIR) and unlinked at once, so it disappears
- * when the descriptor is closed or the process dies, whatever the reason. Written at offsets, it
- * stays sparse: untouched ranges take no disk space and read as zeroes.
+ * An anonymous temporary file, for layers that keep data on local disk (cow's overlay, cache's
+ * blocks): created in `dir` and unlinked at once, so it disappears when the descriptor is closed
+ * or the process dies, whatever the reason. Written at offsets, it stays sparse: untouched ranges
+ * take no disk space and read as zeroes.
  */
 export class TempFile {
   private closed = false;
   /**
-   * Reads and writes of at most this many bytes are done synchronously (see cow-io in the README):
-   * the file is recent and temporary, so they nearly always hit the page cache, where a
-   * synchronous pread costs a copy and a thread-pool round trip costs many times more.
+   * Reads and writes of at most this many bytes are done synchronously (0: none, the default):
+   * a file that is recent and temporary is nearly always in the page cache, where a synchronous
+   * pread costs a copy and a thread-pool round trip costs many times more. The price is that a
+   * slow disk stalls the event loop for that long; the cow filter lets the user choose (cow-io).
    */
   syncLimit = 0;
 
   private constructor(readonly fd: number) {}
 
-  static async create(dir: string, prefix = 'nbdx-cow-'): Promise<TempFile> {
+  /** A new file in `dir`, named `PREFIX-PID-RANDOM` for the moment it exists. */
+  static async create(dir: string, prefix = 'nbdx-'): Promise<TempFile> {
     const name = path.join(dir, `${prefix}${process.pid}-${randomBytes(6).toString('hex')}`);
     const fd = await new Promise<number>((resolve, reject) =>
       fs.open(name, fs.constants.O_RDWR | fs.constants.O_CREAT | fs.constants.O_EXCL, 0o600, (err, fd) =>
@@ -90,9 +93,9 @@ export class TempFile {
     });
   }
 
-  /** Bytes of disk the file occupies (st_blocks), for tests and debug output. */
-  async allocatedBytes(): Promise<number> {
-    return new Promise((resolve, reject) => fs.fstat(this.fd, (err, s) => (err ? reject(err) : resolve(s.blocks * 512))));
+  /** Bytes of disk the file occupies (st_blocks × 512), for tests and debug output. */
+  allocatedBytes(): number {
+    return fs.fstatSync(this.fd).blocks * 512;
   }
 
   close(): Promise<void> {
