@@ -149,6 +149,45 @@ function ensure(sab: SharedArrayBuffer, bytes: number, what: string): void {
 }
 
 /**
+ * Records of `stride` words in a growable buffer, by number: the ones given back are kept on a
+ * free list through their first word, whose head (number + 1) and the count of records ever
+ * made are words of the control buffer.
+ */
+class RecordPool {
+  private readonly words: Int32Array;
+
+  constructor(
+    private readonly control: Int32Array,
+    private readonly topAt: number,
+    private readonly freeAt: number,
+    private readonly sab: SharedArrayBuffer,
+    private readonly stride: number,
+    private readonly what: string,
+  ) {
+    this.words = new Int32Array(sab);
+  }
+
+  /** A record number; its words hold whatever they held. */
+  take(): number {
+    const c = this.control;
+    const free = c[this.freeAt]!;
+    if (free) {
+      c[this.freeAt] = this.words[(free - 1) * this.stride]!;
+      return free - 1;
+    }
+    const r = c[this.topAt]!;
+    ensure(this.sab, (r + 1) * this.stride * 4, this.what);
+    c[this.topAt] = r + 1;
+    return r;
+  }
+
+  give(r: number): void {
+    this.words[r * this.stride] = this.control[this.freeAt]!;
+    this.control[this.freeAt] = r + 1;
+  }
+}
+
+/**
  * A sparse byte array: storage is allocated on first write and freed again by trim/zero (for
  * reuse), so a 1 TiB disk costs nothing until written, and then about what was written.
  *
@@ -174,6 +213,8 @@ export class SparseArray {
   private readonly bigMeta: Int32Array;
   private readonly smallNext: Int32Array;
   private readonly buffers: { nodes: SharedArrayBuffer; recs: SharedArrayBuffer; slabs: SharedArrayBuffer; big: SharedArrayBuffer; small: SharedArrayBuffer };
+  private readonly nodePool: RecordPool;
+  private readonly recPool: RecordPool;
   /** The root's level (0: the root is a leaf), and nodes on the way down, for freeing upwards. */
   private readonly levels: number;
   private readonly path: Int32Array;
@@ -221,6 +262,8 @@ export class SparseArray {
     this.recs = new Int32Array(b.recs);
     this.nodes = new Int32Array(b.nodes);
     this.mem = Buffer.from(this.data);
+    this.nodePool = new RecordPool(this.control, C_NODE_TOP, C_NODE_FREE, b.nodes, NODE_INTS, 'the page table');
+    this.recPool = new RecordPool(this.control, C_REC_TOP, C_REC_FREE, b.recs, REC_INTS, 'page records');
     if (!attach) {
       this.control[C_LEVELS] = levels;
       this.control[C_ROOT] = this.newNode();
@@ -297,36 +340,22 @@ export class SparseArray {
   }
 
   // -------------------------------------------------------------------------------------------
-  // Record pools (page table nodes, page records): numbers, a free list through the first word.
+  // Record pools (page table nodes, page records)
 
+  /** An empty page table node. */
   private newNode(): number {
-    const c = this.control;
-    let r = c[C_NODE_FREE]!;
-    if (r) c[C_NODE_FREE] = this.nodes[--r * NODE_INTS]!;
-    else {
-      r = c[C_NODE_TOP]!;
-      ensure(this.buffers.nodes, (r + 1) * NODE_INTS * 4, 'the page table');
-      c[C_NODE_TOP] = r + 1;
-    }
+    const r = this.nodePool.take();
     this.nodes.fill(0, r * NODE_INTS, (r + 1) * NODE_INTS);
     return r;
   }
 
   private freeNode(r: number): void {
-    this.nodes[r * NODE_INTS] = this.control[C_NODE_FREE]!;
-    this.control[C_NODE_FREE] = r + 1;
+    this.nodePool.give(r);
   }
 
   /** A page record: no sub-block holds data, no chunk. */
   private newRec(): number {
-    const c = this.control;
-    let r = c[C_REC_FREE]!;
-    if (r) c[C_REC_FREE] = this.recs[--r * REC_INTS]!;
-    else {
-      r = c[C_REC_TOP]!;
-      ensure(this.buffers.recs, (r + 1) * REC_INTS * 4, 'page records');
-      c[C_REC_TOP] = r + 1;
-    }
+    const r = this.recPool.take();
     const at = r * REC_INTS;
     this.recs[at + MASK] = 0;
     this.recs.fill(-1, at + WHOLE, at + REC_INTS);
@@ -334,8 +363,7 @@ export class SparseArray {
   }
 
   private freeRec(r: number): void {
-    this.recs[r * REC_INTS] = this.control[C_REC_FREE]!;
-    this.control[C_REC_FREE] = r + 1;
+    this.recPool.give(r);
   }
 
   // -------------------------------------------------------------------------------------------
