@@ -7,8 +7,10 @@
  *   --seconds N       total time, split evenly over the stacks (default 60)
  *   --inputs N        inputs per stack instead of a time budget
  *   --seed S          seed (default: random, printed); input I of seed S is always the same bytes
- *   --stack NAME      memory, file, nbd, cow, shared, readonly, tls (repeatable or comma list; default
- *                     all of them); nbdkit-reference runs the same inputs against nbdkit, to calibrate
+ *   --stack NAME      memory, file, nbd, cow, shared, readonly, tls, cache, readahead, retry,
+ *                     stats-log, http (repeatable or comma list; default: all of these); s3 and rbd
+ *                     (a throw-away Ceph cluster each) only when named; `all` = every one of them;
+ *                     nbdkit-reference runs the same inputs against nbdkit, to calibrate
  *   --replay I[,J]    run only these input indices, one at a time, with details (needs --seed, --stack)
  *   --concurrency K   connections at once (default 8)
  *   --timeout MS      no reply for this long while one is owed = hang (default 5000)
@@ -33,7 +35,7 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { probeCheck, realClientCheck } from './health.mjs';
 import { buildInput, describeInput } from './input.mjs';
 import { runSession } from './session.mjs';
-import { DEFAULT_STACKS, STACKS, Stack, hasTool, missingTools } from './stacks.mjs';
+import { ALL_STACKS, DEFAULT_STACKS, STACKS, Stack, hasTool, missingTools } from './stacks.mjs';
 
 /** The usage text is the comment at the top of this file. */
 const HELP = /\/\*\*\n([\s\S]*?)\n \*\//.exec(fs.readFileSync(new URL(import.meta.url), 'utf8'))[1].split('\n').map((l) => l.replace(/^ \*\s?/, '')).join('\n');
@@ -47,7 +49,7 @@ export function parseArgs(argv) {
       case '--seconds': o.seconds = Number(value()); break;
       case '--inputs': o.inputs = Number(value()); break;
       case '--seed': o.seed = value(); break;
-      case '--stack': o.stacks.push(...value().split(',').filter(Boolean)); break;
+      case '--stack': o.stacks.push(...value().split(',').filter(Boolean).flatMap((n) => (n === 'all' ? ALL_STACKS : [n]))); break;
       case '--replay': o.replay = value().split(',').map(Number); break;
       case '--concurrency': o.concurrency = Number(value()); break;
       case '--timeout': o.timeout = Number(value()); break;
@@ -61,6 +63,7 @@ export function parseArgs(argv) {
     }
   }
   if (!o.stacks.length) o.stacks = [...DEFAULT_STACKS];
+  o.stacks = [...new Set(o.stacks)];
   for (const s of o.stacks) if (!STACKS[s]) throw new Error(`unknown stack ${s} (known: ${Object.keys(STACKS).join(', ')})`);
   if (o.seconds === null && o.inputs === null) o.seconds = 60;
   if (o.replay && o.seed === null) throw new Error('--replay needs the --seed of the run that found it');
