@@ -264,7 +264,12 @@ async function fuzzStack(name, o, dir, budget) {
   await health(stack, o, findings, stats, 'at the end');
   if (o.confirm) await confirm(stack, o, seed, findings);
   stats.restarts = stack.restarts;
+  stats.counted = { ...stack.server.counted };
   await stack.stop();
+  stats.files = stack.fileSizes(); // after the stop: the final reports are written then
+  for (const [f, size] of Object.entries(stats.files)) {
+    if (size <= 0) findings.add({ kind: 'violation', rule: `files.not-written:${f}`, detail: `${f} is ${size < 0 ? 'missing' : 'empty'} after the server stopped (a filter of this stack writes it)` });
+  }
   return { stats, findings };
 }
 
@@ -299,6 +304,10 @@ function report(results, o) {
   }
   for (const { stats: s } of results) {
     for (const [k, r] of Object.entries(s.rss)) if (r.history?.length > 2) log(`  ${s.stack}: ${k} RSS MiB at each health check: ${r.history.join(' ')}`);
+  }
+  for (const { stats: s } of results) {
+    if (s.files && Object.keys(s.files).length) log(`  ${s.stack}: files written: ${Object.entries(s.files).map(([k, n]) => `${k} ${n < 0 ? 'MISSING' : `${(n / 1024).toFixed(0)} KiB`}`).join(', ')}`);
+    if (s.counted && Object.keys(s.counted).length) log(`  ${s.stack}: server stderr lines: ${Object.entries(s.counted).map(([k, n]) => `${k} ${n}`).join(', ')}`);
   }
   for (const { stats: s } of results) {
     if (s.connectStalls || s.fuzzerMaxLagMs > 1000) log(`  (${s.stack}: fuzzer event loop stalled up to ${s.fuzzerMaxLagMs} ms; ${s.connectStalls} slow connect(s) that a second attempt got through)`);

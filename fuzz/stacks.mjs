@@ -51,8 +51,23 @@ export const STACKS = {
   },
   readahead: { describe: '--filter=readahead file file=IMAGE', image: true, restoreThroughServer: true, args: (c) => ['--filter=readahead', 'file', `file=${c.image}`] },
   retry: { describe: '--filter=retry nbd socket=UP (upstream: nbdkit memory 64M)', upstream: 'nbdkit', tools: ['nbdkit'], args: (c) => ['--filter=retry', 'nbd', `socket=${c.upstreamSocket}`] },
+  // The same over an upstream that fails 2 % of data requests with EIO (nbdkit's error filter),
+  // so that retries and reopens happen under hostile traffic; short delays keep a retried
+  // request well inside the hang timeout (20+40+80+160+320 ms at most). Six failures in a row
+  // (2 %^6) are needed before a valid request may fail, so the oracle's rules stand, except
+  // the filter's documented EIO on the first flush after a reopen that lost unflushed writes.
+  'retry-flaky': {
+    describe: '--filter=retry nbd socket=UP retry-delay=20ms (upstream: nbdkit --filter=error memory 64M error=EIO error-rate=2%)',
+    upstream: 'nbdkit-flaky',
+    tools: ['nbdkit'],
+    flushMayFailAfterReopen: true,
+    // counted on the server's stderr and printed in the summary, to show the retries happened
+    counts: { retries: /\bretry \d+ of \d+ in /, 'given up': /retry: .*giv(?:e|ing) up/i },
+    args: (c) => ['--filter=retry', 'nbd', `socket=${c.upstreamSocket}`, 'retry-delay=20ms'],
+  },
   'stats-log': {
     describe: '--filter=stats --filter=log memory 64M (report every 500 ms, log file in the stack directory)',
+    files: ['stats.txt', 'requests.log'], // their sizes at the end are printed in the summary
     args: (c) => ['--filter=stats', '--filter=log', 'memory', '64M', `statsfile=${c.dir}/stats.txt`, 'statsinterval=500ms', `logfile=${c.dir}/requests.log`],
   },
   http: {
@@ -160,6 +175,9 @@ class ServerProcess {
     this.stderrTail = [];
     this.internalErrors = [];
     this.exit = null;
+    /** name → pattern: stderr lines counted (the stack's `counts`), name → count in `counted`. */
+    this.countPatterns = {};
+    this.counted = {};
   }
 
   async start() {
@@ -175,6 +193,7 @@ class ServerProcess {
       for (const l of lines) {
         this.stderrTail.push(l);
         if (this.stderrTail.length > 50) this.stderrTail.shift();
+        for (const [name, re] of Object.entries(this.countPatterns)) if (re.test(l)) this.counted[name] = (this.counted[name] ?? 0) + 1;
         if (INTERNAL_ERROR.test(l)) {
           this.internalErrors.push({ line: l, at: Date.now() });
           this.onInternalError?.(l);
@@ -273,6 +292,8 @@ export class Stack {
       tls: this.def.tls ?? 'off',
       readonly: !!this.def.readonly,
       immutable: !!this.def.immutable,
+      // [nbdx] filter-retry: a flush after a reopen that may have lost unflushed writes fails with EIO once
+      flushMayFailAfterReopen: !!this.def.flushMayFailAfterReopen,
       // nbdx's --max-options default: after this many options a hang-up is allowed (DoS rule)
       maxOptions: 32,
       // the longest option data nbdx reads (64 KiB) before ERR_TOO_BIG and a hang-up
@@ -310,6 +331,7 @@ export class Stack {
     if (this.def.upstream) {
       const up = this.ctx.upstreamSocket;
       if (this.def.upstream === 'nbdkit') this.upstream = new ServerProcess('upstream nbdkit', 'nbdkit', ['-f', '--exit-with-parent', '-U', up, 'memory', '64M'], up);
+      else if (this.def.upstream === 'nbdkit-flaky') this.upstream = new ServerProcess('upstream nbdkit', 'nbdkit', ['-f', '--exit-with-parent', '-U', up, '--filter=error', 'memory', '64M', 'error=EIO', 'error-rate=2%'], up);
       else if (this.def.upstream === 'nbdx') this.upstream = new ServerProcess('upstream nbdx', process.execPath, [NBDX, '-f', '--exit-with-parent', '-U', up, 'memory', '64M'], up);
       else this.upstream = new ServerProcess('upstream http', process.execPath, [path.join(here, 'http-upstream.mjs'), this.ctx.image, up], up, 'http');
       await this.upstream.start();
@@ -317,6 +339,7 @@ export class Stack {
     this.server = this.def.command === 'nbdkit'
       ? new ServerProcess(`nbdkit ${this.name}`, 'nbdkit', ['-f', '--exit-with-parent', '-U', this.socket, ...this.def.args(this.ctx)], this.socket)
       : new ServerProcess(`nbdx ${this.name}`, process.execPath, [NBDX, '-f', '--exit-with-parent', '-U', this.socket, ...this.def.args(this.ctx)], this.socket);
+    this.server.countPatterns = this.def.counts ?? {};
     await this.server.start();
     if (!this.def.image) await writeRegion(this.socket, REGION.offset, this.regionBytes);
   }
@@ -366,6 +389,19 @@ export class Stack {
       s.on('data', (d) => ((got += d.length), got >= 18 && done(true)));
       s.on('error', () => done(false));
     });
+  }
+
+  /** name → size in bytes of the stack's `files` (what its filters wrote), -1 when missing. */
+  fileSizes() {
+    const out = {};
+    for (const f of this.def.files ?? []) {
+      try {
+        out[f] = fs.statSync(path.join(this.dir, f)).size;
+      } catch {
+        out[f] = -1;
+      }
+    }
+    return out;
   }
 
   processes() {
