@@ -8,7 +8,8 @@
  *   --inputs N        inputs per stack instead of a time budget
  *   --seed S          seed (default: random, printed); input I of seed S is always the same bytes
  *   --stack NAME      memory, file, nbd, cow, shared, readonly, tls, cache, readahead, retry,
- *                     stats-log, http (repeatable or comma list; default: all of these); s3 and rbd
+ *                     retry-flaky, stats-log, http, http-flaky (repeatable or comma list;
+ *                     default: all of these); s3 and rbd
  *                     (a throw-away Ceph cluster each) only when named; `all` = every one of them;
  *                     nbdkit-reference runs the same inputs against nbdkit, to calibrate
  *   --replay I[,J]    run only these input indices, one at a time, with details (needs --seed, --stack)

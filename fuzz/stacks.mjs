@@ -79,6 +79,20 @@ export const STACKS = {
     imageMustNotChange: true,
     args: (c) => ['http', 'http://localhost/disk.img', `unix-socket-path=${c.upstreamSocket}`],
   },
+  // The http plugin behind retry, with a server that answers 2 % of GETs with 503 and cuts 2 %
+  // half-way through the body: hostile bytes from the remote side, which the plugin must turn
+  // into EIO (never short or wrong data) and the filter must hide.
+  'http-flaky': {
+    describe: '--filter=retry http http://localhost/disk.img retry-delay=20ms (upstream: the range server, 2 % 503s, 2 % bodies cut half-way)',
+    image: true,
+    upstream: 'http',
+    upstreamFaults: { errorRate: 0.02, dropRate: 0.02 },
+    readonly: true,
+    immutable: true,
+    imageMustNotChange: true,
+    counts: { retries: /\bretry \d+ of \d+ in /, 'given up': /retry: .*giv(?:e|ing) up/i },
+    args: (c) => ['--filter=retry', 'http', 'http://localhost/disk.img', `unix-socket-path=${c.upstreamSocket}`, 'retry-delay=20ms'],
+  },
   s3: {
     describe: 's3 prefix=fuzz/ size=64M object-size=256K write-buffer=8M (radosgw on a throw-away Ceph cluster)',
     tools: [...CEPH, ...RGW],
@@ -333,7 +347,10 @@ export class Stack {
       if (this.def.upstream === 'nbdkit') this.upstream = new ServerProcess('upstream nbdkit', 'nbdkit', ['-f', '--exit-with-parent', '-U', up, 'memory', '64M'], up);
       else if (this.def.upstream === 'nbdkit-flaky') this.upstream = new ServerProcess('upstream nbdkit', 'nbdkit', ['-f', '--exit-with-parent', '-U', up, '--filter=error', 'memory', '64M', 'error=EIO', 'error-rate=2%'], up);
       else if (this.def.upstream === 'nbdx') this.upstream = new ServerProcess('upstream nbdx', process.execPath, [NBDX, '-f', '--exit-with-parent', '-U', up, 'memory', '64M'], up);
-      else this.upstream = new ServerProcess('upstream http', process.execPath, [path.join(here, 'http-upstream.mjs'), this.ctx.image, up], up, 'http');
+      else {
+        const faults = this.def.upstreamFaults ? [JSON.stringify(this.def.upstreamFaults)] : [];
+        this.upstream = new ServerProcess('upstream http', process.execPath, [path.join(here, 'http-upstream.mjs'), this.ctx.image, up, ...faults], up, 'http');
+      }
       await this.upstream.start();
     }
     this.server = this.def.command === 'nbdkit'

@@ -1,7 +1,8 @@
 /**
  * The project's own network fuzzer (fuzz/run.mjs) as part of the suite: a bounded run of about a
  * minute over every default stack (memory, file, nbd, cow, shared, readonly, tls, cache, readahead,
- * retry, stats-log, http; not s3 and rbd, which need a Ceph cluster each), failing on any finding
+ * retry, retry-flaky, stats-log, http, http-flaky; not s3 and rbd, which need a Ceph cluster
+ * each), failing on any finding
  * (a crash, a hang, a protocol violation, a damaged protected region, an internal error, RSS
  * over the limit). The seed is random unless FUZZ_SEED pins it, and is printed: any failure is
  * replayed with `node fuzz/run.mjs --stack STACK --seed SEED --replay INDEX`.
