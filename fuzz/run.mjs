@@ -267,6 +267,8 @@ async function fuzzStack(name, o, dir, budget) {
   stats.restarts = stack.restarts;
   stats.counted = { ...stack.server.counted };
   await stack.stop();
+  const fileRegion = stack.imageRegionAfterStop();
+  if (fileRegion) findings.add({ kind: 'corruption', rule: 'health.image-region-after-stop', detail: fileRegion });
   stats.files = stack.fileSizes(); // after the stop: the final reports are written then
   for (const [f, size] of Object.entries(stats.files)) {
     if (size <= 0) findings.add({ kind: 'violation', rule: `files.not-written:${f}`, detail: `${f} is ${size < 0 ? 'missing' : 'empty'} after the server stopped (a filter of this stack writes it)` });

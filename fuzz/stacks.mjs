@@ -382,6 +382,22 @@ export class Stack {
     await writeRegion(this.socket, REGION.offset, this.regionBytes);
   }
 
+  /**
+   * For every image-backed stack, once the server has stopped (a cache has written back what it
+   * held by then): is the region in the file as it was put there? Null when fine or no image.
+   */
+  imageRegionAfterStop() {
+    if (!this.def.image) return null;
+    const buf = Buffer.alloc(REGION.length);
+    const fd = fs.openSync(this.ctx.image, 'r');
+    fs.readSync(fd, buf, 0, buf.length, REGION.offset);
+    fs.closeSync(fd);
+    if (buf.equals(this.regionBytes)) return null;
+    let i = 0;
+    while (buf[i] === this.regionBytes[i]) i++;
+    return `after the server stopped, the image file's protected region differs at offset ${REGION.offset + i}`;
+  }
+
   /** For stacks that must never write their image: did they? */
   imageChanged() {
     if (!this.def.imageMustNotChange) return null;
