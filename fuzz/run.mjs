@@ -298,11 +298,11 @@ async function confirm(stack, o, seed, findings) {
 function report(results, o) {
   log('');
   log(`=== nbdx fuzz summary (seed ${o.seed}) ===`);
-  log('stack      inputs  inputs/s  crashes  hangs  violations  health-checks  server RSS MiB (start/peak/end)');
+  log('stack        inputs  inputs/s  crashes  hangs  violations  health-checks  server RSS MiB (start/peak/end)');
   let total = 0;
   for (const { stats: s, findings: f } of results) {
     const rss = Object.entries(s.rss).map(([k, r]) => `${k.replace(/^nbdx /, '')}: ${(r.start / 1024).toFixed(0)}/${(r.peak / 1024).toFixed(0)}/${(r.last / 1024).toFixed(0)}`).join(', ');
-    log(`${s.stack.padEnd(9)} ${String(s.inputs).padStart(7)} ${(s.inputs / Math.max(s.seconds, 0.001)).toFixed(0).padStart(9)} ${String(f.count(isCrash)).padStart(8)} ${String(f.count(isHang)).padStart(6)} ${String(f.count(isViolation)).padStart(11)} ${String(`${s.checks} (${s.realClientChecks} nbdsh)`).padStart(14)}  ${rss}`);
+    log(`${s.stack.padEnd(11)} ${String(s.inputs).padStart(7)} ${(s.inputs / Math.max(s.seconds, 0.001)).toFixed(0).padStart(9)} ${String(f.count(isCrash)).padStart(8)} ${String(f.count(isHang)).padStart(6)} ${String(f.count(isViolation)).padStart(11)} ${String(`${s.checks} (${s.realClientChecks} nbdsh)`).padStart(14)}  ${rss}`);
     total += f.size;
   }
   for (const { stats: s } of results) {

@@ -84,7 +84,7 @@ describe('fuzz', () => {
     const results: { stacks: StackResult[] } = JSON.parse(fs.readFileSync(json, 'utf8'));
     const lines = results.stacks.map((s) => {
       const rss = Object.entries(s.rss).map(([k, v]) => `${k} ${(v.peak / 1024).toFixed(0)} MiB peak`).join(', ');
-      return `${s.stack.padEnd(9)} ${String(s.inputs).padStart(6)} inputs ${s.rate.toFixed(0).padStart(5)}/s  crashes ${s.crashes}  hangs ${s.hangs}  violations ${s.violations}  nbdsh checks ${s.realClientChecks}  ${rss}`;
+      return `${s.stack.padEnd(11)} ${String(s.inputs).padStart(6)} inputs ${s.rate.toFixed(0).padStart(5)}/s  crashes ${s.crashes}  hangs ${s.hangs}  violations ${s.violations}  nbdsh checks ${s.realClientChecks}  ${rss}`;
     });
     console.log(`fuzz seed ${SEED}:\n${lines.join('\n')}`);
     for (const s of results.stacks) expect(s.inputs, `${s.stack} ran no inputs`).toBeGreaterThan(0);
