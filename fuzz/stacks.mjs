@@ -62,7 +62,7 @@ export const STACKS = {
     tools: ['nbdkit'],
     flushMayFailAfterReopen: true,
     // counted on the server's stderr and printed in the summary, to show the retries happened
-    counts: { retries: /\bretry \d+ of \d+ in /, 'given up': /retry: .*giv(?:e|ing) up/i },
+    counts: { retries: /\bretry \d+ of \d+ in /, 'given up': /retry: .*giv(?:e|ing) up/i, 'flush EIO after a reopen': /may be lost/ },
     args: (c) => ['--filter=retry', 'nbd', `socket=${c.upstreamSocket}`, 'retry-delay=20ms'],
   },
   'stats-log': {
