@@ -7,8 +7,11 @@
  *   --seconds N       total time, split evenly over the stacks (default 60)
  *   --inputs N        inputs per stack instead of a time budget
  *   --seed S          seed (default: random, printed); input I of seed S is always the same bytes
- *   --stack NAME      memory, file, nbd, cow, shared, readonly, tls (repeatable or comma list; default
- *                     all of them); nbdkit-reference runs the same inputs against nbdkit, to calibrate
+ *   --stack NAME      memory, file, nbd, cow, shared, readonly, tls, cache, readahead, retry,
+ *                     retry-flaky, stats-log, http, http-flaky (repeatable or comma list;
+ *                     default: all of these); s3 and rbd
+ *                     (a throw-away Ceph cluster each) only when named; `all` = every one of them;
+ *                     nbdkit-reference runs the same inputs against nbdkit, to calibrate
  *   --replay I[,J]    run only these input indices, one at a time, with details (needs --seed, --stack)
  *   --concurrency K   connections at once (default 8)
  *   --timeout MS      no reply for this long while one is owed = hang (default 5000)
@@ -33,7 +36,7 @@ import { monitorEventLoopDelay } from 'node:perf_hooks';
 import { probeCheck, realClientCheck } from './health.mjs';
 import { buildInput, describeInput } from './input.mjs';
 import { runSession } from './session.mjs';
-import { DEFAULT_STACKS, STACKS, Stack, hasTool, missingTools } from './stacks.mjs';
+import { ALL_STACKS, DEFAULT_STACKS, STACKS, Stack, hasTool, missingTools } from './stacks.mjs';
 
 /** The usage text is the comment at the top of this file. */
 const HELP = /\/\*\*\n([\s\S]*?)\n \*\//.exec(fs.readFileSync(new URL(import.meta.url), 'utf8'))[1].split('\n').map((l) => l.replace(/^ \*\s?/, '')).join('\n');
@@ -47,7 +50,7 @@ export function parseArgs(argv) {
       case '--seconds': o.seconds = Number(value()); break;
       case '--inputs': o.inputs = Number(value()); break;
       case '--seed': o.seed = value(); break;
-      case '--stack': o.stacks.push(...value().split(',').filter(Boolean)); break;
+      case '--stack': o.stacks.push(...value().split(',').filter(Boolean).flatMap((n) => (n === 'all' ? ALL_STACKS : [n]))); break;
       case '--replay': o.replay = value().split(',').map(Number); break;
       case '--concurrency': o.concurrency = Number(value()); break;
       case '--timeout': o.timeout = Number(value()); break;
@@ -61,6 +64,7 @@ export function parseArgs(argv) {
     }
   }
   if (!o.stacks.length) o.stacks = [...DEFAULT_STACKS];
+  o.stacks = [...new Set(o.stacks)];
   for (const s of o.stacks) if (!STACKS[s]) throw new Error(`unknown stack ${s} (known: ${Object.keys(STACKS).join(', ')})`);
   if (o.seconds === null && o.inputs === null) o.seconds = 60;
   if (o.replay && o.seed === null) throw new Error('--replay needs the --seed of the run that found it');
@@ -261,7 +265,14 @@ async function fuzzStack(name, o, dir, budget) {
   await health(stack, o, findings, stats, 'at the end');
   if (o.confirm) await confirm(stack, o, seed, findings);
   stats.restarts = stack.restarts;
+  stats.counted = { ...stack.server.counted };
   await stack.stop();
+  const fileRegion = stack.imageRegionAfterStop();
+  if (fileRegion) findings.add({ kind: 'corruption', rule: 'health.image-region-after-stop', detail: fileRegion });
+  stats.files = stack.fileSizes(); // after the stop: the final reports are written then
+  for (const [f, size] of Object.entries(stats.files)) {
+    if (size <= 0) findings.add({ kind: 'violation', rule: `files.not-written:${f}`, detail: `${f} is ${size < 0 ? 'missing' : 'empty'} after the server stopped (a filter of this stack writes it)` });
+  }
   return { stats, findings };
 }
 
@@ -287,15 +298,19 @@ async function confirm(stack, o, seed, findings) {
 function report(results, o) {
   log('');
   log(`=== nbdx fuzz summary (seed ${o.seed}) ===`);
-  log('stack      inputs  inputs/s  crashes  hangs  violations  health-checks  server RSS MiB (start/peak/end)');
+  log('stack        inputs  inputs/s  crashes  hangs  violations  health-checks  server RSS MiB (start/peak/end)');
   let total = 0;
   for (const { stats: s, findings: f } of results) {
     const rss = Object.entries(s.rss).map(([k, r]) => `${k.replace(/^nbdx /, '')}: ${(r.start / 1024).toFixed(0)}/${(r.peak / 1024).toFixed(0)}/${(r.last / 1024).toFixed(0)}`).join(', ');
-    log(`${s.stack.padEnd(9)} ${String(s.inputs).padStart(7)} ${(s.inputs / Math.max(s.seconds, 0.001)).toFixed(0).padStart(9)} ${String(f.count(isCrash)).padStart(8)} ${String(f.count(isHang)).padStart(6)} ${String(f.count(isViolation)).padStart(11)} ${String(`${s.checks} (${s.realClientChecks} nbdsh)`).padStart(14)}  ${rss}`);
+    log(`${s.stack.padEnd(11)} ${String(s.inputs).padStart(7)} ${(s.inputs / Math.max(s.seconds, 0.001)).toFixed(0).padStart(9)} ${String(f.count(isCrash)).padStart(8)} ${String(f.count(isHang)).padStart(6)} ${String(f.count(isViolation)).padStart(11)} ${String(`${s.checks} (${s.realClientChecks} nbdsh)`).padStart(14)}  ${rss}`);
     total += f.size;
   }
   for (const { stats: s } of results) {
     for (const [k, r] of Object.entries(s.rss)) if (r.history?.length > 2) log(`  ${s.stack}: ${k} RSS MiB at each health check: ${r.history.join(' ')}`);
+  }
+  for (const { stats: s } of results) {
+    if (s.files && Object.keys(s.files).length) log(`  ${s.stack}: files written: ${Object.entries(s.files).map(([k, n]) => `${k} ${n < 0 ? 'MISSING' : `${(n / 1024).toFixed(0)} KiB`}`).join(', ')}`);
+    if (s.counted && Object.keys(s.counted).length) log(`  ${s.stack}: server stderr lines: ${Object.entries(s.counted).map(([k, n]) => `${k} ${n}`).join(', ')}`);
   }
   for (const { stats: s } of results) {
     if (s.connectStalls || s.fuzzerMaxLagMs > 1000) log(`  (${s.stack}: fuzzer event loop stalled up to ${s.fuzzerMaxLagMs} ms; ${s.connectStalls} slow connect(s) that a second attempt got through)`);

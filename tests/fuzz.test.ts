@@ -1,6 +1,8 @@
 /**
  * The project's own network fuzzer (fuzz/run.mjs) as part of the suite: a bounded run of about a
- * minute over every stack (memory, file, nbd, cow, shared, readonly, tls), failing on any finding
+ * minute over every default stack (memory, file, nbd, cow, shared, readonly, tls, cache, readahead,
+ * retry, retry-flaky, stats-log, http, http-flaky; not s3 and rbd, which need a Ceph cluster
+ * each), failing on any finding
  * (a crash, a hang, a protocol violation, a damaged protected region, an internal error, RSS
  * over the limit). The seed is random unless FUZZ_SEED pins it, and is printed: any failure is
  * replayed with `node fuzz/run.mjs --stack STACK --seed SEED --replay INDEX`.
@@ -82,7 +84,7 @@ describe('fuzz', () => {
     const results: { stacks: StackResult[] } = JSON.parse(fs.readFileSync(json, 'utf8'));
     const lines = results.stacks.map((s) => {
       const rss = Object.entries(s.rss).map(([k, v]) => `${k} ${(v.peak / 1024).toFixed(0)} MiB peak`).join(', ');
-      return `${s.stack.padEnd(9)} ${String(s.inputs).padStart(6)} inputs ${s.rate.toFixed(0).padStart(5)}/s  crashes ${s.crashes}  hangs ${s.hangs}  violations ${s.violations}  nbdsh checks ${s.realClientChecks}  ${rss}`;
+      return `${s.stack.padEnd(11)} ${String(s.inputs).padStart(6)} inputs ${s.rate.toFixed(0).padStart(5)}/s  crashes ${s.crashes}  hangs ${s.hangs}  violations ${s.violations}  nbdsh checks ${s.realClientChecks}  ${rss}`;
     });
     console.log(`fuzz seed ${SEED}:\n${lines.join('\n')}`);
     for (const s of results.stacks) expect(s.inputs, `${s.stack} ran no inputs`).toBeGreaterThan(0);

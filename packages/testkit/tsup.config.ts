@@ -1,8 +1,9 @@
 import { defineConfig } from 'tsup';
 
 export default defineConfig({
-  // ceph.js on its own too: benchmarks and scripts outside vitest start clusters with it.
-  entry: ['src/index.ts', 'src/ceph.ts'],
+  // ceph.js and http-server.js on their own too: benchmarks and scripts outside vitest (the
+  // fuzzer's s3, rbd and http stacks) start clusters and range servers with them.
+  entry: ['src/index.ts', 'src/ceph.ts', 'src/http-server.ts'],
   format: ['esm'],
   dts: true,
   sourcemap: true,
