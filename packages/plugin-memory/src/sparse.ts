@@ -582,9 +582,9 @@ export class SparseArray {
   /**
    * The `count` bytes at `offset` as one piece of this array's memory, for a READ reply sent from
    * it or a WRITE payload received into it; undefined when they are not one piece. That is when
-   * every page of the range is full (one big chunk) and the chunks are consecutive (neighbours in memory),
-   * or, for `write`, when the range covers pages never written, whole, and a run of consecutive
-   * chunks is free for them (they are taken now, and hold data from now on). Bulk copies are the
+   * every page of the range is full (one big chunk) and the chunks are consecutive (neighbours
+   * in memory), or, for `write`, when the range covers pages never written, whole, and a run of
+   * consecutive chunks is free for them (they are taken now, and hold data from now on). Bulk copies are the
    * first kind or the second; scattered small writes are neither and are copied. Every view must
    * be given back with releaseView(); until then its chunks are not reused, even if trimmed.
    */
