@@ -124,16 +124,17 @@ export function createMemoryPlugin() {
       }
     },
     getReady() {
+      if (allocator === 'sparse') {
+        const prefix = sparseDiskNames();
+        disk = new SparseArray(size!, (role, bytes, max) => {
+          names.push(prefix + role);
+          return sharedBuffer(prefix + role, bytes, max);
+        });
+        return;
+      }
       try {
-        if (allocator === 'sparse') {
-          const prefix = sparseDiskNames();
-          disk = new SparseArray(size!, (role, bytes, max) => {
-            names.push(prefix + role);
-            return sharedBuffer(prefix + role, bytes, max);
-          });
-        } else disk = new FlatDisk(size!);
+        disk = new FlatDisk(size!);
       } catch (err) {
-        if (allocator === 'sparse') throw err;
         throw new NbdError(Errno.ENOMEM, `allocator=malloc: cannot allocate ${size} bytes: ${(err as Error).message.replace(/^cannot allocate \d+ bytes of shared memory: /, '')}`);
       }
     },

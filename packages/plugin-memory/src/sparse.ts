@@ -42,8 +42,8 @@ const ZERO_PAGE = Buffer.alloc(PAGE_SIZE);
 /** Slabs are 2 MiB: the unit in which chunk memory is handed to one kind or the other. */
 const SLAB_BYTES = 2 * 1024 * 1024;
 const KINDS = [
-  { size: PAGE_SIZE, perSlab: SLAB_BYTES / PAGE_SIZE, shift: 6 },
-  { size: SUB_SIZE, perSlab: SLAB_BYTES / SUB_SIZE, shift: 9 },
+  { perSlab: SLAB_BYTES / PAGE_SIZE, shift: 6 },
+  { perSlab: SLAB_BYTES / SUB_SIZE, shift: 9 },
 ] as const;
 const BIG = 0;
 const SMALL = 1;
@@ -212,7 +212,8 @@ export class SparseArray {
   private readonly slabs: Int32Array;
   private readonly bigMeta: Int32Array;
   private readonly smallNext: Int32Array;
-  private readonly buffers: { nodes: SharedArrayBuffer; recs: SharedArrayBuffer; slabs: SharedArrayBuffer; big: SharedArrayBuffer; small: SharedArrayBuffer };
+  /** The chunk tables newSlab() grows with the data (the pools grow their own buffers). */
+  private readonly buffers: { slabs: SharedArrayBuffer; big: SharedArrayBuffer; small: SharedArrayBuffer };
   private readonly nodePool: RecordPool;
   private readonly recPool: RecordPool;
   /** The root's level (0: the root is a leaf), and nodes on the way down, for freeing upwards. */
@@ -254,7 +255,7 @@ export class SparseArray {
       recs: share('page records', 0, Math.min(2 ** 36, (cap / SUB_SIZE) * REC_INTS * 4)),
       nodes: share('page table', 0, Math.min(2 ** 36, (cap / SUB_SIZE) * NODE_INTS * 4)),
     };
-    this.buffers = b;
+    this.buffers = { slabs: b.slabs, big: b.big, small: b.small };
     // Length-tracking views: they follow every grow(), in whichever thread it happened.
     this.slabs = new Int32Array(b.slabs);
     this.bigMeta = new Int32Array(b.big);
@@ -289,7 +290,8 @@ export class SparseArray {
     if (Atomics.exchange(this.control, C_LOCK, 0) === 2) Atomics.notify(this.control, C_LOCK, 1);
   }
 
-  /** This thread's data view covers every slab made (another thread may have grown the data).
+  /** This thread's data view covers every slab made (another thread may have grown the data):
+   * called as each call starts, and by newSlab() when this thread grows it.
    * Compared with the count of slabs, a word of shared memory: the byteLength of a growable
    * buffer is a call into V8's runtime (1 % of the server's CPU in a bulk copy, by perf). */
   private fit(): void {
@@ -584,9 +586,10 @@ export class SparseArray {
    * it or a WRITE payload received into it; undefined when they are not one piece. That is when
    * every page of the range is full (one big chunk) and the chunks are consecutive (neighbours
    * in memory), or, for `write`, when the range covers pages never written, whole, and a run of
-   * consecutive chunks is free for them (they are taken now, and hold data from now on). Bulk copies are the
-   * first kind or the second; scattered small writes are neither and are copied. Every view must
-   * be given back with releaseView(); until then its chunks are not reused, even if trimmed.
+   * consecutive chunks is free for them (they are taken now, and hold data from now on). Bulk
+   * copies are the first kind or the second; scattered small writes are neither and are copied.
+   * Every view must be given back with releaseView(); until then its chunks are not reused, even
+   * if trimmed.
    */
   view(count: number, offset: number, write: boolean): Buffer | undefined {
     if (count <= 0) return undefined;
@@ -610,7 +613,6 @@ export class SparseArray {
         if (!this.consecutive(first, h, n)) return undefined;
       }
       for (let k = 0; k < n; k++) this.bigMeta[(h + k) * B_INTS + B_PINS]!++;
-      this.fit();
       return Buffer.from(this.data, h * PAGE_SIZE + (offset - first * PAGE_SIZE), count);
     } finally {
       this.unlock();
@@ -796,7 +798,6 @@ export class SparseArray {
       if (fresh) {
         R[rec + SUB0 + k] = c = this.alloc(SMALL);
         this.stored(SUB_SIZE);
-        this.fit();
       }
       const mem = this.mem;
       const at = c * SUB_SIZE;
@@ -812,7 +813,6 @@ export class SparseArray {
   private makeDense(rec: number, overwritten: boolean): void {
     const R = this.recs;
     const chunk = this.alloc(BIG);
-    this.fit();
     const mem = this.mem;
     const at = chunk * PAGE_SIZE;
     if (!overwritten) {
@@ -850,7 +850,6 @@ export class SparseArray {
     for (let k = 0; k < SUBS; k++) {
       if (!(mask & (1 << k))) continue;
       const c = (R[rec + SUB0 + k] = this.alloc(SMALL));
-      this.fit();
       this.mem.copy(this.mem, c * SUB_SIZE, whole * PAGE_SIZE + (k << SUB_SHIFT), whole * PAGE_SIZE + ((k + 1) << SUB_SHIFT));
       this.stored(SUB_SIZE);
     }
@@ -1009,17 +1008,15 @@ export class SparseArray {
     let runLength = 0;
     let runType = 0;
     let pos = offset;
-    const batch: number[] = [];
+    const done: Extent[] = [];
     while (pos < end) {
-      batch.length = 0;
+      done.length = 0;
       this.lock();
       try {
         this.fit();
         // One segment per step: a page holding data, or the hole up to the next one. A batch
-        // stops early once it holds as many changes of type as extents are still wanted.
-        let prevType = runLength > 0 ? runType : -1;
-        let changes = 0;
-        for (let k = 0; k < EXTENTS_BATCH && pos < end && changes < left; k++) {
+        // stops early once it has finished as many extents as are still wanted.
+        for (let k = 0; k < EXTENTS_BATCH && pos < end && done.length < left; k++) {
           this.walkSteps++;
           const index = Math.floor(pos / PAGE_SIZE);
           const e = this.entry(index);
@@ -1032,28 +1029,21 @@ export class SparseArray {
             const next = this.nextPage(index + 1, Math.ceil(end / PAGE_SIZE));
             to = next < 0 ? end : Math.min(end, next * PAGE_SIZE);
           }
-          if (prevType >= 0 && type !== prevType) changes++;
-          prevType = type;
-          batch.push(pos, to, type);
+          if (runLength > 0 && type === runType) runLength += to - pos;
+          else {
+            if (runLength > 0) done.push({ offset: runOffset, length: runLength, type: runType });
+            runOffset = pos;
+            runLength = to - pos;
+            runType = type;
+          }
           pos = to;
         }
       } finally {
         this.unlock();
       }
-      for (let j = 0; j < batch.length; j += 3) {
-        const from = batch[j]!;
-        const to = batch[j + 1]!;
-        const type = batch[j + 2]!;
-        if (runLength > 0 && type === runType) runLength += to - from;
-        else {
-          if (runLength > 0) {
-            yield { offset: runOffset, length: runLength, type: runType };
-            if (--left === 0) return;
-          }
-          runOffset = from;
-          runLength = to - from;
-          runType = type;
-        }
+      for (const extent of done) {
+        yield extent;
+        if (--left === 0) return;
       }
     }
     if (runLength > 0) yield { offset: runOffset, length: runLength, type: runType };
