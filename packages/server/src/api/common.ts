@@ -316,17 +316,6 @@ export function layerOf(err: unknown): string | undefined {
 }
 
 const SHARED = Symbol.for('nbdx.sharedBuffers');
-/** Set on globalThis by a worker thread of `nbdx --workers` before it loads the layers. */
-export const WORKER_COPY = Symbol.for('nbdx.workerCopy');
-
-/**
- * True in a worker thread of `nbdx --workers`: this copy of the layer should find the shared
- * state the main thread's copy made (sharedBuffer() by the same names), not make its own. False
- * in the main thread and in a server embedded in a program, where a layer starts fresh.
- */
-export function isWorkerCopy(): boolean {
-  return (globalThis as { [WORKER_COPY]?: boolean })[WORKER_COPY] === true;
-}
 
 /** The shared buffers of this server, by name (on globalThis, so every copy of this module agrees). */
 export function sharedBuffers(): Map<string, SharedArrayBuffer> {

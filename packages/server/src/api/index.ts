@@ -13,4 +13,5 @@ export type { Next, OwnedContext, LayerBelow, NextOpener, OpenContextOptions, Re
 export * from './define.js';
 export { windowDataCalls } from './window.js';
 export { TempFile } from './temp-file.js';
+export { isWorkerCopy } from './worker-copy.js';
 export { readSecret, secretReadsOnce, type ReadSecretOptions, type SecretInput } from './secret.js';

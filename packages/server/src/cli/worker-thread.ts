@@ -3,6 +3,7 @@
  * the main thread hands over, with its own copy of the plugin and filters.
  */
 import { workerHost } from './main.js';
-import { isNbdxWorker, runWorker } from './workers.js';
+import { isWorkerCopy } from '../api/worker-copy.js';
+import { runWorker } from './workers.js';
 
-if (isNbdxWorker()) void runWorker(workerHost);
+if (isWorkerCopy()) void runWorker(workerHost);

@@ -17,7 +17,8 @@
 import * as net from 'node:net';
 import * as os from 'node:os';
 import { Worker, parentPort, workerData } from 'node:worker_threads';
-import { WORKER_COPY, sharedBuffers, type ThreadModel } from '../api/common.js';
+import { sharedBuffers, type ThreadModel } from '../api/common.js';
+import { WORKER_ROLE } from '../api/worker-copy.js';
 import type { SocketHelper, SocketHelperLoad } from '../native.js';
 import { shareConnectionIds } from '../protocol/connection.js';
 import type { NbdServer } from '../server.js';
@@ -69,7 +70,7 @@ export function chooseWorkers(args: {
 
 /** What a worker is started with. */
 export interface WorkerData {
-  role: 'nbdx-worker';
+  role: typeof WORKER_ROLE;
   /** The command line, as the main thread got it. */
   argv: string[];
   /** 1, 2, ...: the main thread is 0. */
@@ -125,7 +126,7 @@ export class WorkerPool {
     const starts: Promise<void>[] = [];
     const connectionIds = shareConnectionIds();
     for (let index = 1; index < opts.count; index++) {
-      const data: WorkerData = { role: 'nbdx-worker', argv: opts.argv, index, maxServerMemory: share, connectionIds, sharedBuffers: sharedBuffers() };
+      const data: WorkerData = { role: WORKER_ROLE, argv: opts.argv, index, maxServerMemory: share, connectionIds, sharedBuffers: sharedBuffers() };
       // stdout/stderr of the worker are the process's; messages come through `log` anyway.
       const worker = new Worker(opts.entry, { workerData: data, name: `nbdx worker ${index}` });
       let exitedResolve!: () => void;
@@ -235,7 +236,6 @@ export async function runWorker(host: WorkerHost): Promise<void> {
   };
   shareConnectionIds(data.connectionIds);
   for (const [name, buffer] of data.sharedBuffers) sharedBuffers().set(name, buffer);
-  (globalThis as { [WORKER_COPY]?: boolean })[WORKER_COPY] = true;
   let server: NbdServer;
   try {
     server = await host.prepare(data.argv, data.maxServerMemory, log);
@@ -267,9 +267,4 @@ export async function runWorker(host: WorkerHost): Promise<void> {
   started = true;
   server.settings.debug(`worker ${data.index} ready`);
   send({ type: 'ready' });
-}
-
-/** True in a thread started by WorkerPool. */
-export function isNbdxWorker(): boolean {
-  return (workerData as Partial<WorkerData> | null)?.role === 'nbdx-worker';
 }
