@@ -388,23 +388,29 @@ export class Stack {
    */
   imageRegionAfterStop() {
     if (!this.def.image) return null;
-    const buf = Buffer.alloc(REGION.length);
-    const fd = fs.openSync(this.ctx.image, 'r');
-    fs.readSync(fd, buf, 0, buf.length, REGION.offset);
-    fs.closeSync(fd);
+    const buf = this.imageRegion();
     if (buf.equals(this.regionBytes)) return null;
     let i = 0;
     while (buf[i] === this.regionBytes[i]) i++;
     return `after the server stopped, the image file's protected region differs at offset ${REGION.offset + i}`;
   }
 
+  /** The protected region's bytes as the image file holds them now. */
+  imageRegion() {
+    const buf = Buffer.alloc(REGION.length);
+    const fd = fs.openSync(this.ctx.image, 'r');
+    try {
+      fs.readSync(fd, buf, 0, buf.length, REGION.offset);
+    } finally {
+      fs.closeSync(fd);
+    }
+    return buf;
+  }
+
   /** For stacks that must never write their image: did they? */
   imageChanged() {
     if (!this.def.imageMustNotChange) return null;
-    const buf = Buffer.alloc(REGION.length);
-    const fd = fs.openSync(this.ctx.image, 'r');
-    fs.readSync(fd, buf, 0, buf.length, REGION.offset);
-    fs.closeSync(fd);
+    const buf = this.imageRegion();
     const st = fs.statSync(this.ctx.image);
     if (!buf.equals(this.regionBytes)) return 'the protected region of the image file changed';
     if (st.size !== SIZE) return `the image file size changed to ${st.size}`;
